@@ -24,11 +24,12 @@ def attention_ref(q, k, v, causal=True, alibi_slopes=None, scale=None):
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     kv_head = torch.arange(H, device=q.device) // (H // Hkv)  # which K/V head each query head reads
     k, v = k[:, kv_head], v[:, kv_head]  # (B, H, Tk, D): fine for a reference, never for a kernel
-    s = (q @ k.transpose(-2, -1)).float() * scale  # (B, H, Tq, Tk)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # softmax never in half precision
+    s = (q @ k.transpose(-2, -1)).to(acc) * scale  # (B, H, Tq, Tk)
     i = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]  # absolute query positions (Tq, 1)
     j = torch.arange(Tk, device=q.device)[None, :]  # key positions (1, Tk)
     if alibi_slopes is not None:
-        s = s - alibi_slopes.float().view(1, H, 1, 1) * (i - j).abs()  # (B, H, Tq, Tk)
+        s = s - alibi_slopes.to(acc).view(1, H, 1, 1) * (i - j).abs()  # (B, H, Tq, Tk)
     if causal:
         s = s.masked_fill(j > i, float("-inf"))
     p = torch.softmax(s, dim=-1)
