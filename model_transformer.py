@@ -121,7 +121,7 @@ def alibi_slopes(n_head):
 
 def apply_rope(x, cos, sin):
     """Rotate each pair (x_i, x_{i+D/2}) by the angle of its position and frequency."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, D/2) each
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, T, H, D/2) each; cos and sin are (T, 1, D/2)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
@@ -160,12 +160,12 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, C = x.shape
         H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        qk, v = self.qkv(x).split([(H + K) * D, K * D], dim=-1)
+        qk = qk.view(B, T, H + K, D)  # queries and keys side by side: RoPE rotates both in one go
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)
+        q, k = qk.transpose(1, 2).split([H, K], dim=1)  # (B, H, T, D), (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, D)
         alibi = self.alibi if cfg.pos == "alibi" else None
@@ -283,7 +283,7 @@ class Model(nn.Module):
         x = self.drop(x)
         rope = None
         if cfg.pos == "rope":
-            angle = pos[:, None].float() * self.inv_freq  # (T, D/2)
+            angle = (pos[:, None].float() * self.inv_freq)[:, None, :]  # (T, 1, D/2)
             rope = (angle.cos(), angle.sin())
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer)
