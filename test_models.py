@@ -275,10 +275,16 @@ def test_bad_checkpoints_get_clear_errors(tmp_path, data_dir):
 
 
 def test_torchrun_two_processes(tmp_path, data_dir):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(REPO / "train.py"), *TINY, "--max_iters=6", "--eval_interval=3", "--log_interval=2",
-                        f"--out_dir={tmp_path}", f"--data_dir={data_dir}"],
-                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "2 processes" in r.stdout and r.stdout.count("eval 6 |") == 1  # rank 0 alone logs
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(REPO / "train.py"), *TINY, "--max_iters=6", "--eval_interval=3", "--log_interval=2",
+                          f"--out_dir={tmp_path}", f"--data_dir={data_dir}"],
+                         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # a hung collective must not leave workers behind
+        raise
+    assert p.returncode == 0, err[-2000:]
+    assert "2 processes" in out and out.count("eval 6 |") == 1  # rank 0 alone logs
     assert (tmp_path / "ckpt_last.pt").is_file()
