@@ -1,0 +1,366 @@
+"""
+A GPT-style decoder-only Transformer, with every variant of the document behind a config flag.
+
+Each layer is self-attention followed by a position-wise feed-forward network, each wrapped in
+a residual connection and a normalisation (Vaswani et al. 2017, "Attention Is All You Need";
+GPT-2, Radford et al. 2019). The switches:
+
+  attention   n_kv_head = n_head is multi-head attention (MHA), 1 is multi-query attention
+              (MQA, Shazeer 2019), anything between is grouped-query attention (GQA, Ainslie
+              et al. 2023): groups of query heads share one key/value head, which shrinks the
+              KV cache by n_head / n_kv_head.
+              flash=True calls kernels.attention (tiled, never builds the T x T matrix);
+              flash=False runs the formula softmax(QK^T / sqrt(d) + mask) V step by step.
+  positions   learned absolute (GPT-2), sinusoidal absolute (Vaswani), RoPE (Su et al. 2021:
+              rotate q and k by an angle proportional to position), ALiBi (Press et al. 2021:
+              a per-head linear penalty on distance added to the scores), or none.
+  ffn         GELU MLP with 4x hidden size (GPT-2) or SwiGLU (Shazeer 2020; LLaMA), whose three
+              matrices get a hidden size of about 8/3 d_model so the parameter count matches.
+  norm        LayerNorm or RMSNorm (Zhang & Sennrich 2019); pre-norm (GPT-2 onwards, norm
+              inside the residual branch) or post-norm (the original paper, norm after the add).
+
+The defaults are the modern recipe: RoPE, RMSNorm, pre-norm, SwiGLU, GQA.
+
+Shapes: B batch, T time (tokens in this call), S cached + new tokens, C d_model,
+H query heads, K key/value heads, D head dim, F feed-forward hidden size, V vocabulary.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+@dataclass
+class Config:
+    vocab_size: int = 256
+    block_size: int = 256  # longest context; the KV cache holds this many positions
+    d_model: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 2  # n_head: MHA, 1: MQA, between: GQA
+    pos: str = "rope"  # rope | alibi | learned | sinusoidal | none
+    ffn: str = "swiglu"  # swiglu | gelu
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    prenorm: bool = True  # False: post-norm, as in the original Transformer
+    d_ff: int = 0  # feed-forward hidden size; 0 picks 4 * d_model (gelu) or the matching SwiGLU size
+    bias: bool = False  # biases in linear layers and LayerNorm (GPT-2 has them)
+    dropout: float = 0.0
+    tie_embeddings: bool = True  # the output head reuses the token embedding matrix
+    rope_theta: float = 10000.0
+    flash: bool = True  # kernels.attention; False runs the explicit formula
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "d_model", "n_layer", "n_head", "n_kv_head"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        for name, choices in (("pos", ("rope", "alibi", "learned", "sinusoidal", "none")),
+                              ("ffn", ("swiglu", "gelu")), ("norm", ("rmsnorm", "layernorm"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {'|'.join(choices)}, got {getattr(self, name)!r}")
+        self.head_dim = self.d_model // self.n_head
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head dim, got d_model/n_head = {self.head_dim}")
+        if self.pos == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"sinusoidal positions need an even d_model, got {self.d_model}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.d_ff < 0:
+            raise ValueError(f"d_ff must be positive (or 0 for the default), got {self.d_ff}")
+        if self.d_ff == 0:  # SwiGLU has three matrices to GELU's two: 3 * C * F = 2 * C * 4C
+            self.d_ff = 4 * self.d_model if self.ffn == "gelu" else 8 * math.ceil(8 * self.d_model / 3 / 8)
+
+
+# ----------------------------------------------------------------------------- small blocks
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * g: LayerNorm without the mean subtraction and the bias. Computed in float32."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
+
+
+def make_norm(cfg, dim):
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def sinusoids(T, C):
+    """The fixed table of Vaswani et al.: sin and cos of position / 10000^(2i/C)."""
+    pos = torch.arange(T, dtype=torch.float32)[:, None]  # (T, 1)
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, C, 2, dtype=torch.float32) / C)  # (C/2,)
+    table = torch.zeros(T, C)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table  # (T, C)
+
+
+def alibi_slopes(n_head):
+    """Head h penalises distance by m_h, a geometric series 2^(-8/n), 2^(-16/n), ... (Press et al.);
+    for a head count that is not a power of two, the paper's recipe adds the odd terms of the next."""
+    p = 2 ** math.floor(math.log2(n_head))
+    slopes = [2 ** (-8 * (i + 1) / p) for i in range(p)]
+    slopes += [2 ** (-4 * (2 * i + 1) / p) for i in range(n_head - p)]
+    return torch.tensor(slopes)  # (H,)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x_i, x_{i+D/2}) by the angle of its position and frequency."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, D/2) each
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for all layers. It stores n_kv_head heads,
+    not n_head: that saving is the point of GQA and MQA."""
+
+    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, device, dtype):
+        self.k = torch.zeros(n_layer, batch_size, n_kv_head, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.len = 0  # positions filled; the model advances it after each forward
+
+    def update(self, layer, k, v):
+        """Append this call's k, v (B, K, T, D); return everything so far (B, K, S, D)."""
+        end = self.len + k.size(2)
+        self.k[layer, :, :, self.len:end] = k
+        self.v[layer, :, :, self.len:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (H + 2 * K) * D, bias=cfg.bias)
+        self.out_proj = nn.Linear(H * D, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+        if cfg.pos == "alibi":
+            self.register_buffer("alibi", alibi_slopes(H), persistent=False)
+
+    def forward(self, x, rope, cache, layer):
+        cfg = self.cfg
+        B, T, C = x.shape
+        H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, K, S, D)
+        alibi = self.alibi if cfg.pos == "alibi" else None
+        if cfg.flash:
+            y = kernels.attention(q, k, v, causal=True, alibi_slopes=alibi)  # (B, H, T, D)
+        else:
+            y = self.explicit(q, k, v, alibi)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        return self.drop(self.out_proj(y))
+
+    def explicit(self, q, k, v, alibi):
+        """softmax(q k^T / sqrt(D) + bias, masked to the past) v, exactly as written in the paper."""
+        H, T, D = q.size(1), q.size(2), q.size(3)
+        S = k.size(2)
+        k = k.repeat_interleave(H // k.size(1), dim=1)  # (B, H, S, D): each K/V head serves H/K query heads
+        v = v.repeat_interleave(H // v.size(1), dim=1)  # (B, H, S, D)
+        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(D)  # (B, H, T, S)
+        i = torch.arange(S - T, S, device=q.device)[:, None]  # query positions (T, 1): the last T of S
+        j = torch.arange(S, device=q.device)[None, :]  # key positions (1, S)
+        if alibi is not None:
+            scores = scores - alibi.view(H, 1, 1) * (i - j)  # (B, H, T, S): farther back, lower score
+        scores = scores.masked_fill(j > i, float("-inf"))  # causal: no looking ahead
+        return torch.softmax(scores, dim=-1).type_as(v) @ v  # (B, H, T, D)
+
+
+class MLP(nn.Module):
+    """GPT-2's feed-forward: C -> F -> C with a GELU between."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.out_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.out_proj(F.gelu(self.fc(x))))
+
+
+class SwiGLU(nn.Module):
+    """LLaMA's feed-forward: (SiLU(x W_gate) * x W_up) W_out. Gate and up are one matmul."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=cfg.bias)
+        self.out_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, F) each
+        return self.drop(self.out_proj(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.prenorm = cfg.prenorm
+        self.norm1, self.norm2 = make_norm(cfg, cfg.d_model), make_norm(cfg, cfg.d_model)
+        self.attn = Attention(cfg)
+        self.ffn = SwiGLU(cfg) if cfg.ffn == "swiglu" else MLP(cfg)
+
+    def forward(self, x, rope, cache, layer):
+        if self.prenorm:  # x + f(norm(x)): the residual stream itself is never normalised
+            x = x + self.attn(self.norm1(x), rope, cache, layer)
+            return x + self.ffn(self.norm2(x))
+        x = self.norm1(x + self.attn(x, rope, cache, layer))  # norm(x + f(x))
+        return self.norm2(x + self.ffn(x))
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Model(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos == "learned":
+            self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
+        if cfg.pos == "sinusoidal":
+            self.register_buffer("sinusoids", sinusoids(cfg.block_size, cfg.d_model), persistent=False)
+        if cfg.pos == "rope":
+            inv_freq = cfg.rope_theta ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+            self.register_buffer("inv_freq", inv_freq, persistent=False)  # (D/2,)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        # post-norm already ends every block with a norm; pre-norm needs one before the head
+        self.norm_f = make_norm(cfg, cfg.d_model) if cfg.prenorm else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: each residual branch adds to the stream,
+            if name.endswith("out_proj.weight"):  # so scale their output layers by 1/sqrt(2 * depth)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self.aux = {}
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None, cache=None):
+        cfg = self.config
+        B, T = idx.shape
+        start = cache.len if cache is not None else 0
+        if start + T > cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {cfg.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.wte(idx)  # (B, T, C)
+        if cfg.pos == "learned":
+            x = x + self.wpe(pos)
+        if cfg.pos == "sinusoidal":
+            x = x + self.sinusoids[pos]
+        x = self.drop(x)
+        rope = None
+        if cfg.pos == "rope":
+            angle = pos[:, None].float() * self.inv_freq  # (T, D/2)
+            rope = (angle.cos(), angle.sin())
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, cache, layer)
+        if cache is not None:
+            cache.len += T
+        logits = self.lm_head(self.norm_f(x)).float()  # (B, T, V)
+        loss = None
+        if targets is not None:  # targets of -1 are ignored (the synthetic tasks score answers only)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            self.aux = {"ce": loss.detach()}
+        return logits, loss
+
+    # ------------------------------------------------------------------------- generation
+
+    def new_cache(self, batch_size, max_len=None, device=None, dtype=None):
+        cfg = self.config
+        p = self.wte.weight
+        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.block_size, cfg.head_dim,
+                       device or p.device, dtype or p.dtype)
+
+    def cache_bytes(self, cache):
+        return cache.k.nbytes + cache.v.nbytes
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+        """Yield (B, 1) new tokens: the prompt goes through in one parallel pass that fills the KV
+        cache, then each step feeds only the newest token. When the context reaches block_size,
+        the window slides: the cache is rebuilt from the most recent half of it."""
+        idx = idx[:, -self.config.block_size:]
+        cache = self.new_cache(idx.size(0))
+        logits, _ = self(idx, cache=cache)
+        for _ in range(max_new_tokens):
+            tok = sample_next(logits[:, -1], temperature, top_k, top_p)  # (B, 1)
+            yield tok
+            idx = torch.cat((idx, tok), dim=1)
+            if cache.len == self.config.block_size:
+                cache = self.new_cache(idx.size(0))
+                idx = idx[:, -self.config.block_size // 2:]
+                logits, _ = self(idx, cache=cache)
+            else:
+                logits, _ = self(tok, cache=cache)
+
+    # ------------------------------------------------------------------------- accounting
+
+    def num_params(self, active=False):
+        return sum(p.numel() for p in self.parameters())  # a dense model uses all of them per token
+
+    def flops_per_token(self):
+        """Training FLOPs per token, PaLM's convention: 6 per weight in a matrix multiply (2 forward,
+        4 backward) plus the attention scores and weighted sum, 12 * layers * heads * D * context."""
+        cfg = self.config
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
+
+    def optim_groups(self, weight_decay):
+        """Matrices decay; vectors (norm gains, biases) and anything marked _no_weight_decay do not."""
+        decays = {p: p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) for p in self.parameters()}
+        return [{"params": [p for p, d in decays.items() if d], "weight_decay": weight_decay},
+                {"params": [p for p, d in decays.items() if not d], "weight_decay": 0.0}]
+
+    def stats(self):
+        return {}
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """(B, V) logits -> (B, 1) tokens. temperature 0 is greedy; top_k keeps the k likeliest;
+    top_p keeps the smallest set of tokens whose probability adds up to p (nucleus sampling)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        outside = probs.cumsum(dim=-1) - probs > top_p  # mass before this token already reaches p
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = logits.scatter(-1, order, sorted_logits)
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
