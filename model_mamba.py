@@ -212,7 +212,7 @@ class Model(nn.Module):
         logits = self.lm_head(self.norm_f(x)).float()  # (B, T, V)
         loss = None
         if targets is not None:  # targets of -1 are ignored (the synthetic tasks score answers only)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             self.aux = {"ce": loss.detach()}
         return logits, loss
 
