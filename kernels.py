@@ -54,4 +54,355 @@ def attention(q, k, v, causal=True, alibi_slopes=None, scale=None):
 
 
 # ----------------------------------------------------------------------------- selective scan
-# (arrives with the Mamba issue)
+# The Mamba (S6) recurrence in the official layout, for every batch b, channel d, state n:
+#   dt_t = softplus(delta_t + delta_bias)                       u, delta, z: (B, D, L)
+#   h_t  = exp(dt_t A) * h_{t-1} + dt_t B_t u_t                 A: (D, N)   B, C: (B, N, L)
+#   y_t  = C_t . h_t + D u_t,   out_t = y_t * silu(z_t)         h: (B, D, N), always float32
+# Three paths compute it: selective_scan_ref (a loop over time: the ground truth),
+# selective_scan_chunked (plain PyTorch, the CPU path) and a Triton kernel (the CUDA path).
+# Legend here: B batch, D channels, N state size, L length, T chunk length, K chunks.
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # macOS / Windows: the PyTorch paths still work
+    triton = None
+
+
+def _scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """Upcast to the accumulation dtype and apply the bias and softplus to the step size."""
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u, delta, A, B, C = (t.to(acc) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(acc)[:, None]  # (B, D, L)
+    if delta_softplus:
+        delta = F.softplus(delta)  # dt > 0, so exp(dt A) is a decay when A < 0
+    D = None if D is None else D.to(acc)
+    z = None if z is None else z.to(acc)
+    return u, delta, A, B, C, D, z
+
+
+def _scan_output(y, u, D, z, out_dtype):
+    if D is not None:
+        y = y + D[:, None] * u  # (B, D, L): the skip connection
+    if z is not None:
+        y = y * F.silu(z)  # the gate
+    return y.to(out_dtype)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                       initial_state=None, return_last_state=False):
+    """The recurrence as written, one time step after another. Slow and obviously right."""
+    out_dtype = u.dtype
+    u, dt, A, B, C, D, z = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    Bsz, Dm, L = u.shape
+    h = u.new_zeros(Bsz, Dm, A.size(1)) if initial_state is None else initial_state.to(u.dtype)  # (B, D, N)
+    ys = []
+    # unbind, not [..., t]: the backward of indexing would build a full-size gradient per step
+    for dt_t, u_t, B_t, C_t in zip(dt.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1)):
+        decay = torch.exp(dt_t[:, :, None] * A)  # (B, D, N)
+        h = decay * h + (dt_t * u_t)[:, :, None] * B_t[:, None, :]  # (B, D, N)
+        ys.append((h * C_t[:, None, :]).sum(-1))  # (B, D)
+    y = torch.stack(ys, dim=-1) if L else u.new_zeros(Bsz, Dm, 0)  # (B, D, L)
+    out = _scan_output(y, u, D, z, out_dtype)
+    return (out, h) if return_last_state else out
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                           initial_state=None, return_last_state=False, chunk_size=None):
+    """The CPU fast path: split time into K chunks of T steps and scan at two levels.
+
+    1. Inside every chunk, from a zero state, all K chunks advance together: T steps over
+       (B, D, N, K) tensors instead of L steps over (B, D, N). Alongside runs the decay from the
+       chunk start, a running product of factors exp(dt A) in [0, 1] (the exp of a cumulative
+       sum of log-decays): strong decay underflows it to 0, it never overflows, and nothing
+       is ever divided by it.
+    2. Across chunks, the state entering each chunk is carried: K steps over (B, D, N).
+    3. Every position adds the carried state times its decay from the chunk start.
+    Work is linear in L, Python runs 2 sqrt(L) steps, and autograd differentiates it.
+    """
+    out_dtype = u.dtype
+    u, dt, A, B, C, D, z = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    Bsz, Dm, L = u.shape
+    N = A.size(1)
+    T = chunk_size or max(8, min(64, 1 << math.ceil(math.log2(math.sqrt(max(L, 1))))))
+    T = min(T, max(L, 1))
+    K = -(-L // T)  # chunks; the tail of the last chunk is padded with dt = 0 (an identity step)
+    pad = K * T - L
+
+    def time_major(x):  # (B, X, L) -> (T, B, X, K), contiguous so that every step reads one block
+        return F.pad(x, (0, pad)).view(x.size(0), x.size(1), K, T).permute(3, 0, 1, 2).contiguous()
+
+    dt_c, du_c, B_c, C_c = time_major(dt), time_major(dt * u), time_major(B), time_major(C)
+    A_k = A[:, :, None]  # (D, N, 1)
+
+    # 1. local scans from a zero state, all chunks at once (unbind, not [t]: indexing would
+    #    make autograd build a full-size gradient per step, quadratic in L)
+    h = u.new_zeros(Bsz, Dm, N, K)  # (B, D, N, K)
+    decay_from_start = None
+    local, decays = [], []
+    for dt_t, du_t, B_t in zip(dt_c.unbind(0), du_c.unbind(0), B_c.unbind(0)):
+        decay = torch.exp(dt_t[:, :, None, :] * A_k)  # (B, D, N, K)
+        h = decay * h + du_t[:, :, None, :] * B_t[:, None, :, :]  # (B, D, N, K)
+        decay_from_start = decay if decay_from_start is None else decay_from_start * decay
+        local.append(h)
+        decays.append(decay_from_start)
+
+    # 2. carry the state across chunks
+    h = u.new_zeros(Bsz, Dm, N) if initial_state is None else initial_state.to(u.dtype)  # (B, D, N)
+    h_in = []
+    for decay_k, local_k in zip(decays[-1].unbind(-1), local[-1].unbind(-1)):
+        h_in.append(h)
+        h = decay_k * h + local_k  # (B, D, N)
+    h_in = torch.stack(h_in, dim=-1)  # (B, D, N, K): the state entering each chunk
+
+    # 3. full states, read out by C
+    states = torch.stack(local) + torch.stack(decays) * h_in  # (T, B, D, N, K)
+    y = torch.einsum("tbdnk,tbnk->bdkt", states, C_c).reshape(Bsz, Dm, K * T)[..., :L]  # (B, D, L)
+    out = _scan_output(y, u, D, z, out_dtype)
+    return (out, h) if return_last_state else out
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True):
+    """One step of the recurrence, for generation: state (B, D, N) float32; x, dt, z (B, D);
+    B, C (B, N). Returns (y (B, D) in x's dtype, new state). The state is not modified in place."""
+    acc = state.dtype
+    dt = dt.to(acc) if dt_bias is None else dt.to(acc) + dt_bias.to(acc)
+    if dt_softplus:
+        dt = F.softplus(dt)  # (B, D)
+    xa = x.to(acc)
+    state = torch.exp(dt[:, :, None] * A.to(acc)) * state + (dt * xa)[:, :, None] * B.to(acc)[:, None, :]  # (B, D, N)
+    y = (state * C.to(acc)[:, None, :]).sum(-1)  # (B, D)
+    if D is not None:
+        y = y + D.to(acc) * xa
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y.to(x.dtype), state
+
+
+# The Triton kernel. One program owns one sequence b and BLOCK_D channels, keeps their state
+# (BLOCK_D, N) in registers and walks along time; softplus, bias, D and the z gate happen on
+# the way, so each input is read once and the output written once. The forward also writes
+# the state every CKPT steps; the backward walks time in reverse, one CKPT-long segment at a
+# time: it recomputes the segment's states from its checkpoint into a small scratch buffer,
+# then runs the adjoint recurrence g_{t-1} = exp(dt_t A) g_t + (dL/dh_{t-1} from y_{t-1}).
+# dB and dC sum over channels, which other programs own: each program writes its partial sum
+# and torch adds them up in a fixed order (no atomics, so the result is deterministic).
+# Steps past L are identities (dt = 0) and padded states (n >= N) stay 0 (A = B = C = 0).
+
+if triton is not None:
+    @triton.jit
+    def _scan_step_inputs(u_ptr, dt_ptr, bias, B_ptr, row, bcol, t, mt, mnt,
+                          HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        u = tl.load(u_ptr + row + t, mask=mt, other=0.0).to(tl.float32)  # (BLOCK_D,)
+        dt_raw = tl.load(dt_ptr + row + t, mask=mt, other=0.0).to(tl.float32)  # (BLOCK_D,)
+        if HAS_BIAS:
+            dt_raw += bias
+        dt = dt_raw
+        if SOFTPLUS:
+            dt = tl.where(dt_raw <= 20.0, tl.log(1.0 + tl.exp(dt_raw)), dt_raw)  # as F.softplus
+        dt = tl.where(mt, dt, 0.0)  # past the end: an identity step
+        Bt = tl.load(B_ptr + bcol + t, mask=mnt, other=0.0).to(tl.float32)  # (BLOCK_N,)
+        return u, dt_raw, dt, Bt
+
+    @triton.jit
+    def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+                         out_ptr, hlast_ptr, ckpt_ptr, Dm, L, N, n_ckpt,
+                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CKPT: tl.constexpr):
+        b = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+        n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        md, mn = d < Dm, n < N
+        mdn = md[:, None] & mn[None, :]  # (BLOCK_D, BLOCK_N)
+        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mdn, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e): exp2 is cheaper
+        Dp = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_D else 0.0
+        bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+        state_off = (b * Dm + d[:, None]) * N + n[None, :]  # (BLOCK_D, BLOCK_N) into (B, D, N)
+        if HAS_H0:
+            h = tl.load(h0_ptr + state_off, mask=mdn, other=0.0).to(tl.float32)
+        else:
+            h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        row = (b * Dm + d) * L  # (BLOCK_D,) start of each channel's time series
+        bcol = (b * N + n) * L  # (BLOCK_N,)
+        for c in range(n_ckpt):
+            tl.store(ckpt_ptr + ((b * n_ckpt + c) * Dm + d[:, None]) * BLOCK_N + n[None, :], h, mask=md[:, None])
+            for k in range(CKPT):
+                t = c * CKPT + k
+                in_range = (tl.zeros((1,), dtype=tl.int32) + t) < L  # a tensor: the interpreter wants one
+                mt, mnt = md & in_range, mn & in_range
+                u, dt_raw, dt, Bt = _scan_step_inputs(u_ptr, dt_ptr, bias, B_ptr, row, bcol, t, mt, mnt,
+                                                      HAS_BIAS, SOFTPLUS)
+                Ct = tl.load(C_ptr + bcol + t, mask=mnt, other=0.0).to(tl.float32)  # (BLOCK_N,)
+                h = tl.exp2(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]  # (BLOCK_D, BLOCK_N)
+                y = tl.sum(h * Ct[None, :], axis=1)  # (BLOCK_D,)
+                if HAS_D:
+                    y += Dp * u
+                if HAS_Z:
+                    zt = tl.load(z_ptr + row + t, mask=mt, other=0.0).to(tl.float32)
+                    y = y * zt * tl.sigmoid(zt)
+                tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=mt)
+        tl.store(hlast_ptr + state_off, h, mask=mdn)
+
+    @triton.jit
+    def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,
+                         dout_ptr, dhlast_ptr, work_ptr,
+                         du_ptr, ddt_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dh0_ptr,
+                         Dm, L, N, n_ckpt,
+                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         SOFTPLUS: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CKPT: tl.constexpr):
+        b = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        n_dblk = tl.num_programs(1)
+        d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+        n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        md, mn = d < Dm, n < N
+        mdn = md[:, None] & mn[None, :]  # (BLOCK_D, BLOCK_N)
+        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mdn, other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_N)
+        A2 = A * 1.4426950408889634
+        Dp = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_D else 0.0
+        bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+        state_off = (b * Dm + d[:, None]) * N + n[None, :]  # (BLOCK_D, BLOCK_N)
+        g = tl.load(dhlast_ptr + state_off, mask=mdn, other=0.0)  # dL/dh_L: from the last state, if used
+        dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        row = (b * Dm + d) * L  # (BLOCK_D,)
+        bcol = (b * N + n) * L  # (BLOCK_N,)
+        part = ((b * n_dblk + pid_d) * N + n) * L  # (BLOCK_N,) into the (B, n_dblk, N, L) partials
+        work_off = (b * CKPT * Dm + d[:, None]) * BLOCK_N + n[None, :]  # (BLOCK_D, BLOCK_N), + k * Dm * BLOCK_N
+        for ci in range(n_ckpt):
+            c = n_ckpt - 1 - ci
+            # recompute this segment's states h_{t-1} into the scratch buffer
+            h = tl.load(ckpt_ptr + ((b * n_ckpt + c) * Dm + d[:, None]) * BLOCK_N + n[None, :], mask=md[:, None], other=0.0)
+            for k in range(CKPT):
+                t = c * CKPT + k
+                in_range = (tl.zeros((1,), dtype=tl.int32) + t) < L
+                mt, mnt = md & in_range, mn & in_range
+                u, dt_raw, dt, Bt = _scan_step_inputs(u_ptr, dt_ptr, bias, B_ptr, row, bcol, t, mt, mnt,
+                                                      HAS_BIAS, SOFTPLUS)
+                tl.store(work_ptr + work_off + k * Dm * BLOCK_N, h, mask=md[:, None])
+                h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+            tl.debug_barrier()
+            # walk the segment backwards
+            for kk in range(CKPT):
+                k = CKPT - 1 - kk
+                t = c * CKPT + k
+                in_range = (tl.zeros((1,), dtype=tl.int32) + t) < L
+                mt, mnt = md & in_range, mn & in_range
+                u, dt_raw, dt, Bt = _scan_step_inputs(u_ptr, dt_ptr, bias, B_ptr, row, bcol, t, mt, mnt,
+                                                      HAS_BIAS, SOFTPLUS)
+                Ct = tl.load(C_ptr + bcol + t, mask=mnt, other=0.0).to(tl.float32)  # (BLOCK_N,)
+                dy = tl.load(dout_ptr + row + t, mask=mt, other=0.0).to(tl.float32)  # (BLOCK_D,)
+                h_prev = tl.load(work_ptr + work_off + k * Dm * BLOCK_N, mask=md[:, None], other=0.0)
+                decay = tl.exp2(dt[:, None] * A2)  # (BLOCK_D, BLOCK_N)
+                h = decay * h_prev + (dt * u)[:, None] * Bt[None, :]
+                if HAS_Z:
+                    y = tl.sum(h * Ct[None, :], axis=1)
+                    if HAS_D:
+                        y += Dp * u
+                    zt = tl.load(z_ptr + row + t, mask=mt, other=0.0).to(tl.float32)
+                    sig = tl.sigmoid(zt)
+                    tl.store(dz_ptr + row + t, (dy * y * sig * (1.0 + zt * (1.0 - sig))).to(dz_ptr.dtype.element_ty), mask=mt)
+                    dy = dy * zt * sig  # through the gate
+                du = tl.zeros((BLOCK_D,), dtype=tl.float32)
+                if HAS_D:
+                    dD_acc += dy * u
+                    du = dy * Dp
+                tl.store(dC_ptr + part + t, tl.sum(dy[:, None] * h, axis=0), mask=mnt)
+                g = g + dy[:, None] * Ct[None, :]  # dL/dh_t, complete now
+                gB = tl.sum(g * Bt[None, :], axis=1)  # (BLOCK_D,) dL/d(dt u)
+                tl.store(dB_ptr + part + t, tl.sum(g * (dt * u)[:, None], axis=0), mask=mnt)
+                g_log = g * decay * h_prev  # dL/d(dt A), elementwise
+                dA_acc += g_log * dt[:, None]
+                ddt = gB * u + tl.sum(g_log * A, axis=1)  # (BLOCK_D,)
+                if SOFTPLUS:
+                    ddt = ddt * tl.sigmoid(dt_raw)
+                ddt = tl.where(mt, ddt, 0.0)
+                if HAS_BIAS:
+                    dbias_acc += ddt
+                tl.store(du_ptr + row + t, (du + gB * dt).to(du_ptr.dtype.element_ty), mask=mt)
+                tl.store(ddt_ptr + row + t, ddt.to(ddt_ptr.dtype.element_ty), mask=mt)
+                g = g * decay  # dL/dh_{t-1} through the recurrence
+            tl.debug_barrier()  # the next segment reuses the scratch buffer
+        tl.store(dh0_ptr + state_off, g, mask=mdn)
+        tl.store(dA_ptr + state_off, dA_acc, mask=mdn)
+        tl.store(dD_ptr + b * Dm + d, dD_acc, mask=md)
+        tl.store(dbias_ptr + b * Dm + d, dbias_acc, mask=md)
+
+
+class _SelectiveScanTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, block_d, ckpt):
+        u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
+        z = z.contiguous() if z is not None else None
+        Bsz, Dm, L = u.shape
+        N = A.size(1)
+        BLOCK_N = triton.next_power_of_2(N)
+        n_ckpt = max(1, triton.cdiv(L, ckpt))
+        out = torch.empty_like(u)
+        hlast = u.new_empty(Bsz, Dm, N, dtype=torch.float32)
+        ckpts = u.new_empty(Bsz, n_ckpt, Dm, BLOCK_N, dtype=torch.float32)
+        h0 = initial_state.float().contiguous() if initial_state is not None else None
+        grid = (Bsz, triton.cdiv(Dm, block_d))
+        _scan_fwd_kernel[grid](u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
+                               delta_bias if delta_bias is not None else u, h0 if h0 is not None else u,
+                               out, hlast, ckpts, Dm, L, N, n_ckpt,
+                               HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                               HAS_H0=h0 is not None, SOFTPLUS=delta_softplus,
+                               BLOCK_D=block_d, BLOCK_N=BLOCK_N, CKPT=ckpt)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpts)
+        ctx.flags = (delta_softplus, initial_state is not None, block_d, ckpt, BLOCK_N, n_ckpt)
+        ctx.initial_dtype = initial_state.dtype if initial_state is not None else None
+        return out, hlast
+
+    @staticmethod
+    def backward(ctx, dout, dhlast):
+        u, delta, A, B, C, D, z, delta_bias, ckpts = ctx.saved_tensors
+        softplus, has_h0, block_d, ckpt, BLOCK_N, n_ckpt = ctx.flags
+        Bsz, Dm, L = u.shape
+        N = A.size(1)
+        n_dblk = triton.cdiv(Dm, block_d)
+        f32 = dict(device=u.device, dtype=torch.float32)
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dz = torch.empty_like(z) if z is not None else None
+        dA = torch.empty(Bsz, Dm, N, **f32)  # per sequence; summed below
+        dD, dbias = torch.empty(Bsz, Dm, **f32), torch.empty(Bsz, Dm, **f32)
+        dB, dC = torch.zeros(Bsz, n_dblk, N, L, **f32), torch.zeros(Bsz, n_dblk, N, L, **f32)
+        dh0 = torch.empty(Bsz, Dm, N, **f32)
+        work = torch.empty(Bsz, ckpt, Dm, BLOCK_N, **f32)
+        dhlast = torch.zeros(Bsz, Dm, N, **f32) if dhlast is None else dhlast.float().contiguous()
+        _scan_bwd_kernel[(Bsz, n_dblk)](u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
+                                        delta_bias if delta_bias is not None else u, ckpts,
+                                        dout.contiguous(), dhlast, work,
+                                        du, ddelta, dz if dz is not None else du, dA, dD, dbias, dB, dC, dh0,
+                                        Dm, L, N, n_ckpt,
+                                        HAS_D=D is not None, HAS_Z=z is not None,
+                                        HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+                                        BLOCK_D=block_d, BLOCK_N=BLOCK_N, CKPT=ckpt)
+        grads = [du, ddelta, dA.sum(0).to(A.dtype), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
+                 dD.sum(0).to(D.dtype) if D is not None else None, dz,
+                 dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None, None,
+                 dh0.to(ctx.initial_dtype) if has_h0 else None, None, None]
+        return tuple(grads)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                          initial_state=None, return_last_state=False, block_d=None, ckpt=None):
+    Dm, L = u.shape[1], u.shape[2]
+    block_d = block_d or min(32, triton.next_power_of_2(Dm))
+    ckpt = ckpt or min(64, triton.next_power_of_2(max(L, 1)))
+    out, last = _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                           block_d, ckpt)
+    return (out, last) if return_last_state else out
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                   initial_state=None, return_last_state=False, impl=None):
+    """out (B, D, L) in u's dtype [, last state (B, D, N) float32]. impl: None picks Triton on
+    CUDA and the chunked scan elsewhere; "ref", "chunked" or "triton" forces a path."""
+    if impl is None:
+        impl = "triton" if u.is_cuda and triton is not None else "chunked"
+    fn = {"ref": selective_scan_ref, "chunked": selective_scan_chunked, "triton": selective_scan_triton}[impl]
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
