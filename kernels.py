@@ -261,7 +261,7 @@ if triton is not None:
                          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CKPT: tl.constexpr):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements at large B * D * L
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
         n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         md, mn = d < Dm, n < N
@@ -303,7 +303,7 @@ if triton is not None:
                          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                          SOFTPLUS: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CKPT: tl.constexpr):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements at large B * D * L
         pid_d = tl.program_id(1)
         n_dblk = tl.num_programs(1)
         d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
