@@ -9,7 +9,6 @@ Ratios are measured side by side in one run. Each section prints a table and, wh
 issue sets a target, a PASS/FAIL line.
 """
 import math
-import statistics
 import sys
 import time
 
@@ -22,7 +21,8 @@ import model_transformer
 
 
 def timed(fn, sync, reps):
-    """Median wall time of fn() in ms, after one warm-up call."""
+    """Best wall time of fn() in ms, after one warm-up call: on a shared machine the minimum
+    is the figure least disturbed by other work."""
     fn()
     sync()
     times = []
@@ -31,7 +31,7 @@ def timed(fn, sync, reps):
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * min(times)
 
 
 def device_setup():
@@ -114,8 +114,8 @@ def bench_scan():
              "ref": lambda **a: kernels.selective_scan(**a, impl="ref")}
     if cuda:
         paths["triton"] = lambda **a: kernels.selective_scan(**a, impl="triton")
-    reps = 5 if cuda else 3
-    print(f"selective scan on {name}: B={Bsz} D={Dm} N={N} {str(dtype).replace('torch.', '')} inputs, ms (median of {reps})")
+    reps = 5
+    print(f"selective scan on {name}: B={Bsz} D={Dm} N={N} {str(dtype).replace('torch.', '')} inputs, ms (best of {reps})")
     print(f"{'path':>9} {'L':>5} {'fwd':>9} {'fwd+bwd':>9} {'fwd+bwd vs blelloch':>20}")
     res = {}
     for L in Ls:
