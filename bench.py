@@ -1,14 +1,17 @@
 """
-Benchmarks, one section per command-line word:
+Benchmarks: speed and memory, measured side by side in one process. These are not tests: the
+figures depend on the machine, so they are reported as ratios between things run together.
 
-    python bench.py scan      selective scan, forward and forward+backward, every path
-    python bench.py decode    time per generated token and cache memory, Mamba vs Transformer
+    python bench.py                          # every section
+    python bench.py train generate           # some of them
+    python bench.py train --nanogpt=PATH     # also time nanoGPT's model.py from a checkout at PATH
+    python bench.py scan decode              # selective scan paths; Mamba state vs KV cache
 
-On a CUDA machine the sections use GPU sizes and the Triton kernel; elsewhere CPU sizes.
-Ratios are measured side by side in one run. Each section prints a table and, where the
-issue sets a target, a PASS/FAIL line.
+On a CUDA machine `scan` uses the GPU sizes of the Mamba issue and the Triton kernel.
+Sections with a target from the issues print PASS/FAIL lines.
 """
 import math
+import statistics
 import sys
 import time
 
@@ -19,29 +22,82 @@ import kernels
 import model_mamba
 import model_transformer
 
-
-def timed(fn, sync, reps):
-    """Best wall time of fn() in ms, after one warm-up call: on a shared machine the minimum
-    is the figure least disturbed by other work."""
-    fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * min(times)
+NANOGPT_SHAPE = dict(vocab_size=65, block_size=64, d_model=128, n_layer=4, n_head=4)  # its CPU recipe
+GPT2_STYLE = dict(pos="learned", norm="layernorm", ffn="gelu", bias=False, n_kv_head=4)  # = config/gpt2_style.py
 
 
-def device_setup():
-    # Decays multiply down to subnormal floats, which x86 CPUs process ~100x slower: flush them
-    # to zero (all paths alike; GPUs do this by default).
-    torch.set_flush_denormal(True)
-    cuda = torch.cuda.is_available()
-    dev = torch.device("cuda" if cuda else "cpu")
-    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} thread(s)"
-    return dev, name, (torch.cuda.synchronize if cuda else (lambda: None))
+def timed_rounds(fns, rounds=5, steps=10):
+    """Run each fn `steps` times per round, rounds interleaved so that load from other processes
+    falls on all of them alike; return the median seconds per call of each."""
+    for fn in fns.values():
+        fn()  # warm up
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            times[name].append((time.perf_counter() - t0) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def train_step(model, batch_size, block_size, vocab_size):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, vocab_size, (batch_size, block_size))
+    y = torch.randint(0, vocab_size, (batch_size, block_size))
+
+    def step():
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_train(args):
+    """Training tokens/s at nanoGPT's CPU shape (batch 12, context 64): GPT-2-style against the
+    modern default, and against nanoGPT's own model.py when --nanogpt=PATH points at a checkout."""
+    B, T = 12, NANOGPT_SHAPE["block_size"]
+    models = {
+        "gpt2-style (learned, LayerNorm, GELU, MHA)": model_transformer.Model(model_transformer.Config(**NANOGPT_SHAPE, **GPT2_STYLE)),
+        "modern default (RoPE, RMSNorm, SwiGLU, GQA 4:2)": model_transformer.Model(model_transformer.Config(**NANOGPT_SHAPE)),
+    }
+    if args.get("nanogpt"):
+        sys.path.insert(0, args["nanogpt"])
+        import model as nanogpt  # noqa: E402  (their file, imported from their checkout, not copied here)
+        cfg = nanogpt.GPTConfig(block_size=T, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
+        models["nanoGPT model.py (same shape)"] = nanogpt.GPT(cfg)
+    secs = timed_rounds({name: train_step(m, B, T, 65) for name, m in models.items()})
+    base = secs[next(iter(models))]
+    print(f"\ntraining step, batch {B} x context {T}, float32, {torch.get_num_threads()} threads")
+    print("| model | params | ms/step | tokens/s | relative to gpt2-style |\n|---|---|---|---|---|")
+    for name, s in secs.items():
+        n = sum(p.numel() for p in models[name].parameters())
+        print(f"| {name} | {n / 1e6:.2f}M | {s * 1e3:.1f} | {B * T / s:,.0f} | {base / s:.2f}x |")
+
+
+@torch.no_grad()
+def bench_generate(args):
+    """Time per new token at a 1024-token context: one step against the KV cache against
+    recomputing the whole context (what generation without a cache does)."""
+    ctx = 1024
+    model = model_transformer.Model(model_transformer.Config(vocab_size=65, block_size=ctx + 1)).eval()
+    idx = torch.randint(0, 65, (1, ctx))
+    cache = model.new_cache(1)
+    model(idx, cache=cache)  # prefill: the cache now holds 1024 positions
+    tok = idx[:, -1:]
+
+    def cached():
+        model(tok, cache=cache)
+        cache.len -= 1  # stay at 1024, so every call measures the same step
+
+    secs = timed_rounds({"cached": cached, "recompute": lambda: model(idx)}, rounds=5, steps=5)
+    print(f"\nnext token at context {ctx} (modern default, {model.num_params() / 1e6:.2f}M params, batch 1)")
+    print("| method | ms/token | speed-up |\n|---|---|---|")
+    print(f"| recompute the context | {secs['recompute'] * 1e3:.2f} | 1.0x |")
+    print(f"| KV cache | {secs['cached'] * 1e3:.2f} | {secs['recompute'] / secs['cached']:.1f}x |")
+    print(f"KV cache: {model.cache_bytes(cache) / 2**20:.2f} MiB for {ctx + 1} positions "
+          f"({model.config.n_kv_head} of {model.config.n_head} heads stored)")
 
 
 # ----------------------------------------------------------------------------- scan
@@ -105,91 +161,99 @@ def scan_args(Bsz, Dm, N, L, dev, dtype):
     return {k: v.to(dev).requires_grad_() for k, v in args.items()}
 
 
-def bench_scan():
-    dev, name, sync = device_setup()
-    cuda = dev.type == "cuda"
+def synced(fn, cuda):
+    """fn, followed by a wait for the GPU, so that the wall clock measures the work."""
+    return (lambda: (fn(), torch.cuda.synchronize())) if cuda else fn
+
+
+def bench_scan(args):
+    """Selective scan forward and forward+backward, every path side by side, rounds interleaved.
+    CPU: B=8, D=256, N=16, L in (256, 1024), float32. CUDA: B=32, D=1024, N=16, L=2048, bf16 inputs."""
+    # Decays multiply down to subnormal floats, which x86 CPUs process up to ~100x slower:
+    # flush them to zero (all paths alike; GPUs flush by default).
+    torch.set_flush_denormal(True)
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
     Bsz, Dm, N, Ls, dtype = (32, 1024, 16, (2048,), torch.bfloat16) if cuda else (8, 256, 16, (256, 1024), torch.float32)
     paths = {"blelloch": selective_scan_blelloch,
              "chunked": lambda **a: kernels.selective_scan(**a, impl="chunked"),
-             "ref": lambda **a: kernels.selective_scan(**a, impl="ref")}
-    if cuda:
-        paths["triton"] = lambda **a: kernels.selective_scan(**a, impl="triton")
-    reps = 5
-    print(f"selective scan on {name}: B={Bsz} D={Dm} N={N} {str(dtype).replace('torch.', '')} inputs, ms (best of {reps})")
-    print(f"{'path':>9} {'L':>5} {'fwd':>9} {'fwd+bwd':>9} {'fwd+bwd vs blelloch':>20}")
+             "triton" if cuda else "ref": lambda **a: kernels.selective_scan(**a, impl="triton" if cuda else "ref")}
+    where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\nselective scan, {where}: B={Bsz} D={Dm} N={N}, {str(dtype)[6:]} inputs, median of 5 interleaved rounds")
+    print("| path | L | fwd ms | fwd+bwd ms | fwd+bwd speed-up over Blelloch |\n|---|---|---|---|---|")
     res = {}
     for L in Ls:
-        args = scan_args(Bsz, Dm, N, L, dev, dtype)
+        a = scan_args(Bsz, Dm, N, L, dev, dtype)
         grad = torch.randn(Bsz, Dm, L, device=dev, dtype=dtype)
-        for pname, fn in paths.items():
-            if pname == "ref" and cuda:
-                continue  # 2048 Python steps per call: minutes, and nothing to learn from it here
-            with torch.no_grad():
-                fwd = timed(lambda: fn(**args), sync, reps)
-            fb = timed(lambda: torch.autograd.grad(fn(**args), list(args.values()), grad), sync, reps)
-            res[pname, L] = (fwd, fb)
-            print(f"{pname:>9} {L:>5} {fwd:9.1f} {fb:9.1f} {res['blelloch', L][1] / fb:19.2f}x", flush=True)
-    for L in Ls:
-        if cuda:
-            break
-        speedup = res["blelloch", L][1] / res["chunked", L][1]
-        print(f"target L={L}: chunked fwd+bwd >= 2x Blelloch: {speedup:.2f}x {'PASS' if speedup >= 2 else 'FAIL'}")
-    if cuda:
-        L = Ls[0]
-        copy_src = torch.empty(2 ** 30, device=dev, dtype=torch.uint8)  # 1 GiB
-        copy_dst = torch.empty_like(copy_src)
-        hbm = 2 * copy_src.numel() / timed(lambda: copy_dst.copy_(copy_src), sync, reps) / 1e6  # GB/s, read + write
-        nbytes = (4 * Bsz * Dm * L + 2 * Bsz * N * L) * args["u"].element_size()  # u, delta, z, out; B, C
-        bw = nbytes / res["triton", L][0] / 1e6
-        print(f"HBM copy bandwidth {hbm:.0f} GB/s; Triton forward moves {nbytes / 1e9:.2f} GB at {bw:.0f} GB/s")
-        print(f"target: Triton forward >= 50% of HBM bandwidth: {bw / hbm:.0%} {'PASS' if bw >= 0.5 * hbm else 'FAIL'}")
-        speedup = res["chunked", L][1] / res["triton", L][1]
-        print(f"target: Triton fwd+bwd >= 5x the chunked algorithm on this GPU: {speedup:.1f}x {'PASS' if speedup >= 5 else 'FAIL'}")
+        fns = {}
+        for name, fn in paths.items():
+            fns[name, "fwd"] = synced(lambda fn=fn: torch.no_grad()(fn)(**a), cuda)
+            fns[name, "fb"] = synced(lambda fn=fn: torch.autograd.grad(fn(**a), list(a.values()), grad), cuda)
+        secs = timed_rounds(fns, rounds=5, steps=1)
+        for name in paths:
+            res[name, L] = secs[name, "fwd"] * 1e3, secs[name, "fb"] * 1e3
+            print(f"| {name} | {L} | {res[name, L][0]:.1f} | {res[name, L][1]:.1f} | "
+                  f"{res['blelloch', L][1] / res[name, L][1]:.2f}x |")
+    if not cuda:
+        for L in Ls:
+            x = res["blelloch", L][1] / res["chunked", L][1]
+            print(f"target: chunked fwd+bwd >= 2x Blelloch at L={L}: {x:.2f}x {'PASS' if x >= 2 else 'FAIL'}")
+        return
+    L = Ls[0]
+    src = torch.empty(2 ** 30, device=dev, dtype=torch.uint8)  # 1 GiB
+    dst = torch.empty_like(src)
+    hbm = 2 * src.numel() / timed_rounds({"copy": synced(lambda: dst.copy_(src), cuda)}, rounds=5, steps=5)["copy"] / 1e9
+    nbytes = (4 * Bsz * Dm * L + 2 * Bsz * N * L) * a["u"].element_size()  # u, delta, z read, out written; B, C read
+    bw = nbytes / (res["triton", L][0] / 1e3) / 1e9
+    print(f"HBM copy bandwidth {hbm:.0f} GB/s; the Triton forward moves {nbytes / 1e9:.2f} GB at {bw:.0f} GB/s")
+    print(f"target: Triton forward >= 50% of HBM bandwidth: {bw / hbm:.0%} {'PASS' if bw >= 0.5 * hbm else 'FAIL'}")
+    x = res["chunked", L][1] / res["triton", L][1]
+    print(f"target: Triton fwd+bwd >= 5x the chunked algorithm on this GPU: {x:.1f}x {'PASS' if x >= 5 else 'FAIL'}")
 
 
-# ----------------------------------------------------------------------------- decode
-
-
-def bench_decode(contexts=(64, 256, 1024, 4096), steps=32, rounds=5):
-    dev, name, sync = device_setup()
+@torch.no_grad()
+def bench_decode(args):
+    """Time per new token and cache memory against context length: Mamba's fixed-size state
+    against the Transformer's KV cache, same width and depth, batch 1."""
+    contexts = (64, 256, 1024, 4096)
     torch.manual_seed(0)
-    common = dict(vocab_size=512, d_model=256, n_layer=4, block_size=max(contexts) + steps * rounds)
-    models = {"mamba": model_mamba.Model(model_mamba.Config(**common)),
-              "transformer": model_transformer.Model(model_transformer.Config(**common, n_head=8, n_kv_head=2))}
-    print(f"decode on {name}: batch 1, d_model 256, 4 layers, vocab 512; transformer with GQA 8 query / 2 KV heads")
-    print(f"ms/token: best of {rounds} rounds of {steps} tokens after a prefill of `context` tokens")
-    print(f"{'model':>12} {'context':>8} {'ms/token':>9} {'cache MiB':>10}")
-    res = {}
-    for mname, m in models.items():
-        m.to(dev).eval()
+    shape = dict(vocab_size=512, d_model=256, n_layer=4, block_size=max(contexts) + 1)
+    models = {"mamba": model_mamba.Model(model_mamba.Config(**shape)).eval(),
+              "transformer": model_transformer.Model(model_transformer.Config(**shape, n_head=8, n_kv_head=2)).eval()}
+    fns = {}
+    for name, model in models.items():
         for ctx in contexts:
-            tok = torch.randint(0, 512, (1, 1), device=dev)
-            with torch.no_grad():
-                cache = m.new_cache(1, max_len=ctx + steps * rounds)
-                m(torch.randint(0, 512, (1, ctx), device=dev), cache=cache)  # prefill, not timed
-                times = []
-                for _ in range(rounds):
-                    sync()
-                    t0 = time.perf_counter()
-                    for _ in range(steps):
-                        m(tok, cache=cache)
-                    sync()
-                    times.append((time.perf_counter() - t0) / steps * 1e3)
-            res[mname, ctx] = (min(times), m.cache_bytes(m.new_cache(1, max_len=ctx)))  # holding `context` tokens
-            print(f"{mname:>12} {ctx:>8} {res[mname, ctx][0]:9.2f} {res[mname, ctx][1] / 2 ** 20:10.3f}", flush=True)
-    lo, hi = res["mamba", contexts[0]], res["mamba", contexts[-1]]
-    ratio = hi[0] / lo[0]
-    print(f"target: Mamba ms/token at {contexts[-1]} within 1.3x of {contexts[0]}: {ratio:.2f}x {'PASS' if ratio <= 1.3 else 'FAIL'}")
-    print(f"target: Mamba cache memory constant: {lo[1]} vs {hi[1]} bytes {'PASS' if lo[1] == hi[1] else 'FAIL'}")
+            cache = model.new_cache(1, max_len=ctx + 1)
+            model(torch.randint(0, 512, (1, ctx)), cache=cache)  # prefill
+            tok = torch.randint(0, 512, (1, 1))
+
+            def step(model=model, cache=cache, tok=tok):
+                model(tok, cache=cache)
+                cache.len -= 1  # stay at ctx, so every call measures the same step
+            fns[name, ctx] = step
+    secs = timed_rounds(fns, rounds=5, steps=10)
+    print(f"\nnext token after a context of n tokens, batch 1, d_model 256, 4 layers, {torch.get_num_threads()} threads"
+          f"\n(Transformer: GQA 8 query / 2 K/V heads; cache = what generation holds at that context)")
+    print("| context | Mamba ms/token | Mamba cache KiB | Transformer ms/token | KV cache KiB |\n|---|---|---|---|---|")
+    nbytes = {(name, ctx): m.cache_bytes(m.new_cache(1, max_len=ctx)) for name, m in models.items() for ctx in contexts}
+    for ctx in contexts:
+        print(f"| {ctx} | {secs['mamba', ctx] * 1e3:.2f} | {nbytes['mamba', ctx] / 1024:.0f} | "
+              f"{secs['transformer', ctx] * 1e3:.2f} | {nbytes['transformer', ctx] / 1024:.0f} |")
+    x = secs["mamba", contexts[-1]] / secs["mamba", contexts[0]]
+    print(f"target: Mamba ms/token at {contexts[-1]} within 1.3x of {contexts[0]}: {x:.2f}x {'PASS' if x <= 1.3 else 'FAIL'}")
+    same = nbytes["mamba", contexts[0]] == nbytes["mamba", contexts[-1]]
+    print(f"target: Mamba cache memory constant: {'PASS' if same else 'FAIL'}")
 
 
-SECTIONS = {"scan": bench_scan, "decode": bench_decode}
+SECTIONS = {"train": bench_train, "generate": bench_generate, "scan": bench_scan, "decode": bench_decode}
 
 if __name__ == "__main__":
-    names = sys.argv[1:] or list(SECTIONS)
+    names = [a for a in sys.argv[1:] if not a.startswith("--")]
+    args = dict(a[2:].partition("=")[::2] for a in sys.argv[1:] if a.startswith("--"))
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
-        sys.exit(f"unknown section {unknown[0]!r}; choose from {' '.join(SECTIONS)}")
-    for n in names:
-        SECTIONS[n]()
-        print()
+        print(f"error: unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
+        sys.exit(2)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name in names or SECTIONS:
+        SECTIONS[name](args)

@@ -121,7 +121,7 @@ def alibi_slopes(n_head):
 
 def apply_rope(x, cos, sin):
     """Rotate each pair (x_i, x_{i+D/2}) by the angle of its position and frequency."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, D/2) each
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, T, H, D/2) each; cos and sin are (T, 1, D/2)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
@@ -160,12 +160,12 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, C = x.shape
         H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        qk, v = self.qkv(x).split([(H + K) * D, K * D], dim=-1)
+        qk = qk.view(B, T, H + K, D)  # queries and keys side by side: RoPE rotates both in one go
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)
+        q, k = qk.transpose(1, 2).split([H, K], dim=1)  # (B, H, T, D), (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, D)
         alibi = self.alibi if cfg.pos == "alibi" else None
@@ -283,7 +283,7 @@ class Model(nn.Module):
         x = self.drop(x)
         rope = None
         if cfg.pos == "rope":
-            angle = pos[:, None].float() * self.inv_freq  # (T, D/2)
+            angle = (pos[:, None].float() * self.inv_freq)[:, None, :]  # (T, 1, D/2)
             rope = (angle.cos(), angle.sin())
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer)
@@ -292,7 +292,7 @@ class Model(nn.Module):
         logits = self.lm_head(self.norm_f(x)).float()  # (B, T, V)
         loss = None
         if targets is not None:  # targets of -1 are ignored (the synthetic tasks score answers only)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             self.aux = {"ce": loss.detach()}
         return logits, loss
 
@@ -343,6 +343,12 @@ class Model(nn.Module):
         decays = {p: p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) for p in self.parameters()}
         return [{"params": [p for p, d in decays.items() if d], "weight_decay": weight_decay},
                 {"params": [p for p, d in decays.items() if not d], "weight_decay": 0.0}]
+
+    def summary(self):
+        cfg = self.config
+        kind = "MHA" if cfg.n_kv_head == cfg.n_head else "MQA" if cfg.n_kv_head == 1 else "GQA"
+        return (f"{cfg.n_layer} layers, {kind} ({cfg.n_head} query / {cfg.n_kv_head} K/V heads of {cfg.head_dim}), "
+                f"{cfg.pos} positions, {cfg.ffn} {cfg.d_ff}, {cfg.norm} {'pre' if cfg.prenorm else 'post'}-norm")
 
     def stats(self):
         return {}

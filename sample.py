@@ -1,0 +1,79 @@
+"""
+Generate text from a checkpoint, streaming tokens as they come.
+
+    python sample.py                                  # from out/ckpt_best.pt
+    python sample.py --prompt="To be" --num_samples=3 --temperature=0.8 --top_k=50
+    python sample.py --prompt_file=prompt.txt --top_p=0.9 --ckpt=out/ckpt_last.pt
+
+The checkpoint names its model file and carries its tokenizer, so nothing else is needed.
+Generation runs the prompt through the model in one parallel pass, then feeds one token at a
+time against the model's cache (keys and values for attention, a fixed-size state for Mamba).
+"""
+import codecs
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from train import Tokenizer, UsageError, die, load_checkpoint, model_from_checkpoint, pick_device, read_args, typed
+
+OPTIONS = {
+    "ckpt": ("out/ckpt_best.pt", "checkpoint to sample from"),
+    "prompt": ("\n", "text to continue"),
+    "prompt_file": ("", "read the prompt from this file instead"),
+    "num_samples": (1, "how many samples"),
+    "max_new_tokens": (500, "tokens per sample"),
+    "temperature": (0.8, "0 = greedy; higher = more random"),
+    "top_k": (200, "sample among the k likeliest tokens (0 = all)"),
+    "top_p": (1.0, "nucleus sampling: the smallest set of tokens with this much probability"),
+    "seed": (1337, "random seed"),
+    "device": ("auto", "auto | cpu | cuda | mps"),
+}
+
+
+def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip(), "\n\noptions:")
+        for name, (default, text) in OPTIONS.items():
+            print(f"  {f'--{name}={default!r}':<28} {text}")
+        return
+    try:
+        given = typed(read_args(argv), {k: type(v) for k, (v, _) in OPTIONS.items()}, script="sample.py")
+        opts = {k: given.get(k, v) for k, (v, _) in OPTIONS.items()}
+        if opts["num_samples"] <= 0 or opts["max_new_tokens"] < 0 or opts["temperature"] < 0 or opts["top_k"] < 0:
+            raise UsageError("num_samples must be positive; max_new_tokens, temperature and top_k >= 0")
+        if not 0 < opts["top_p"] <= 1:
+            raise UsageError(f"top_p must be in (0, 1], got {opts['top_p']}")
+        prompt = opts["prompt"]
+        if opts["prompt_file"]:
+            if not Path(opts["prompt_file"]).is_file():
+                raise UsageError(f"no prompt file {opts['prompt_file']}")
+            prompt = Path(opts["prompt_file"]).read_text()
+        ckpt = load_checkpoint(opts["ckpt"])
+        model = model_from_checkpoint(ckpt)
+        tok = Tokenizer(ckpt["tokenizer"])
+        ids = tok.encode(prompt or "\n")
+    except UsageError as e:
+        die(str(e))
+    device, _ = pick_device({"device": opts["device"], "dtype": "float32"})
+    model.to(device).eval()
+    torch.manual_seed(opts["seed"])
+    prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    n_tokens, elapsed = 0, 0.0
+    for k in range(opts["num_samples"]):
+        print(f"--- sample {k + 1} ---\n{prompt}", end="", flush=True)
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # BPE tokens can split a character
+        t0 = time.time()
+        for token in model.generate(prompt_ids, opts["max_new_tokens"], temperature=opts["temperature"],
+                                    top_k=opts["top_k"] or None, top_p=opts["top_p"]):
+            print(utf8.decode(tok.decode_bytes(token[0].tolist())), end="", flush=True)
+            n_tokens += 1
+        print(utf8.decode(b"", final=True))
+        elapsed += time.time() - t0
+    print(f"--- {n_tokens} tokens in {elapsed:.2f}s: {n_tokens / max(elapsed, 1e-9):.1f} tokens/s "
+          f"({ckpt['model_name']}, {device})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
