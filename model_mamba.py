@@ -260,6 +260,11 @@ class Model(nn.Module):
         return [{"params": [p for p, d in decays.items() if d], "weight_decay": weight_decay},
                 {"params": [p for p, d in decays.items() if not d], "weight_decay": 0.0}]
 
+    def summary(self):
+        cfg = self.config
+        return (f"{cfg.n_layer} Mamba layers, d_inner {cfg.d_inner}, state {cfg.d_state}, conv {cfg.d_conv}, "
+                f"dt rank {cfg.dt_rank}, {cfg.scan} scan")
+
     def stats(self):
         return {}
 

@@ -373,6 +373,7 @@ def test_mamba_scan_paths_agree_in_the_model(scan):
 def test_mamba_config():
     cfg = model_mamba.Config(d_model=40)
     assert cfg.dt_rank == 3 and cfg.d_inner == 80  # ceil(40 / 16), expand * d_model
+    assert "d_inner 80" in model_mamba.Model(cfg).summary()
     for kw, msg in [(dict(n_layer=0), "n_layer must be positive"), (dict(dt_min=0.2, dt_max=0.1), "dt_min <= dt_max"),
                     (dict(scan="fft"), "scan must be one of"), (dict(dt_rank=-1), "dt_rank must be positive")]:
         with pytest.raises(ValueError, match=msg):
