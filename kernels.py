@@ -54,4 +54,406 @@ def attention(q, k, v, causal=True, alibi_slopes=None, scale=None):
 
 
 # ----------------------------------------------------------------------------- selective scan
-# (arrives with the Mamba issue)
+# The Mamba (S6) recurrence in the official layout, for every batch b, channel d, state n:
+#   dt_t = softplus(delta_t + delta_bias)                       u, delta, z: (B, D, L)
+#   h_t  = exp(dt_t A) * h_{t-1} + dt_t B_t u_t                 A: (D, N)   B, C: (B, N, L)
+#   y_t  = C_t . h_t + D u_t,   out_t = y_t * silu(z_t)         h: (B, D, N), always float32
+# Three paths compute it: selective_scan_ref (a loop over time: the ground truth),
+# selective_scan_chunked (plain PyTorch, the CPU path) and a Triton kernel (the CUDA path).
+# Legend here: B batch, D channels, N state size, L length, T chunk length, K chunks.
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # macOS / Windows: the PyTorch paths still work
+    triton = None
+
+
+def _scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """Upcast to the accumulation dtype and apply the bias and softplus to the step size."""
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u, delta, A, B, C = (t.to(acc) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(acc)[:, None]  # (B, D, L)
+    if delta_softplus:
+        delta = F.softplus(delta)  # dt > 0, so exp(dt A) is a decay when A < 0
+    D = None if D is None else D.to(acc)
+    z = None if z is None else z.to(acc)
+    return u, delta, A, B, C, D, z
+
+
+def _scan_output(y, u, D, z, out_dtype):
+    if D is not None:
+        y = y + D[:, None] * u  # (B, D, L): the skip connection
+    if z is not None:
+        y = y * F.silu(z)  # the gate
+    return y.to(out_dtype)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                       initial_state=None, return_last_state=False):
+    """The recurrence as written, one time step after another. Slow and obviously right."""
+    out_dtype = u.dtype
+    u, dt, A, B, C, D, z = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    Bsz, Dm, L = u.shape
+    h = u.new_zeros(Bsz, Dm, A.size(1)) if initial_state is None else initial_state.to(u.dtype)  # (B, D, N)
+    ys = []
+    # unbind, not [..., t]: the backward of indexing would build a full-size gradient per step
+    for dt_t, u_t, B_t, C_t in zip(dt.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1)):
+        decay = torch.exp(dt_t[:, :, None] * A)  # (B, D, N)
+        h = decay * h + (dt_t * u_t)[:, :, None] * B_t[:, None, :]  # (B, D, N)
+        ys.append((h * C_t[:, None, :]).sum(-1))  # (B, D)
+    y = torch.stack(ys, dim=-1) if L else u.new_zeros(Bsz, Dm, 0)  # (B, D, L)
+    out = _scan_output(y, u, D, z, out_dtype)
+    return (out, h) if return_last_state else out
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                           initial_state=None, return_last_state=False, chunk_size=64):
+    """The CPU fast path: the Triton kernel's algorithm in torch operations, with its own backward.
+
+    Time is cut into chunks of T steps. The forward walks along time in place on one (B, D, N)
+    state, small enough to stay in cache, and keeps only the state entering each chunk. The
+    backward takes the chunks in reverse: it recomputes a chunk's T states from its start,
+    then runs the adjoint recurrence dL/dh_{t-1} = exp(dt_t A) dL/dh_t + C_{t-1} dL/dy_{t-1}
+    back through them. Memory is O(L/T + T) states instead of O(L); every step multiplies by one
+    factor exp(dt A) in [0, 1], so strong decay underflows to exactly 0 and nothing is divided.
+    (Vectorising the chunks against each other with exp(cumsum) differences, as a GPU would,
+    measured 3-4x slower here than this loop: its (B, D, N, L) temporaries do not fit in cache.)
+    """
+    out, last = _ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
+    return (out, last) if return_last_state else out
+
+
+def _time_major(x, dtype):  # (B, X, L) -> (L, B, X) contiguous: step t reads one block
+    return x.to(dtype).permute(2, 0, 1).contiguous()
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """Inputs in the official layout; inside, time-major copies (L, B, D) and (L, B, N), so that
+    step t reads contiguous blocks. Accumulation in float32 (float64 for float64 inputs)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, T):
+        acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+        Bsz, Dm, L = u.shape
+        N = A.size(1)
+        K = -(-L // T)
+        s = delta.to(acc) if delta_bias is None else delta.to(acc) + delta_bias.to(acc)[:, None]  # (B, D, L)
+        dt = F.softplus(s) if delta_softplus else s
+        A_ = A.to(acc)
+        dt_t, du_t = _time_major(dt, acc), _time_major(dt * u.to(acc), acc)  # (L, B, D)
+        B_t, C_t = _time_major(B, acc), _time_major(C, acc)  # (L, B, N)
+        h = u.new_zeros(Bsz, Dm, N, dtype=acc) if initial_state is None else initial_state.to(acc).clone()  # (B, D, N)
+        starts = u.new_empty(K, Bsz, Dm, N, dtype=acc)  # the state entering each chunk
+        y_t = u.new_empty(L, Bsz, Dm, dtype=acc)  # (L, B, D)
+        decay = torch.empty_like(h)
+        for t in range(L):
+            if t % T == 0:
+                starts[t // T] = h
+            torch.mul(dt_t[t, :, :, None], A_, out=decay).exp_()  # (B, D, N), in [0, 1] when A <= 0
+            h.mul_(decay).addcmul_(du_t[t, :, :, None], B_t[t, :, None, :])
+            torch.bmm(h, C_t[t, :, :, None], out=y_t[t, :, :, None])  # (B, D, 1): C_t . h_t
+        y = y_t.permute(1, 2, 0)  # (B, D, L)
+        if D is not None:
+            y = y + D.to(acc)[:, None] * u.to(acc)
+        out = y * F.silu(z.to(acc)) if z is not None else y
+        ctx.save_for_backward(u, s, A, B, C, D, z, delta_bias, initial_state, starts, y)
+        ctx.softplus, ctx.T, ctx.delta_dtype = delta_softplus, T, delta.dtype
+        return out.to(u.dtype), h
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, s, A, B, C, D, z, delta_bias, initial_state, starts, y = ctx.saved_tensors
+        T = ctx.T
+        acc = s.dtype
+        Bsz, Dm, L = u.shape
+        N = A.size(1)
+        dt = F.softplus(s) if ctx.softplus else s
+        uf, A_, dout = u.to(acc), A.to(acc), dout.to(acc)
+        dz = None
+        if z is not None:
+            zf = z.to(acc)
+            sig = torch.sigmoid(zf)
+            dz = (dout * y * sig * (1 + zf * (1 - sig))).to(z.dtype)
+            dout = dout * zf * sig  # dL/dy
+        dD = (dout * uf).sum((0, 2)).to(D.dtype) if D is not None else None
+        dt_t, du_t = _time_major(dt, acc), _time_major(dt * uf, acc)  # (L, B, D)
+        B_t, C_t, dy_t = _time_major(B, acc), _time_major(C, acc), _time_major(dout, acc)
+        g = dlast.to(acc).clone() if dlast is not None else u.new_zeros(Bsz, Dm, N, dtype=acc)  # dL/dh_t
+        dA = torch.zeros_like(g)  # (B, D, N), summed over B at the end
+        dB_t, dC_t = u.new_empty(L, Bsz, 1, N, dtype=acc), u.new_empty(L, Bsz, 1, N, dtype=acc)
+        ddu_t, ddt_t = u.new_empty(L, Bsz, Dm, 1, dtype=acc), u.new_empty(L, Bsz, Dm, dtype=acc)
+        hs = u.new_empty(T + 1, Bsz, Dm, N, dtype=acc)  # one chunk of states, recomputed
+        decays = u.new_empty(T, Bsz, Dm, N, dtype=acc)
+        g_prev, g_log = torch.empty_like(g), torch.empty_like(g)
+        for c in reversed(range(-(-L // T))):
+            t0, t1 = c * T, min(c * T + T, L)
+            hs[0] = starts[c]
+            for k, t in enumerate(range(t0, t1)):  # recompute h_t0 .. h_t1-1 from the chunk start
+                torch.mul(dt_t[t, :, :, None], A_, out=decays[k]).exp_()
+                torch.mul(hs[k], decays[k], out=hs[k + 1]).addcmul_(du_t[t, :, :, None], B_t[t, :, None, :])
+            for k, t in reversed(list(enumerate(range(t0, t1)))):
+                g.addcmul_(dy_t[t, :, :, None], C_t[t, :, None, :])  # + dL/dy_t dy_t/dh_t: g is dL/dh_t
+                torch.bmm(dy_t[t, :, None, :], hs[k + 1], out=dC_t[t])  # (B, 1, N): sum over D
+                torch.bmm(g, B_t[t, :, :, None], out=ddu_t[t])  # (B, D, 1): dL/d(dt u)
+                torch.bmm(du_t[t, :, None, :], g, out=dB_t[t])  # (B, 1, N)
+                torch.mul(g, decays[k], out=g_prev)  # dL/dh_{t-1} through the recurrence
+                torch.mul(g_prev, hs[k], out=g_log)  # dL/d(dt A), elementwise
+                dA.addcmul_(g_log, dt_t[t, :, :, None])
+                torch.sum(g_log.mul_(A_), dim=-1, out=ddt_t[t])
+                g, g_prev = g_prev, g
+        ddu = ddu_t[..., 0].permute(1, 2, 0)  # (B, D, L)
+        ddt = ddt_t.permute(1, 2, 0) + ddu * uf
+        du = ddu * dt + (dout * D.to(acc)[:, None] if D is not None else 0)
+        ds = ddt * torch.sigmoid(s) if ctx.softplus else ddt
+        dbias = ds.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
+        dh0 = g.to(initial_state.dtype) if initial_state is not None else None
+        return (du.to(u.dtype), ds.to(ctx.delta_dtype), dA.sum(0).to(A.dtype),
+                dB_t[:, :, 0].permute(1, 2, 0).to(B.dtype), dC_t[:, :, 0].permute(1, 2, 0).to(C.dtype),
+                dD, dz, dbias, None, dh0, None)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True):
+    """One step of the recurrence, for generation: state (B, D, N) float32; x, dt, z (B, D);
+    B, C (B, N). Returns (y (B, D) in x's dtype, new state). The state is not modified in place."""
+    acc = state.dtype
+    dt = dt.to(acc) if dt_bias is None else dt.to(acc) + dt_bias.to(acc)
+    if dt_softplus:
+        dt = F.softplus(dt)  # (B, D)
+    xa = x.to(acc)
+    state = torch.exp(dt[:, :, None] * A.to(acc)) * state + (dt * xa)[:, :, None] * B.to(acc)[:, None, :]  # (B, D, N)
+    y = (state * C.to(acc)[:, None, :]).sum(-1)  # (B, D)
+    if D is not None:
+        y = y + D.to(acc) * xa
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y.to(x.dtype), state
+
+
+# The Triton kernel. One program owns one sequence b and BLOCK_D channels, keeps their state
+# (BLOCK_D, N) in registers and walks along time; softplus, bias, D and the z gate happen on
+# the way, so each input is read once and the output written once. The forward also writes
+# the state every CKPT steps; the backward walks time in reverse, one CKPT-long segment at a
+# time: it recomputes the segment's states from its checkpoint into a small scratch buffer,
+# then runs the adjoint recurrence g_{t-1} = exp(dt_t A) g_t + (dL/dh_{t-1} from y_{t-1}).
+# dB and dC sum over channels, which other programs own: each program writes its partial sum
+# and torch adds them up in a fixed order (no atomics, so the result is deterministic).
+# Steps past L are identities (dt = 0) and padded states (n >= N) stay 0 (A = B = C = 0).
+
+if triton is not None:
+    @triton.jit
+    def _scan_step_inputs(u_ptr, dt_ptr, bias, B_ptr, row, bcol, t, mt, mnt,
+                          HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        u = tl.load(u_ptr + row + t, mask=mt, other=0.0).to(tl.float32)  # (BLOCK_D,)
+        dt_raw = tl.load(dt_ptr + row + t, mask=mt, other=0.0).to(tl.float32)  # (BLOCK_D,)
+        if HAS_BIAS:
+            dt_raw += bias
+        dt = dt_raw
+        if SOFTPLUS:
+            dt = tl.where(dt_raw <= 20.0, tl.log(1.0 + tl.exp(dt_raw)), dt_raw)  # as F.softplus
+        dt = tl.where(mt, dt, 0.0)  # past the end: an identity step
+        Bt = tl.load(B_ptr + bcol + t, mask=mnt, other=0.0).to(tl.float32)  # (BLOCK_N,)
+        return u, dt_raw, dt, Bt
+
+    @triton.jit
+    def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+                         out_ptr, hlast_ptr, ckpt_ptr, Dm, L, N, n_ckpt,
+                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CKPT: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements at large B * D * L
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+        n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        md, mn = d < Dm, n < N
+        mdn = md[:, None] & mn[None, :]  # (BLOCK_D, BLOCK_N)
+        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mdn, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e): exp2 is cheaper
+        Dp = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_D else 0.0
+        bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+        state_off = (b * Dm + d[:, None]) * N + n[None, :]  # (BLOCK_D, BLOCK_N) into (B, D, N)
+        if HAS_H0:
+            h = tl.load(h0_ptr + state_off, mask=mdn, other=0.0).to(tl.float32)
+        else:
+            h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        row = (b * Dm + d) * L  # (BLOCK_D,) start of each channel's time series
+        bcol = (b * N + n) * L  # (BLOCK_N,)
+        for c in range(n_ckpt):
+            tl.store(ckpt_ptr + ((b * n_ckpt + c) * Dm + d[:, None]) * BLOCK_N + n[None, :], h, mask=md[:, None])
+            for k in range(CKPT):
+                t = c * CKPT + k
+                in_range = (tl.zeros((1,), dtype=tl.int32) + t) < L  # a tensor: the interpreter wants one
+                mt, mnt = md & in_range, mn & in_range
+                u, dt_raw, dt, Bt = _scan_step_inputs(u_ptr, dt_ptr, bias, B_ptr, row, bcol, t, mt, mnt,
+                                                      HAS_BIAS, SOFTPLUS)
+                Ct = tl.load(C_ptr + bcol + t, mask=mnt, other=0.0).to(tl.float32)  # (BLOCK_N,)
+                h = tl.exp2(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]  # (BLOCK_D, BLOCK_N)
+                y = tl.sum(h * Ct[None, :], axis=1)  # (BLOCK_D,)
+                if HAS_D:
+                    y += Dp * u
+                if HAS_Z:
+                    zt = tl.load(z_ptr + row + t, mask=mt, other=0.0).to(tl.float32)
+                    y = y * zt * tl.sigmoid(zt)
+                tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=mt)
+        tl.store(hlast_ptr + state_off, h, mask=mdn)
+
+    @triton.jit
+    def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,
+                         dout_ptr, dhlast_ptr, work_ptr,
+                         du_ptr, ddt_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dh0_ptr,
+                         Dm, L, N, n_ckpt,
+                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         SOFTPLUS: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CKPT: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements at large B * D * L
+        pid_d = tl.program_id(1)
+        n_dblk = tl.num_programs(1)
+        d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+        n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        md, mn = d < Dm, n < N
+        mdn = md[:, None] & mn[None, :]  # (BLOCK_D, BLOCK_N)
+        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mdn, other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_N)
+        A2 = A * 1.4426950408889634
+        Dp = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_D else 0.0
+        bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+        state_off = (b * Dm + d[:, None]) * N + n[None, :]  # (BLOCK_D, BLOCK_N)
+        g = tl.load(dhlast_ptr + state_off, mask=mdn, other=0.0)  # dL/dh_L: from the last state, if used
+        dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        row = (b * Dm + d) * L  # (BLOCK_D,)
+        bcol = (b * N + n) * L  # (BLOCK_N,)
+        part = ((b * n_dblk + pid_d) * N + n) * L  # (BLOCK_N,) into the (B, n_dblk, N, L) partials
+        work_off = (b * CKPT * Dm + d[:, None]) * BLOCK_N + n[None, :]  # (BLOCK_D, BLOCK_N), + k * Dm * BLOCK_N
+        for ci in range(n_ckpt):
+            c = n_ckpt - 1 - ci
+            # recompute this segment's states h_{t-1} into the scratch buffer
+            h = tl.load(ckpt_ptr + ((b * n_ckpt + c) * Dm + d[:, None]) * BLOCK_N + n[None, :], mask=md[:, None], other=0.0)
+            for k in range(CKPT):
+                t = c * CKPT + k
+                in_range = (tl.zeros((1,), dtype=tl.int32) + t) < L
+                mt, mnt = md & in_range, mn & in_range
+                u, dt_raw, dt, Bt = _scan_step_inputs(u_ptr, dt_ptr, bias, B_ptr, row, bcol, t, mt, mnt,
+                                                      HAS_BIAS, SOFTPLUS)
+                tl.store(work_ptr + work_off + k * Dm * BLOCK_N, h, mask=md[:, None])
+                h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+            tl.debug_barrier()
+            # walk the segment backwards
+            for kk in range(CKPT):
+                k = CKPT - 1 - kk
+                t = c * CKPT + k
+                in_range = (tl.zeros((1,), dtype=tl.int32) + t) < L
+                mt, mnt = md & in_range, mn & in_range
+                u, dt_raw, dt, Bt = _scan_step_inputs(u_ptr, dt_ptr, bias, B_ptr, row, bcol, t, mt, mnt,
+                                                      HAS_BIAS, SOFTPLUS)
+                Ct = tl.load(C_ptr + bcol + t, mask=mnt, other=0.0).to(tl.float32)  # (BLOCK_N,)
+                dy = tl.load(dout_ptr + row + t, mask=mt, other=0.0).to(tl.float32)  # (BLOCK_D,)
+                h_prev = tl.load(work_ptr + work_off + k * Dm * BLOCK_N, mask=md[:, None], other=0.0)
+                decay = tl.exp2(dt[:, None] * A2)  # (BLOCK_D, BLOCK_N)
+                h = decay * h_prev + (dt * u)[:, None] * Bt[None, :]
+                if HAS_Z:
+                    y = tl.sum(h * Ct[None, :], axis=1)
+                    if HAS_D:
+                        y += Dp * u
+                    zt = tl.load(z_ptr + row + t, mask=mt, other=0.0).to(tl.float32)
+                    sig = tl.sigmoid(zt)
+                    tl.store(dz_ptr + row + t, (dy * y * sig * (1.0 + zt * (1.0 - sig))).to(dz_ptr.dtype.element_ty), mask=mt)
+                    dy = dy * zt * sig  # through the gate
+                du = tl.zeros((BLOCK_D,), dtype=tl.float32)
+                if HAS_D:
+                    dD_acc += dy * u
+                    du = dy * Dp
+                tl.store(dC_ptr + part + t, tl.sum(dy[:, None] * h, axis=0), mask=mnt)
+                g = g + dy[:, None] * Ct[None, :]  # dL/dh_t, complete now
+                gB = tl.sum(g * Bt[None, :], axis=1)  # (BLOCK_D,) dL/d(dt u)
+                tl.store(dB_ptr + part + t, tl.sum(g * (dt * u)[:, None], axis=0), mask=mnt)
+                g_log = g * decay * h_prev  # dL/d(dt A), elementwise
+                dA_acc += g_log * dt[:, None]
+                ddt = gB * u + tl.sum(g_log * A, axis=1)  # (BLOCK_D,)
+                if SOFTPLUS:
+                    ddt = ddt * tl.sigmoid(dt_raw)
+                ddt = tl.where(mt, ddt, 0.0)
+                if HAS_BIAS:
+                    dbias_acc += ddt
+                tl.store(du_ptr + row + t, (du + gB * dt).to(du_ptr.dtype.element_ty), mask=mt)
+                tl.store(ddt_ptr + row + t, ddt.to(ddt_ptr.dtype.element_ty), mask=mt)
+                g = g * decay  # dL/dh_{t-1} through the recurrence
+            tl.debug_barrier()  # the next segment reuses the scratch buffer
+        tl.store(dh0_ptr + state_off, g, mask=mdn)
+        tl.store(dA_ptr + state_off, dA_acc, mask=mdn)
+        tl.store(dD_ptr + b * Dm + d, dD_acc, mask=md)
+        tl.store(dbias_ptr + b * Dm + d, dbias_acc, mask=md)
+
+
+class _SelectiveScanTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, block_d, ckpt):
+        u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
+        z = z.contiguous() if z is not None else None
+        Bsz, Dm, L = u.shape
+        N = A.size(1)
+        BLOCK_N = triton.next_power_of_2(N)
+        n_ckpt = max(1, triton.cdiv(L, ckpt))
+        out = torch.empty_like(u)
+        hlast = u.new_empty(Bsz, Dm, N, dtype=torch.float32)
+        ckpts = u.new_empty(Bsz, n_ckpt, Dm, BLOCK_N, dtype=torch.float32)
+        h0 = initial_state.float().contiguous() if initial_state is not None else None
+        grid = (Bsz, triton.cdiv(Dm, block_d))
+        _scan_fwd_kernel[grid](u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
+                               delta_bias if delta_bias is not None else u, h0 if h0 is not None else u,
+                               out, hlast, ckpts, Dm, L, N, n_ckpt,
+                               HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                               HAS_H0=h0 is not None, SOFTPLUS=delta_softplus,
+                               BLOCK_D=block_d, BLOCK_N=BLOCK_N, CKPT=ckpt)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpts)
+        ctx.flags = (delta_softplus, initial_state is not None, block_d, ckpt, BLOCK_N, n_ckpt)
+        ctx.initial_dtype = initial_state.dtype if initial_state is not None else None
+        return out, hlast
+
+    @staticmethod
+    def backward(ctx, dout, dhlast):
+        u, delta, A, B, C, D, z, delta_bias, ckpts = ctx.saved_tensors
+        softplus, has_h0, block_d, ckpt, BLOCK_N, n_ckpt = ctx.flags
+        Bsz, Dm, L = u.shape
+        N = A.size(1)
+        n_dblk = triton.cdiv(Dm, block_d)
+        f32 = dict(device=u.device, dtype=torch.float32)
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dz = torch.empty_like(z) if z is not None else None
+        dA = torch.empty(Bsz, Dm, N, **f32)  # per sequence; summed below
+        dD, dbias = torch.empty(Bsz, Dm, **f32), torch.empty(Bsz, Dm, **f32)
+        dB, dC = torch.zeros(Bsz, n_dblk, N, L, **f32), torch.zeros(Bsz, n_dblk, N, L, **f32)
+        dh0 = torch.empty(Bsz, Dm, N, **f32)
+        work = torch.empty(Bsz, ckpt, Dm, BLOCK_N, **f32)
+        dhlast = torch.zeros(Bsz, Dm, N, **f32) if dhlast is None else dhlast.float().contiguous()
+        _scan_bwd_kernel[(Bsz, n_dblk)](u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
+                                        delta_bias if delta_bias is not None else u, ckpts,
+                                        dout.contiguous(), dhlast, work,
+                                        du, ddelta, dz if dz is not None else du, dA, dD, dbias, dB, dC, dh0,
+                                        Dm, L, N, n_ckpt,
+                                        HAS_D=D is not None, HAS_Z=z is not None,
+                                        HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+                                        BLOCK_D=block_d, BLOCK_N=BLOCK_N, CKPT=ckpt)
+        grads = [du, ddelta, dA.sum(0).to(A.dtype), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
+                 dD.sum(0).to(D.dtype) if D is not None else None, dz,
+                 dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None, None,
+                 dh0.to(ctx.initial_dtype) if has_h0 else None, None, None]
+        return tuple(grads)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                          initial_state=None, return_last_state=False, block_d=None, ckpt=None):
+    Dm, L = u.shape[1], u.shape[2]
+    block_d = block_d or min(32, triton.next_power_of_2(Dm))
+    ckpt = ckpt or min(64, triton.next_power_of_2(max(L, 1)))
+    out, last = _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                           block_d, ckpt)
+    return (out, last) if return_last_state else out
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                   initial_state=None, return_last_state=False, impl=None):
+    """out (B, D, L) in u's dtype [, last state (B, D, N) float32]. impl: None picks Triton on
+    CUDA and the chunked scan elsewhere; "ref", "chunked" or "triton" forces a path."""
+    if impl is None:
+        impl = "triton" if u.is_cuda and triton is not None else "chunked"
+    fn = {"ref": selective_scan_ref, "chunked": selective_scan_chunked, "triton": selective_scan_triton}[impl]
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)

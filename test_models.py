@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
+import model_mamba
 import model_transformer
 
 REPO = Path(__file__).resolve().parent
@@ -157,6 +159,257 @@ def test_tiny_batch_overfits():
     m = tiny_transformer().train()
     x = torch.randint(0, 61, (4, 24))
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = m(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+# ----------------------------------------------------------------------------- kernels: selective scan
+
+def scan_inputs(Bsz=2, Dm=5, N=3, L=7, strong=False, dtype=torch.float32, seed=0):
+    """Random inputs for every argument of selective_scan, all requiring grad. Dm = 5 is not a
+    multiple of any block; strong=True makes dt A sum to thousands over the sequence."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    A = -(torch.rand(Dm, N, generator=g, dtype=dtype) * 50 + 50) if strong else -torch.rand(Dm, N, generator=g, dtype=dtype) * 3
+    bias = r(Dm) + (4.0 if strong else 0.0)  # softplus(~4) ~ 4: each step decays by exp(-200) or more
+    args = dict(u=r(Bsz, Dm, L), delta=r(Bsz, Dm, L), A=A, B=r(Bsz, N, L), C=r(Bsz, N, L), D=r(Dm),
+                z=r(Bsz, Dm, L), delta_bias=bias, initial_state=r(Bsz, Dm, N))
+    return {k: v.requires_grad_() for k, v in args.items()}
+
+
+def run_scan(fn, args, **kw):
+    """Output, last state and the gradient of a random projection of both w.r.t. every input."""
+    out, last = fn(**args, return_last_state=True, **kw)
+    g = torch.Generator().manual_seed(1)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum() \
+        + (last * torch.randn(last.shape, generator=g, dtype=last.dtype)).sum()
+    names = [k for k, v in args.items() if v is not None]
+    grads = torch.autograd.grad(loss, [args[k] for k in names])
+    return {"out": out, "last": last, **{"d" + k: v for k, v in zip(names, grads)}}
+
+
+def assert_same(got, want, atol=1e-5, rtol=1e-4):
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.isfinite(got[k]).all(), k
+        torch.testing.assert_close(got[k], want[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("L", [1, 7, 64, 127])
+@pytest.mark.parametrize("chunk_size", [64, 5])
+def test_chunked_scan_matches_reference(L, chunk_size):
+    args = scan_inputs(L=L)
+    assert_same(run_scan(kernels.selective_scan_chunked, args, chunk_size=chunk_size),
+                run_scan(kernels.selective_scan_ref, args))
+
+
+@pytest.mark.parametrize("L", [1, 7, 64, 127])
+def test_triton_scan_matches_reference(L):  # under TRITON_INTERPRET=1 on the CPU
+    args = scan_inputs(L=L)
+    # 2 channel blocks (the second half empty), N = 3 padded to 4, checkpoints every 16 steps
+    assert_same(run_scan(kernels.selective_scan_triton, args, block_d=4, ckpt=16),
+                run_scan(kernels.selective_scan_ref, args))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_scan_without_optional_inputs(impl):
+    args = scan_inputs(L=9)
+    for k in ("D", "z", "delta_bias", "initial_state"):
+        args[k] = None
+    assert_same(run_scan(kernels.selective_scan, args, impl=impl), run_scan(kernels.selective_scan_ref, args))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_scan_plain_step_size(impl):
+    """delta_softplus=False, no bias: dt is delta itself (positive here)."""
+    args = scan_inputs(L=9)
+    args["delta"] = (args["delta"].detach().abs() + 0.1).requires_grad_()
+    args["delta_bias"] = None
+    assert_same(run_scan(kernels.selective_scan, args, delta_softplus=False, impl=impl),
+                run_scan(kernels.selective_scan_ref, args, delta_softplus=False))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_scan_under_strong_decay(impl):
+    args = scan_inputs(L=40, strong=True)
+    dt = F.softplus(args["delta"] + args["delta_bias"][:, None])  # (B, D, L)
+    assert (dt[:, :, :, None] * args["A"][None, :, None, :]).sum(2).abs().min() > 1000  # |sum dt A| huge
+    kw = dict(block_d=4, ckpt=16) if impl == "triton" else dict(chunk_size=8)
+    fn = kernels.selective_scan_triton if impl == "triton" else kernels.selective_scan_chunked
+    assert_same(run_scan(fn, args, **kw), run_scan(kernels.selective_scan_ref, args))
+
+
+def test_reference_gradcheck_float64():
+    args = scan_inputs(Bsz=1, Dm=2, N=2, L=4, dtype=torch.float64)
+    names = list(args)
+    f = lambda *xs: kernels.selective_scan_ref(**dict(zip(names, xs)), return_last_state=True)
+    assert torch.autograd.gradcheck(f, tuple(args.values()))
+
+
+def test_chunked_scan_float64_exact():
+    args = scan_inputs(L=50, dtype=torch.float64)
+    assert_same(run_scan(kernels.selective_scan_chunked, args, chunk_size=8),
+                run_scan(kernels.selective_scan_ref, args), atol=1e-12, rtol=1e-10)
+
+
+def test_triton_scan_bf16_inputs():
+    args = {k: v.detach().to(torch.bfloat16) if k in ("u", "delta", "z", "B", "C") else v.detach()
+            for k, v in scan_inputs(L=20).items()}
+    out, last = kernels.selective_scan_triton(**args, return_last_state=True, block_d=4, ckpt=8)
+    want, want_last = kernels.selective_scan_ref(**args, return_last_state=True)  # same bf16 inputs, fp32 math
+    assert out.dtype == torch.bfloat16 and last.dtype == torch.float32
+    # both round an fp32 result to bf16; fp32 values a rounding error apart can land one bf16 ulp apart
+    torch.testing.assert_close(out.float(), want.float(), atol=1e-5, rtol=2 ** -7)
+    torch.testing.assert_close(last, want_last, atol=1e-5, rtol=1e-5)
+
+
+def test_state_update_steps_equal_the_scan():
+    args = {k: v.detach() for k, v in scan_inputs(L=6).items()}
+    want, want_last = kernels.selective_scan_ref(**args, return_last_state=True)
+    state, ys = args["initial_state"], []
+    for t in range(6):
+        y, state = kernels.selective_state_update(state, args["u"][..., t], args["delta"][..., t], args["A"],
+                                                  args["B"][..., t], args["C"][..., t], args["D"], args["z"][..., t],
+                                                  dt_bias=args["delta_bias"])
+        ys.append(y)
+    torch.testing.assert_close(torch.stack(ys, -1), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state, want_last, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_blelloch_baseline_matches_reference():  # the baseline of the speed target must be right too
+    import bench
+    for L in (1, 6, 16):
+        args = scan_inputs(L=L)
+        del args["initial_state"]
+        want = kernels.selective_scan_ref(**args)
+        torch.testing.assert_close(bench.selective_scan_blelloch(**args), want, atol=1e-5, rtol=1e-4)
+        g = torch.randn_like(want)
+        for a, b in zip(torch.autograd.grad(bench.selective_scan_blelloch(**args), list(args.values()), g),
+                        torch.autograd.grad(want, list(args.values()), g)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_scan_dispatch_on_cpu_is_the_chunked_path():
+    args = {k: v.detach() for k, v in scan_inputs(L=5).items()}
+    torch.testing.assert_close(kernels.selective_scan(**args), kernels.selective_scan_chunked(**args), atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- model_mamba
+
+def tiny_mamba(**kw):
+    torch.manual_seed(0)
+    cfg = model_mamba.Config(**{**dict(vocab_size=61, block_size=40, d_model=32, n_layer=2, d_state=8), **kw})
+    return model_mamba.Model(cfg).eval()
+
+
+def test_mamba_shapes_and_initial_loss():
+    m = tiny_mamba()
+    idx, targets = torch.randint(0, 61, (3, 17)), torch.randint(0, 61, (3, 17))
+    logits, loss = m(idx, targets)
+    assert logits.shape == (3, 17, 61) and logits.dtype == torch.float32
+    assert abs(loss.item() - math.log(61)) < 0.1 and set(m.aux) == {"ce"}
+
+
+def test_mamba_causal():
+    m = tiny_mamba()
+    idx = torch.randint(0, 61, (2, 30))
+    changed = idx.clone()
+    changed[:, 17] = (changed[:, 17] + 1) % 61
+    a, b = m(idx)[0], m(changed)[0]
+    assert torch.equal(a[:, :17], b[:, :17])  # nothing before t may see token t
+    assert not torch.allclose(a[:, 17:], b[:, 17:])
+
+
+def test_mamba_generation_equals_full_forward():
+    m = tiny_mamba()
+    prompt = torch.randint(0, 61, (2, 9))
+    out = torch.cat([prompt, *m.generate(prompt, 45, temperature=0)], dim=1)  # (2, 54): past block_size
+    full = m(out[:, :-1])[0]  # (2, 53, V)
+    assert torch.equal(full[:, 8:].argmax(-1), out[:, 9:])  # greedy tokens identical
+    cache = m.new_cache(2)
+    steps = [m(out[:, :9], cache=cache)[0][:, -1]] + [m(out[:, t:t + 1], cache=cache)[0][:, -1] for t in range(9, 53)]
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 8:], atol=1e-5, rtol=1e-5)
+    assert cache.len == 53
+
+
+def test_mamba_chunked_prefill_equals_token_by_token():
+    m = tiny_mamba()
+    idx = torch.randint(0, 61, (2, 30))
+    cache = m.new_cache(2)  # chunks shorter than d_conv = 4, single tokens, and a long one
+    chunks = [m(idx[:, a:b], cache=cache)[0] for a, b in ((0, 2), (2, 3), (3, 6), (6, 7), (7, 30))]
+    cache1 = m.new_cache(2)
+    steps = [m(idx[:, t:t + 1], cache=cache1)[0] for t in range(30)]
+    torch.testing.assert_close(torch.cat(chunks, 1), torch.cat(steps, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(chunks, 1), m(idx)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.ssm, cache1.ssm, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.conv, cache1.conv, atol=1e-6, rtol=1e-5)
+    assert m.cache_bytes(cache) == m.cache_bytes(m.new_cache(2))  # the state does not grow
+
+
+def test_mamba_sampling_runs():
+    m = tiny_mamba()
+    for prompt_len in (1, 2):  # a one-token prompt takes the single-step path from the start
+        out = list(m.generate(torch.randint(0, 61, (1, prompt_len)), 10, temperature=1.0, top_k=5, top_p=0.9))
+        assert len(out) == 10 and all(t.shape == (1, 1) and 0 <= t.item() < 61 for t in out)
+
+
+@pytest.mark.parametrize("scan", ["chunked", "triton"])
+def test_mamba_scan_paths_agree_in_the_model(scan):
+    fast, slow = tiny_mamba(scan=scan), tiny_mamba(scan="ref")
+    slow.load_state_dict(fast.state_dict())
+    idx, targets = torch.randint(0, 61, (2, 23)), torch.randint(0, 61, (2, 23))
+    grads = []
+    for m in (fast, slow):
+        _, loss = m(idx, targets)
+        grads.append((loss.detach(),) + torch.autograd.grad(loss, list(m.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_mamba_config():
+    cfg = model_mamba.Config(d_model=40)
+    assert cfg.dt_rank == 3 and cfg.d_inner == 80  # ceil(40 / 16), expand * d_model
+    assert "d_inner 80" in model_mamba.Model(cfg).summary()
+    for kw, msg in [(dict(n_layer=0), "n_layer must be positive"), (dict(dt_min=0.2, dt_max=0.1), "dt_min <= dt_max"),
+                    (dict(scan="fft"), "scan must be one of"), (dict(dt_rank=-1), "dt_rank must be positive")]:
+        with pytest.raises(ValueError, match=msg):
+            model_mamba.Config(**kw)
+
+
+def test_mamba_init_and_optimizer_groups():
+    m = tiny_mamba(n_layer=8, d_model=96, d_state=16, bias=True)
+    cfg = m.config
+    for block in m.blocks:
+        mx = block.mixer
+        dt = F.softplus(mx.dt_proj.bias)  # the step size at init, for a zero input
+        assert dt.min() >= cfg.dt_min * 0.999 and dt.max() <= cfg.dt_max * 1.001
+        assert dt.max() / dt.min() > 10  # spread log-uniformly, not all equal (nor the generic zero bias)
+        bound = cfg.dt_rank ** -0.5
+        assert mx.dt_proj.weight.abs().max() <= bound and mx.dt_proj.weight.abs().max() > bound / 2  # not N(0, 0.02)
+        torch.testing.assert_close(-torch.exp(mx.A_log), -torch.arange(1, 17.0).repeat(cfg.d_inner, 1))  # S4D-real
+        assert torch.equal(mx.D, torch.ones(cfg.d_inner))
+    std = lambda name: dict(m.named_parameters())[name].std().item()
+    assert abs(std("blocks.0.mixer.in_proj.weight") - 0.02) < 0.002
+    assert abs(std("blocks.0.mixer.out_proj.weight") - 0.02 / math.sqrt(8)) < 0.0007  # scaled for depth
+    decay, keep = m.optim_groups(0.1)
+    assert decay["weight_decay"] == 0.1 and keep["weight_decay"] == 0.0
+    names = {p: n.split(".", 2)[-1] if n.startswith("blocks.") else n for n, p in m.named_parameters()}  # without "blocks.i."
+    assert {names[p] for p in keep["params"]} == {"norm.weight", "norm_f.weight", "mixer.A_log", "mixer.D", "mixer.dt_proj.bias",
+                                                  "mixer.conv1d.bias", "mixer.in_proj.bias", "mixer.out_proj.bias"}
+    assert {names[p] for p in decay["params"]} == {"wte.weight", "mixer.in_proj.weight", "mixer.conv1d.weight",
+                                                   "mixer.x_proj.weight", "mixer.dt_proj.weight", "mixer.out_proj.weight"}
+    assert len(decay["params"]) + len(keep["params"]) == len(list(m.parameters()))  # tied weight counted once
+
+
+def test_mamba_tiny_batch_overfits():
+    torch.manual_seed(0)
+    m = tiny_mamba().train()
+    x = torch.randint(0, 61, (4, 24))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     for _ in range(150):
         _, loss = m(x[:, :-1], x[:, 1:])
         opt.zero_grad()
