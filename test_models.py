@@ -45,6 +45,9 @@ ATTENTION_CASES = [
     # up to 2.3x PyTorch's error). Causal or self-attention rows always have a key at distance 0.
     (1, 4, 4, 257, 100, 64, False, False, F32),
     (1, 2, 1, 130, 130, 128, True, True, F16),  # largest head dim; second query tile has full key tiles
+    # bf16: under the interpreter the tiles are upcast after loading, so this checks the wiring;
+    # the GPU run (gpu_check.sh) checks bf16 arithmetic itself.
+    (2, 4, 2, 100, 130, 48, True, True, BF16),
 ]
 
 
