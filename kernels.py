@@ -116,7 +116,7 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, SLOPES, scale, Tq, Tk, H, GROUP,
                       CAUSAL: tl.constexpr, ALIBI: tl.constexpr, D: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    m0 = tl.program_id(0) * BLOCK_M
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the longest causal rows start first
     bh = tl.program_id(1).to(tl.int64)  # b * H + h
     Q += bh * Tq * D
     O += bh * Tq * D
@@ -159,6 +159,32 @@ def _flash_bwd_pre_kernel(O, DO, DELTA, Tq, D: tl.constexpr, BLOCK_M: tl.constex
 
 
 @triton.jit
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, pos_k, slope, qk_scale, lo, hi, Tq, Tk,
+                ALIBI: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Add the query tiles [lo, hi) of one query head to one key tile's dk, dv. Works with the
+    transposed tile (keys x queries) so that dv and dk come out of plain dots."""
+    for start in range(lo, hi, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        pos_q = Tk - Tq + rows
+        q = _load_tile(Q, rows, Tq, D, BLOCK_D, UPCAST)  # (BLOCK_M, BLOCK_D)
+        do = _load_tile(DO, rows, Tq, D, BLOCK_D, UPCAST)
+        lse = tl.load(LSE + rows, mask=rows < Tq, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + rows, mask=rows < Tq, other=0.0)
+        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :]  # (BLOCK_N, BLOCK_M)
+        if ALIBI:
+            sT -= slope * tl.abs(pos_q[None, :] - pos_k[:, None]).to(tl.float32)
+        if CAUSAL:
+            sT = tl.where(pos_k[:, None] <= pos_q[None, :], sT, float("-inf"))
+        pT = tl.exp2(sT)  # probabilities, rebuilt from the row log-sum-exp (BLOCK_N, BLOCK_M)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)  # dv += p^T do
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (dO V^T)^T (BLOCK_N, BLOCK_M)
+        dsT = pT * (dpT - delta[None, :])  # softmax backward: ds = p * (dp - delta)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)  # dk += ds^T q
+    return dk, dv
+
+
+@triton.jit
 def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, scale, Tq, Tk, H, GROUP,
                            CAUSAL: tl.constexpr, ALIBI: tl.constexpr, D: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -167,14 +193,17 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, scale, Tq, T
     bhk = tl.program_id(1).to(tl.int64)  # b * Hkv + hk
     K += bhk * Tk * D
     V += bhk * Tk * D
-    DK += bhk * Tk * D
-    DV += bhk * Tk * D
     pos_k = n0 + tl.arange(0, BLOCK_N)
     k = _load_tile(K, pos_k, Tk, D, BLOCK_D, UPCAST)  # (BLOCK_N, BLOCK_D)
     v = _load_tile(V, pos_k, Tk, D, BLOCK_D, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     qk_scale = scale * 1.4426950408889634
+    # Padding needs no mask here: a query row past Tq reads q = do = 0 and lse = delta = 0, so its
+    # p is finite and it adds exactly 0 to dk and dv; a key row past Tk only feeds its own row of
+    # dk and dv, which is never stored. Only the causal mask remains. (One loop that masks every
+    # tile, rather than a masked and an unmasked loop as in the forward: with two loops the
+    # compiler spilled registers inside them, sm_90, D=128.)
     m_lo = 0
     if CAUSAL:  # query tiles wholly before this key tile see none of it
         m_lo = tl.maximum(n0 - (Tk - Tq), 0) // BLOCK_M * BLOCK_M
@@ -183,28 +212,35 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, scale, Tq, T
         slope = 0.0
         if ALIBI:
             slope = tl.load(SLOPES + bh % H) * 1.4426950408889634
-        for start in range(m_lo, Tq, BLOCK_M):
-            rows = start + tl.arange(0, BLOCK_M)
-            pos_q = Tk - Tq + rows
-            q = _load_tile(Q + bh * Tq * D, rows, Tq, D, BLOCK_D, UPCAST)  # (BLOCK_M, BLOCK_D)
-            do = _load_tile(DO + bh * Tq * D, rows, Tq, D, BLOCK_D, UPCAST)
-            lse = tl.load(LSE + bh * Tq + rows, mask=rows < Tq, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + bh * Tq + rows, mask=rows < Tq, other=0.0)
-            # Work with the transposed tile (keys x queries) so that dv and dk come out of
-            # plain dots without transposing the probabilities.
-            sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-            if ALIBI:
-                sT -= slope * tl.abs(pos_q[None, :] - pos_k[:, None]).to(tl.float32)
-            keep = (rows[None, :] < Tq) & (pos_k[:, None] < Tk)
+        Qh, DOh, LSEh, DELTAh = Q + bh * Tq * D, DO + bh * Tq * D, LSE + bh * Tq, DELTA + bh * Tq
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, pos_k, slope, qk_scale, m_lo, Tq, Tq, Tk,
+                             ALIBI, CAUSAL, D, BLOCK_M, BLOCK_D, UPCAST, PRECISION)
+    _store_tile(DK + bhk * Tk * D, dk * scale, pos_k, Tk, D, BLOCK_D)
+    _store_tile(DV + bhk * Tk * D, dv, pos_k, Tk, D, BLOCK_D)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, K, V, pos_q, slope, qk_scale, lo, hi, Tq, Tk,
+              CAUSAL: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr, D: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Add the key tiles [lo, hi) to one query tile's dq."""
+    for start in range(lo, hi, BLOCK_N):
+        pos_k = start + tl.arange(0, BLOCK_N)
+        k = _load_tile(K, pos_k, Tk, D, BLOCK_D, UPCAST)  # (BLOCK_N, BLOCK_D)
+        v = _load_tile(V, pos_k, Tk, D, BLOCK_D, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None]  # (BLOCK_M, BLOCK_N)
+        if ALIBI:
+            s -= slope * tl.abs(pos_q[:, None] - pos_k[None, :]).to(tl.float32)
+        if MASK:
+            keep = pos_k[None, :] < Tk
             if CAUSAL:
-                keep = keep & (pos_k[:, None] <= pos_q[None, :])
-            pT = tl.exp2(tl.where(keep, sT - lse[None, :], float("-inf")))  # probabilities (BLOCK_N, BLOCK_M)
-            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)  # dv += p^T do
-            dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (dO V^T)^T (BLOCK_N, BLOCK_M)
-            dsT = pT * (dpT - delta[None, :])  # softmax backward: ds = p * (dp - delta)
-            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)  # dk += ds^T q
-    _store_tile(DK, dk * scale, pos_k, Tk, D, BLOCK_D)
-    _store_tile(DV, dv, pos_k, Tk, D, BLOCK_D)
+                keep = keep & (pos_k[None, :] <= pos_q[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        p = tl.exp2(s)  # (BLOCK_M, BLOCK_N)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)  # dq += ds k
+    return dq
 
 
 @triton.jit
@@ -212,7 +248,7 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, scale, Tq, Tk, H, 
                          CAUSAL: tl.constexpr, ALIBI: tl.constexpr, D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    m0 = tl.program_id(0) * BLOCK_M
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the longest causal rows start first
     bh = tl.program_id(1).to(tl.int64)
     K += (bh // GROUP) * Tk * D
     V += (bh // GROUP) * Tk * D
@@ -224,26 +260,21 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, scale, Tq, Tk, H, 
         slope = tl.load(SLOPES + bh % H) * 1.4426950408889634
     q = _load_tile(Q + bh * Tq * D, rows, Tq, D, BLOCK_D, UPCAST)  # (BLOCK_M, BLOCK_D)
     do = _load_tile(DO + bh * Tq * D, rows, Tq, D, BLOCK_D, UPCAST)
+    # Rows past Tq read lse = 0 and zero q, do: finite garbage in rows that are never stored.
     lse = tl.load(LSE + bh * Tq + rows, mask=rows < Tq, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh * Tq + rows, mask=rows < Tq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = Tk
-    if CAUSAL:
+    if CAUSAL:  # as in the forward: [0, hi_full) unmasked, [hi_full, hi) masked
+        hi_full = tl.minimum(Tk, Tk - Tq + m0 + 1)
         hi = tl.minimum(Tk, Tk - Tq + m0 + BLOCK_M)
-    for start in range(0, hi, BLOCK_N):
-        pos_k = start + tl.arange(0, BLOCK_N)
-        k = _load_tile(K, pos_k, Tk, D, BLOCK_D, UPCAST)  # (BLOCK_N, BLOCK_D)
-        v = _load_tile(V, pos_k, Tk, D, BLOCK_D, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        if ALIBI:
-            s -= slope * tl.abs(pos_q[:, None] - pos_k[None, :]).to(tl.float32)
-        keep = (rows[:, None] < Tq) & (pos_k[None, :] < Tk)
-        if CAUSAL:
-            keep = keep & (pos_k[None, :] <= pos_q[:, None])
-        p = tl.exp2(tl.where(keep, s - lse[:, None], float("-inf")))  # (BLOCK_M, BLOCK_N)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)  # dq += ds k
+    else:
+        hi_full = Tk
+        hi = Tk
+    hi_full = hi_full // BLOCK_N * BLOCK_N
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, pos_q, slope, qk_scale, 0, hi_full, Tq, Tk,
+                   CAUSAL, ALIBI, False, D, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, pos_q, slope, qk_scale, hi_full, hi, Tq, Tk,
+                   CAUSAL, ALIBI, True, D, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
     _store_tile(DQ + bh * Tq * D, dq * scale, rows, Tq, D, BLOCK_D)
 
 

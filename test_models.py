@@ -104,7 +104,7 @@ def test_attention_triton_keeps_row_logsumexp(causal, alibi, Tq, Tk, poisoned):
     o, lse = kernels._flash_forward(q, k, v, causal, slopes, 1 / math.sqrt(D))
     kd = k.double().repeat_interleave(H // Hkv, dim=1)  # (B, H, Tk, D)
     s = q.double() @ kd.transpose(-2, -1) / math.sqrt(D)  # (B, H, Tq, Tk)
-    i, j = torch.arange(Tk - Tq, Tk)[:, None], torch.arange(Tk)[None, :]
+    i, j = torch.arange(Tk - Tq, Tk, device=s.device)[:, None], torch.arange(Tk, device=s.device)[None, :]
     if alibi:
         s = s - slopes.double().view(H, 1, 1) * (i - j).abs()
     if causal:
