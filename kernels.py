@@ -14,7 +14,7 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- attention
 # q (B, H, Tq, D), k and v (B, Hkv, Tk, D) with H a multiple of Hkv (GQA; Hkv = 1 is MQA).
 # When Tq < Tk the queries are the last Tq positions (chunked prefill, decoding with a cache),
-# so the causal diagonal is aligned to the end.
+# so the causal diagonal is aligned to the end: query row r sits at absolute position Tk - Tq + r.
 
 
 def attention_ref(q, k, v, causal=True, alibi_slopes=None, scale=None):
@@ -36,12 +36,336 @@ def attention_ref(q, k, v, causal=True, alibi_slopes=None, scale=None):
     return (p.to(v.dtype) @ v)  # (B, H, Tq, D)
 
 
-def attention(q, k, v, causal=True, alibi_slopes=None, scale=None):
-    """Fast path. For now torch's scaled_dot_product_attention; the Triton kernel replaces it on CUDA."""
+# FlashAttention (Dao et al. 2022; the backward in the FlashAttention-2 layout, Dao 2023).
+# The T x T matrix of scores is never stored. Each program holds one tile of queries and walks
+# over the keys tile by tile, keeping per query row the running maximum m, the running sum l of
+# exp(s - m) and the running output; when a new tile raises the maximum, the old sum and output
+# are rescaled by exp(m_old - m_new) (the "online softmax"). At the end o = acc / l and the row
+# log-sum-exp m + log(l) is kept: it is all the backward needs to rebuild any tile of
+# probabilities, p = exp(s - lse), without a second pass over the keys.
+# The backward has three kernels and no atomic adds, so its results are bitwise repeatable:
+#   preprocess  delta_i = sum_d o_id * do_id            (the softmax Jacobian's row term)
+#   dK, dV      one program per key tile; it loops over every query tile of every query head that
+#               shares this K/V head (GQA), so it alone writes that tile of dk and dv
+#   dQ          one program per query tile; it loops over the key tiles, so it alone writes dq
+# Scores are kept in base 2 (exp2 is the fast instruction): s2 = s * log2(e).
+# Inside the kernels tensors are contiguous and (B, H) is flattened to one index bh = b * H + h;
+# the K/V head of query head bh is then simply bh // (H // Hkv): GQA by index, no copies.
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton on this platform (macOS, Windows): only the torch paths run
+    class _NoTriton:
+        jit = staticmethod(lambda fn: fn)
+        constexpr = None
+    triton = tl = _NoTriton()
+
+# TRITON_INTERPRET=1 runs the kernels on the CPU with numpy (how the tests run them); it must be
+# set before this module is imported. numpy has no bfloat16 arithmetic, so there bf16 tiles are
+# upcast to float32 right after loading.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+
+
+@triton.jit
+def _load_tile(ptr, rows, n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """A (rows, BLOCK_D) tile of a contiguous (n_rows, D) matrix; rows past the end and the head
+    dim padding up to the power of two BLOCK_D read as zeros, so they add nothing to any dot."""
+    cols = tl.arange(0, BLOCK_D)
+    x = tl.load(ptr + rows[:, None] * D + cols[None, :], mask=(rows[:, None] < n_rows) & (cols[None, :] < D), other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_tile(ptr, x, rows, n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    cols = tl.arange(0, BLOCK_D)
+    tl.store(ptr + rows[:, None] * D + cols[None, :], x.to(ptr.dtype.element_ty),
+             mask=(rows[:, None] < n_rows) & (cols[None, :] < D))
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, K, V, pos_q, slope, qk_scale, lo, hi, Tk,
+               CAUSAL: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr, D: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold key tiles [lo, hi) into the running (acc, m, l) of one query tile. MASK=False is the
+    fast loop for tiles that lie wholly inside the sequence and below the causal diagonal."""
+    for start in range(lo, hi, BLOCK_N):
+        pos_k = start + tl.arange(0, BLOCK_N)  # key positions of this tile
+        k = _load_tile(K, pos_k, Tk, D, BLOCK_D, UPCAST)  # (BLOCK_N, BLOCK_D)
+        v = _load_tile(V, pos_k, Tk, D, BLOCK_D, UPCAST)  # (BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) base-2 scores
+        if ALIBI:  # the bias -slope * |i - j|, computed here instead of read from a (T, T) tensor
+            s -= slope * tl.abs(pos_q[:, None] - pos_k[None, :]).to(tl.float32)
+        if MASK:
+            keep = pos_k[None, :] < Tk
+            if CAUSAL:
+                keep = keep & (pos_k[None, :] <= pos_q[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,)
+        p = tl.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N)
+        alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old maximum
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _flash_fwd_kernel(Q, K, V, O, LSE, SLOPES, scale, Tq, Tk, H, GROUP,
+                      CAUSAL: tl.constexpr, ALIBI: tl.constexpr, D: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the longest causal rows start first
+    bh = tl.program_id(1).to(tl.int64)  # b * H + h
+    Q += bh * Tq * D
+    O += bh * Tq * D
+    K += (bh // GROUP) * Tk * D  # the shared K/V head
+    V += (bh // GROUP) * Tk * D
+    rows = m0 + tl.arange(0, BLOCK_M)
+    pos_q = Tk - Tq + rows  # absolute positions of the queries
+    qk_scale = scale * 1.4426950408889634  # log2(e): base-2 scores
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(SLOPES + bh % H) * 1.4426950408889634
+    q = _load_tile(Q, rows, Tq, D, BLOCK_D, UPCAST)  # (BLOCK_M, BLOCK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Key 0 is visible to every row (Tq <= Tk when causal), so after the first tile every row
+    # has a finite maximum and exp2(-inf - m) is a clean 0 for masked entries.
+    if CAUSAL:
+        hi_full = tl.minimum(Tk, Tk - Tq + m0 + 1)  # keys that every row of this tile may see
+        hi = tl.minimum(Tk, Tk - Tq + m0 + BLOCK_M)  # keys that some row may see
+    else:
+        hi_full = Tk
+        hi = Tk
+    hi_full = hi_full // BLOCK_N * BLOCK_N
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, pos_q, slope, qk_scale, 0, hi_full, Tk,
+                               CAUSAL, ALIBI, False, D, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, pos_q, slope, qk_scale, hi_full, hi, Tk,
+                               CAUSAL, ALIBI, True, D, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+    _store_tile(O, acc / l_i[:, None], rows, Tq, D, BLOCK_D)
+    tl.store(LSE + bh * Tq + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rows < Tq)  # natural log
+
+
+@triton.jit
+def _flash_bwd_pre_kernel(O, DO, DELTA, Tq, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = _load_tile(O + bh * Tq * D, rows, Tq, D, BLOCK_D, True)  # always float32 here
+    do = _load_tile(DO + bh * Tq * D, rows, Tq, D, BLOCK_D, True)
+    tl.store(DELTA + bh * Tq + rows, tl.sum(o * do, 1), mask=rows < Tq)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, pos_k, slope, qk_scale, lo, hi, Tq, Tk,
+                ALIBI: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Add the query tiles [lo, hi) of one query head to one key tile's dk, dv. Works with the
+    transposed tile (keys x queries) so that dv and dk come out of plain dots."""
+    for start in range(lo, hi, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        pos_q = Tk - Tq + rows
+        q = _load_tile(Q, rows, Tq, D, BLOCK_D, UPCAST)  # (BLOCK_M, BLOCK_D)
+        do = _load_tile(DO, rows, Tq, D, BLOCK_D, UPCAST)
+        lse = tl.load(LSE + rows, mask=rows < Tq, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + rows, mask=rows < Tq, other=0.0)
+        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :]  # (BLOCK_N, BLOCK_M)
+        if ALIBI:
+            sT -= slope * tl.abs(pos_q[None, :] - pos_k[:, None]).to(tl.float32)
+        if CAUSAL:
+            sT = tl.where(pos_k[:, None] <= pos_q[None, :], sT, float("-inf"))
+        pT = tl.exp2(sT)  # probabilities, rebuilt from the row log-sum-exp (BLOCK_N, BLOCK_M)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)  # dv += p^T do
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (dO V^T)^T (BLOCK_N, BLOCK_M)
+        dsT = pT * (dpT - delta[None, :])  # softmax backward: ds = p * (dp - delta)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)  # dk += ds^T q
+    return dk, dv
+
+
+@triton.jit
+def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, scale, Tq, Tk, H, GROUP,
+                           CAUSAL: tl.constexpr, ALIBI: tl.constexpr, D: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    n0 = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1).to(tl.int64)  # b * Hkv + hk
+    K += bhk * Tk * D
+    V += bhk * Tk * D
+    pos_k = n0 + tl.arange(0, BLOCK_N)
+    k = _load_tile(K, pos_k, Tk, D, BLOCK_D, UPCAST)  # (BLOCK_N, BLOCK_D)
+    v = _load_tile(V, pos_k, Tk, D, BLOCK_D, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    # Padding needs no mask here: a query row past Tq reads q = do = 0 and lse = delta = 0, so its
+    # p is finite and it adds exactly 0 to dk and dv; a key row past Tk only feeds its own row of
+    # dk and dv, which is never stored. Only the causal mask remains. (One loop that masks every
+    # tile, rather than a masked and an unmasked loop as in the forward: with two loops the
+    # compiler spilled registers inside them, sm_90, D=128.)
+    m_lo = 0
+    if CAUSAL:  # query tiles wholly before this key tile see none of it
+        m_lo = tl.maximum(n0 - (Tk - Tq), 0) // BLOCK_M * BLOCK_M
+    for g in range(GROUP):  # every query head that reads this K/V head
+        bh = bhk * GROUP + g
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(SLOPES + bh % H) * 1.4426950408889634
+        Qh, DOh, LSEh, DELTAh = Q + bh * Tq * D, DO + bh * Tq * D, LSE + bh * Tq, DELTA + bh * Tq
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, pos_k, slope, qk_scale, m_lo, Tq, Tq, Tk,
+                             ALIBI, CAUSAL, D, BLOCK_M, BLOCK_D, UPCAST, PRECISION)
+    _store_tile(DK + bhk * Tk * D, dk * scale, pos_k, Tk, D, BLOCK_D)
+    _store_tile(DV + bhk * Tk * D, dv, pos_k, Tk, D, BLOCK_D)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, K, V, pos_q, slope, qk_scale, lo, hi, Tq, Tk,
+              CAUSAL: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr, D: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Add the key tiles [lo, hi) to one query tile's dq."""
+    for start in range(lo, hi, BLOCK_N):
+        pos_k = start + tl.arange(0, BLOCK_N)
+        k = _load_tile(K, pos_k, Tk, D, BLOCK_D, UPCAST)  # (BLOCK_N, BLOCK_D)
+        v = _load_tile(V, pos_k, Tk, D, BLOCK_D, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None]  # (BLOCK_M, BLOCK_N)
+        if ALIBI:
+            s -= slope * tl.abs(pos_q[:, None] - pos_k[None, :]).to(tl.float32)
+        if MASK:
+            keep = pos_k[None, :] < Tk
+            if CAUSAL:
+                keep = keep & (pos_k[None, :] <= pos_q[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        p = tl.exp2(s)  # (BLOCK_M, BLOCK_N)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)  # dq += ds k
+    return dq
+
+
+@triton.jit
+def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, scale, Tq, Tk, H, GROUP,
+                         CAUSAL: tl.constexpr, ALIBI: tl.constexpr, D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the longest causal rows start first
+    bh = tl.program_id(1).to(tl.int64)
+    K += (bh // GROUP) * Tk * D
+    V += (bh // GROUP) * Tk * D
+    rows = m0 + tl.arange(0, BLOCK_M)
+    pos_q = Tk - Tq + rows
+    qk_scale = scale * 1.4426950408889634
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(SLOPES + bh % H) * 1.4426950408889634
+    q = _load_tile(Q + bh * Tq * D, rows, Tq, D, BLOCK_D, UPCAST)  # (BLOCK_M, BLOCK_D)
+    do = _load_tile(DO + bh * Tq * D, rows, Tq, D, BLOCK_D, UPCAST)
+    # Rows past Tq read lse = 0 and zero q, do: finite garbage in rows that are never stored.
+    lse = tl.load(LSE + bh * Tq + rows, mask=rows < Tq, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * Tq + rows, mask=rows < Tq, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CAUSAL:  # as in the forward: [0, hi_full) unmasked, [hi_full, hi) masked
+        hi_full = tl.minimum(Tk, Tk - Tq + m0 + 1)
+        hi = tl.minimum(Tk, Tk - Tq + m0 + BLOCK_M)
+    else:
+        hi_full = Tk
+        hi = Tk
+    hi_full = hi_full // BLOCK_N * BLOCK_N
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, pos_q, slope, qk_scale, 0, hi_full, Tq, Tk,
+                   CAUSAL, ALIBI, False, D, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, pos_q, slope, qk_scale, hi_full, hi, Tq, Tk,
+                   CAUSAL, ALIBI, True, D, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+    _store_tile(DQ + bh * Tq * D, dq * scale, rows, Tq, D, BLOCK_D)
+
+
+# Launch settings for Hopper-class GPUs: (BLOCK_M, BLOCK_N, num_warps, num_stages), one fixed
+# choice per kernel and head-dim class, no autotuning (it does not run under the interpreter).
+def _config(kernel, D, dtype):
+    if dtype == torch.float32:  # exact fp32 dots run on the FMA units: small tiles fit the registers
+        return 32, 32, 4, 2     # (and compile in seconds instead of a minute)
+    warps = 8 if D > 64 else 4
+    if kernel == "fwd":
+        return 128, 64, warps, 3
+    return 64, 64, warps, 2  # dkdv and dq: two fp32 accumulators (dk, dv) per program
+
+
+def _new_output(shape, dtype, device):
+    """Every buffer a kernel must fill comes from here (the tests swap in NaN-filled ones)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _kernel_flags(q, D):
+    return dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                UPCAST=INTERPRET and q.dtype == torch.bfloat16,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32 stays fp32 (no TF32)
+
+
+def _flash_forward(q, k, v, causal, slopes, scale):
+    """q, k, v contiguous; returns o (B, H, Tq, D) and the row log-sum-exp lse (B, H, Tq) in float32."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.size(1), k.size(2)
+    o = _new_output(q.shape, q.dtype, q.device)
+    lse = _new_output((B, H, Tq), torch.float32, q.device)
+    BM, BN, warps, stages = _config("fwd", D, q.dtype)
+    _flash_fwd_kernel[(triton.cdiv(Tq, BM), B * H)](
+        q, k, v, o, lse, q if slopes is None else slopes, scale, Tq, Tk, H, H // Hkv,
+        CAUSAL=causal, ALIBI=slopes is not None, BLOCK_M=BM, BLOCK_N=BN, **_kernel_flags(q, D),
+        num_warps=warps, num_stages=stages)
+    return o, lse
+
+
+def _flash_backward(q, k, v, o, lse, do, causal, slopes, scale):
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.size(1), k.size(2)
+    flags = _kernel_flags(q, D)
+    delta = _new_output((B, H, Tq), torch.float32, q.device)
+    _flash_bwd_pre_kernel[(triton.cdiv(Tq, 64), B * H)](o, do, delta, Tq, D=D, BLOCK_M=64, BLOCK_D=flags["BLOCK_D"])
+    dq, dk, dv = _new_output(q.shape, q.dtype, q.device), _new_output(k.shape, k.dtype, k.device), _new_output(v.shape, v.dtype, v.device)
+    slopes_ptr = q if slopes is None else slopes
+    BM, BN, warps, stages = _config("dkdv", D, q.dtype)
+    _flash_bwd_dkdv_kernel[(triton.cdiv(Tk, BN), B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, slopes_ptr, scale, Tq, Tk, H, H // Hkv,
+        CAUSAL=causal, ALIBI=slopes is not None, BLOCK_M=BM, BLOCK_N=BN, **flags, num_warps=warps, num_stages=stages)
+    BM, BN, warps, stages = _config("dq", D, q.dtype)
+    _flash_bwd_dq_kernel[(triton.cdiv(Tq, BM), B * H)](
+        q, k, v, do, lse, delta, dq, slopes_ptr, scale, Tq, Tk, H, H // Hkv,
+        CAUSAL=causal, ALIBI=slopes is not None, BLOCK_M=BM, BLOCK_N=BN, **flags, num_warps=warps, num_stages=stages)
+    return dq, dk, dv
+
+
+class FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, slopes, scale):
+        o, lse = _flash_forward(q, k, v, causal, slopes, scale)
+        ctx.save_for_backward(q, k, v, o, lse, slopes)
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, slopes = ctx.saved_tensors
+        dq, dk, dv = _flash_backward(q, k, v, o, lse, do.contiguous(), ctx.causal, slopes, ctx.scale)
+        return dq, dk, dv, None, None, None  # the ALiBi slopes are fixed, not learned
+
+
+def attention(q, k, v, causal=True, alibi_slopes=None, scale=None, impl=None):
+    """Fast path. impl: None picks Triton for CUDA tensors (head dims up to 128) and torch's
+    scaled_dot_product_attention otherwise; "triton" or "torch" forces one (forcing "triton"
+    on the CPU needs TRITON_INTERPRET=1)."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.size(1), k.size(2)
+    if H % Hkv:
+        raise ValueError(f"n_head={H} must be a multiple of the K/V heads={Hkv}")
+    if causal and Tq > Tk:
+        raise ValueError(f"causal attention needs Tq={Tq} <= Tk={Tk}: the queries are the last Tq positions")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if impl is None:
+        impl = "triton" if q.is_cuda and D <= 128 else "torch"
+    if impl == "triton":
+        slopes = None if alibi_slopes is None else alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
+        return FlashAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), causal, slopes, scale)
     mask = None
-    if alibi_slopes is not None or (causal and Tq != Tk):
+    if alibi_slopes is not None or (causal and Tq != Tk):  # SDPA's own is_causal aligns to the start
         i = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
         j = torch.arange(Tk, device=q.device)[None, :]
         mask = torch.zeros(Tq, Tk, device=q.device, dtype=q.dtype)
@@ -108,58 +432,109 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
-                           initial_state=None, return_last_state=False, chunk_size=None):
-    """The CPU fast path: split time into K chunks of T steps and scan at two levels.
+                           initial_state=None, return_last_state=False, chunk_size=64):
+    """The CPU fast path: the Triton kernel's algorithm in torch operations, with its own backward.
 
-    1. Inside every chunk, from a zero state, all K chunks advance together: T steps over
-       (B, D, N, K) tensors instead of L steps over (B, D, N). Alongside runs the decay from the
-       chunk start, a running product of factors exp(dt A) in [0, 1] (the exp of a cumulative
-       sum of log-decays): strong decay underflows it to 0, it never overflows, and nothing
-       is ever divided by it.
-    2. Across chunks, the state entering each chunk is carried: K steps over (B, D, N).
-    3. Every position adds the carried state times its decay from the chunk start.
-    Work is linear in L, Python runs 2 sqrt(L) steps, and autograd differentiates it.
+    Time is cut into chunks of T steps. The forward walks along time in place on one (B, D, N)
+    state, small enough to stay in cache, and keeps only the state entering each chunk. The
+    backward takes the chunks in reverse: it recomputes a chunk's T states from its start,
+    then runs the adjoint recurrence dL/dh_{t-1} = exp(dt_t A) dL/dh_t + C_{t-1} dL/dy_{t-1}
+    back through them. Memory is O(L/T + T) states instead of O(L); every step multiplies by one
+    factor exp(dt A) in [0, 1], so strong decay underflows to exactly 0 and nothing is divided.
+    (Vectorising the chunks against each other with exp(cumsum) differences, as a GPU would,
+    measured 3-4x slower here than this loop: its (B, D, N, L) temporaries do not fit in cache.)
     """
-    out_dtype = u.dtype
-    u, dt, A, B, C, D, z = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    Bsz, Dm, L = u.shape
-    N = A.size(1)
-    T = chunk_size or max(8, min(64, 1 << math.ceil(math.log2(math.sqrt(max(L, 1))))))
-    T = min(T, max(L, 1))
-    K = -(-L // T)  # chunks; the tail of the last chunk is padded with dt = 0 (an identity step)
-    pad = K * T - L
+    out, last = _ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
+    return (out, last) if return_last_state else out
 
-    def time_major(x):  # (B, X, L) -> (T, B, X, K), contiguous so that every step reads one block
-        return F.pad(x, (0, pad)).view(x.size(0), x.size(1), K, T).permute(3, 0, 1, 2).contiguous()
 
-    dt_c, du_c, B_c, C_c = time_major(dt), time_major(dt * u), time_major(B), time_major(C)
-    A_k = A[:, :, None]  # (D, N, 1)
+def _time_major(x, dtype):  # (B, X, L) -> (L, B, X) contiguous: step t reads one block
+    return x.to(dtype).permute(2, 0, 1).contiguous()
 
-    # 1. local scans from a zero state, all chunks at once (unbind, not [t]: indexing would
-    #    make autograd build a full-size gradient per step, quadratic in L)
-    h = u.new_zeros(Bsz, Dm, N, K)  # (B, D, N, K)
-    decay_from_start = None
-    local, decays = [], []
-    for dt_t, du_t, B_t in zip(dt_c.unbind(0), du_c.unbind(0), B_c.unbind(0)):
-        decay = torch.exp(dt_t[:, :, None, :] * A_k)  # (B, D, N, K)
-        h = decay * h + du_t[:, :, None, :] * B_t[:, None, :, :]  # (B, D, N, K)
-        decay_from_start = decay if decay_from_start is None else decay_from_start * decay
-        local.append(h)
-        decays.append(decay_from_start)
 
-    # 2. carry the state across chunks
-    h = u.new_zeros(Bsz, Dm, N) if initial_state is None else initial_state.to(u.dtype)  # (B, D, N)
-    h_in = []
-    for decay_k, local_k in zip(decays[-1].unbind(-1), local[-1].unbind(-1)):
-        h_in.append(h)
-        h = decay_k * h + local_k  # (B, D, N)
-    h_in = torch.stack(h_in, dim=-1)  # (B, D, N, K): the state entering each chunk
+class _ChunkedScan(torch.autograd.Function):
+    """Inputs in the official layout; inside, time-major copies (L, B, D) and (L, B, N), so that
+    step t reads contiguous blocks. Accumulation in float32 (float64 for float64 inputs)."""
 
-    # 3. full states, read out by C
-    states = torch.stack(local) + torch.stack(decays) * h_in  # (T, B, D, N, K)
-    y = torch.einsum("tbdnk,tbnk->bdkt", states, C_c).reshape(Bsz, Dm, K * T)[..., :L]  # (B, D, L)
-    out = _scan_output(y, u, D, z, out_dtype)
-    return (out, h) if return_last_state else out
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, T):
+        acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+        Bsz, Dm, L = u.shape
+        N = A.size(1)
+        K = -(-L // T)
+        s = delta.to(acc) if delta_bias is None else delta.to(acc) + delta_bias.to(acc)[:, None]  # (B, D, L)
+        dt = F.softplus(s) if delta_softplus else s
+        A_ = A.to(acc)
+        dt_t, du_t = _time_major(dt, acc), _time_major(dt * u.to(acc), acc)  # (L, B, D)
+        B_t, C_t = _time_major(B, acc), _time_major(C, acc)  # (L, B, N)
+        h = u.new_zeros(Bsz, Dm, N, dtype=acc) if initial_state is None else initial_state.to(acc).clone()  # (B, D, N)
+        starts = u.new_empty(K, Bsz, Dm, N, dtype=acc)  # the state entering each chunk
+        y_t = u.new_empty(L, Bsz, Dm, dtype=acc)  # (L, B, D)
+        decay = torch.empty_like(h)
+        for t in range(L):
+            if t % T == 0:
+                starts[t // T] = h
+            torch.mul(dt_t[t, :, :, None], A_, out=decay).exp_()  # (B, D, N), in [0, 1] when A <= 0
+            h.mul_(decay).addcmul_(du_t[t, :, :, None], B_t[t, :, None, :])
+            torch.bmm(h, C_t[t, :, :, None], out=y_t[t, :, :, None])  # (B, D, 1): C_t . h_t
+        y = y_t.permute(1, 2, 0)  # (B, D, L)
+        if D is not None:
+            y = y + D.to(acc)[:, None] * u.to(acc)
+        out = y * F.silu(z.to(acc)) if z is not None else y
+        ctx.save_for_backward(u, s, A, B, C, D, z, delta_bias, initial_state, starts, y)
+        ctx.softplus, ctx.T, ctx.delta_dtype = delta_softplus, T, delta.dtype
+        return out.to(u.dtype), h
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, s, A, B, C, D, z, delta_bias, initial_state, starts, y = ctx.saved_tensors
+        T = ctx.T
+        acc = s.dtype
+        Bsz, Dm, L = u.shape
+        N = A.size(1)
+        dt = F.softplus(s) if ctx.softplus else s
+        uf, A_, dout = u.to(acc), A.to(acc), dout.to(acc)
+        dz = None
+        if z is not None:
+            zf = z.to(acc)
+            sig = torch.sigmoid(zf)
+            dz = (dout * y * sig * (1 + zf * (1 - sig))).to(z.dtype)
+            dout = dout * zf * sig  # dL/dy
+        dD = (dout * uf).sum((0, 2)).to(D.dtype) if D is not None else None
+        dt_t, du_t = _time_major(dt, acc), _time_major(dt * uf, acc)  # (L, B, D)
+        B_t, C_t, dy_t = _time_major(B, acc), _time_major(C, acc), _time_major(dout, acc)
+        g = dlast.to(acc).clone() if dlast is not None else u.new_zeros(Bsz, Dm, N, dtype=acc)  # dL/dh_t
+        dA = torch.zeros_like(g)  # (B, D, N), summed over B at the end
+        dB_t, dC_t = u.new_empty(L, Bsz, 1, N, dtype=acc), u.new_empty(L, Bsz, 1, N, dtype=acc)
+        ddu_t, ddt_t = u.new_empty(L, Bsz, Dm, 1, dtype=acc), u.new_empty(L, Bsz, Dm, dtype=acc)
+        hs = u.new_empty(T + 1, Bsz, Dm, N, dtype=acc)  # one chunk of states, recomputed
+        decays = u.new_empty(T, Bsz, Dm, N, dtype=acc)
+        g_prev, g_log = torch.empty_like(g), torch.empty_like(g)
+        for c in reversed(range(-(-L // T))):
+            t0, t1 = c * T, min(c * T + T, L)
+            hs[0] = starts[c]
+            for k, t in enumerate(range(t0, t1)):  # recompute h_t0 .. h_t1-1 from the chunk start
+                torch.mul(dt_t[t, :, :, None], A_, out=decays[k]).exp_()
+                torch.mul(hs[k], decays[k], out=hs[k + 1]).addcmul_(du_t[t, :, :, None], B_t[t, :, None, :])
+            for k, t in reversed(list(enumerate(range(t0, t1)))):
+                g.addcmul_(dy_t[t, :, :, None], C_t[t, :, None, :])  # + dL/dy_t dy_t/dh_t: g is dL/dh_t
+                torch.bmm(dy_t[t, :, None, :], hs[k + 1], out=dC_t[t])  # (B, 1, N): sum over D
+                torch.bmm(g, B_t[t, :, :, None], out=ddu_t[t])  # (B, D, 1): dL/d(dt u)
+                torch.bmm(du_t[t, :, None, :], g, out=dB_t[t])  # (B, 1, N)
+                torch.mul(g, decays[k], out=g_prev)  # dL/dh_{t-1} through the recurrence
+                torch.mul(g_prev, hs[k], out=g_log)  # dL/d(dt A), elementwise
+                dA.addcmul_(g_log, dt_t[t, :, :, None])
+                torch.sum(g_log.mul_(A_), dim=-1, out=ddt_t[t])
+                g, g_prev = g_prev, g
+        ddu = ddu_t[..., 0].permute(1, 2, 0)  # (B, D, L)
+        ddt = ddt_t.permute(1, 2, 0) + ddu * uf
+        du = ddu * dt + (dout * D.to(acc)[:, None] if D is not None else 0)
+        ds = ddt * torch.sigmoid(s) if ctx.softplus else ddt
+        dbias = ds.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
+        dh0 = g.to(initial_state.dtype) if initial_state is not None else None
+        return (du.to(u.dtype), ds.to(ctx.delta_dtype), dA.sum(0).to(A.dtype),
+                dB_t[:, :, 0].permute(1, 2, 0).to(B.dtype), dC_t[:, :, 0].permute(1, 2, 0).to(C.dtype),
+                dD, dz, dbias, None, dh0, None)
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True):
@@ -210,7 +585,7 @@ if triton is not None:
                          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CKPT: tl.constexpr):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements at large B * D * L
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
         n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         md, mn = d < Dm, n < N
@@ -252,7 +627,7 @@ if triton is not None:
                          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                          SOFTPLUS: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CKPT: tl.constexpr):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements at large B * D * L
         pid_d = tl.program_id(1)
         n_dblk = tl.num_programs(1)
         d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)

@@ -15,11 +15,12 @@ expand * d_model; one goes through a short causal depthwise convolution (d_conv 
 SiLU, then the selective scan; the other, z, gates the result through SiLU(z); out_proj goes
 back to d_model. Blocks are pre-RMSNorm residual, as in the Transformer.
 
-Training runs the scan in parallel over the sequence (kernels.selective_scan). Generation
-keeps, per layer, the last d_conv - 1 inputs of the convolution and the scan state h: a
-fixed-size cache, whatever the length of the context, where a Transformer's KV cache grows
-with every token. The prompt goes through the parallel scan, which returns those states, and
-each new token is a single step of the recurrence (kernels.selective_state_update).
+Training runs the scan over the whole sequence in one call (kernels.selective_scan: a Triton
+kernel on the GPU, a chunked scan on the CPU). Generation keeps, per layer, the last
+d_conv - 1 inputs of the convolution and the scan state h: a fixed-size cache, whatever the
+length of the context, where a Transformer's KV cache grows with every token. The prompt goes
+through the full-sequence scan, which also returns those states, and each new token is a
+single step of the recurrence (kernels.selective_state_update).
 
 Shapes: B batch, T time (tokens in this call), C d_model, E d_inner (expand * C), N state
 size, R dt_rank, K d_conv, V vocabulary.
@@ -258,6 +259,11 @@ class Model(nn.Module):
         decays = {p: p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) for p in self.parameters()}
         return [{"params": [p for p, d in decays.items() if d], "weight_decay": weight_decay},
                 {"params": [p for p, d in decays.items() if not d], "weight_decay": 0.0}]
+
+    def summary(self):
+        cfg = self.config
+        return (f"{cfg.n_layer} Mamba layers, d_inner {cfg.d_inner}, state {cfg.d_state}, conv {cfg.d_conv}, "
+                f"dt rank {cfg.dt_rank}, {cfg.scan} scan")
 
     def stats(self):
         return {}

@@ -344,6 +344,12 @@ class Model(nn.Module):
         return [{"params": [p for p, d in decays.items() if d], "weight_decay": weight_decay},
                 {"params": [p for p, d in decays.items() if not d], "weight_decay": 0.0}]
 
+    def summary(self):
+        cfg = self.config
+        kind = "MHA" if cfg.n_kv_head == cfg.n_head else "MQA" if cfg.n_kv_head == 1 else "GQA"
+        return (f"{cfg.n_layer} layers, {kind} ({cfg.n_head} query / {cfg.n_kv_head} K/V heads of {cfg.head_dim}), "
+                f"{cfg.pos} positions, {cfg.ffn} {cfg.d_ff}, {cfg.norm} {'pre' if cfg.prenorm else 'post'}-norm")
+
     def stats(self):
         return {}
 

@@ -8,7 +8,7 @@ One training script for every model file.
     python train.py --help                            # every option with its default
 
 The script talks to a model only through the interface every model file offers (Config,
-Model, forward -> (logits, loss), optim_groups, num_params, flops_per_token, stats): it never
+Model, forward -> (logits, loss), optim_groups, num_params, flops_per_token, summary, stats): it never
 asks which architecture it is training.
 """
 import base64
@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import model_mamba
 import model_transformer
 
-MODELS = {"transformer": model_transformer}
+MODELS = {"transformer": model_transformer, "mamba": model_mamba}
 
 # name: (default, help). Every name can be set as --name=value or in a preset file; the fields
 # of the chosen model's Config (python train.py --help lists them) can be set the same way.
@@ -433,6 +434,7 @@ def train(opts, overrides, module):
     total = tokens_per_iter * opts["max_iters"]
     log(f"model {opts['model']}: {n_params / 1e6:.2f}M parameters ({n_active / 1e6:.2f}M active), "
         f"{flops / 1e6:.1f} MFLOPs per token (training)")
+    log(f"architecture: {raw_model.summary()}")
     log(f"data {data.describe}")
     log(f"plan: {opts['max_iters']} iters x {tokens_per_iter:,} tokens = {total / 1e6:.2f}M tokens = "
         f"{total / n_active:.1f} tokens per parameter (Chinchilla-optimal: ~20)")
