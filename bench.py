@@ -7,6 +7,7 @@ figures depend on the machine, so they are reported as ratios between things run
     python bench.py train --nanogpt=PATH     # also time nanoGPT's model.py from a checkout at PATH
     python bench.py scan decode              # selective scan paths; Mamba state vs KV cache
     python bench.py attention                # FlashAttention: GPU TFLOP/s; CPU memory against length
+    python bench.py hybrid                   # cache memory: Transformer vs Jamba-style hybrid vs Mamba
 
 On a CUDA machine `scan` uses the GPU sizes of the Mamba issue and the Triton kernel.
 Sections with a target from the issues print PASS/FAIL lines.
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # run the Triton kernels on the CPU too (set before kernels is imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import kernels  # noqa: E402
+import model_hybrid
 import model_mamba
 import model_transformer
 
@@ -251,6 +253,54 @@ def bench_decode(args):
     print(f"target: Mamba cache memory constant: {'PASS' if same else 'FAIL'}")
 
 
+
+# ----------------------------------------------------------------------------- hybrid
+
+
+def bench_hybrid(args):
+    """Generation cache memory against context length, 8 layers of the same width: the all-attention
+    Transformer, the Jamba-style hybrid (one attention layer in eight) and pure Mamba; then the
+    time per new token of each at one context, side by side."""
+    contexts, timed_ctx = (1024, 4096, 16384), 2048
+    torch.manual_seed(0)
+    shape = dict(vocab_size=512, d_model=256, n_layer=8, block_size=max(contexts))
+    attn = dict(n_head=8, n_kv_head=2)
+    models = {"transformer": model_transformer.Model(model_transformer.Config(**shape, **attn)).eval(),
+              "hybrid": model_hybrid.Model(model_hybrid.Config(**shape, **attn)).eval(),
+              "mamba": model_mamba.Model(model_mamba.Config(**shape)).eval()}
+    print(f"\ngeneration cache, batch 1, float32, d_model 256, 8 layers; attention GQA 8 query / 2 K/V heads"
+          f"\nhybrid: {models['hybrid'].summary()}")
+    print("| context | Transformer KV MiB | hybrid KV MiB | hybrid SSM state MiB | Mamba state MiB "
+          "| hybrid KV / Transformer KV | hybrid total / Transformer |\n|---|---|---|---|---|---|---|")
+    mib = lambda n: f"{n / 2**20:.2f}"
+    ratios = []
+    for ctx in contexts:
+        caches = {name: m.new_cache(1, max_len=ctx) for name, m in models.items()}
+        full = models["transformer"].cache_bytes(caches["transformer"])
+        h = caches["hybrid"]
+        kv, total = h.kv.k.nbytes + h.kv.v.nbytes, models["hybrid"].cache_bytes(h)
+        ratios.append(kv / full)
+        print(f"| {ctx} | {mib(full)} | {mib(kv)} | {mib(total - kv)} | {mib(models['mamba'].cache_bytes(caches['mamba']))} "
+              f"| 1/{full / kv:.2f} | 1/{full / total:.2f} |")
+        del caches
+    ok = all(abs(r - 1 / 8) < 1e-12 for r in ratios)
+    print(f"target: hybrid KV cache = 1/8 of the Transformer's at every context: {'PASS' if ok else 'FAIL'}")
+    fns = {}
+    for name, model in models.items():
+        cache = model.new_cache(1, max_len=timed_ctx + 1)
+        model(torch.randint(0, 512, (1, timed_ctx)), cache=cache)  # prefill
+
+        def step(model=model, cache=cache, tok=torch.randint(0, 512, (1, 1))):
+            model(tok, cache=cache)
+            cache.len -= 1  # stay at the context, so every call measures the same step
+        fns[name] = step
+    secs = timed_rounds(fns, rounds=5, steps=10)
+    print(f"\nnext token after {timed_ctx} tokens, batch 1, {torch.get_num_threads()} threads")
+    print("| model | params (active) | ms/token |\n|---|---|---|")
+    for name, model in models.items():
+        print(f"| {name} | {model.num_params() / 1e6:.2f}M ({model.num_params(active=True) / 1e6:.2f}M) "
+              f"| {secs[name] * 1e3:.2f} |")
+
 # ----------------------------------------------------------------------------- attention (Triton FlashAttention)
 
 def machine():
@@ -430,7 +480,7 @@ def attention():
         attention_cpu_memory()
 
 
-SECTIONS = {"attention": lambda args: attention(), "train": bench_train, "generate": bench_generate, "scan": bench_scan, "decode": bench_decode}
+SECTIONS = {"attention": lambda args: attention(), "train": bench_train, "generate": bench_generate, "scan": bench_scan, "decode": bench_decode, "hybrid": bench_hybrid}
 
 if __name__ == "__main__":
     names = [a for a in sys.argv[1:] if not a.startswith("--")]

@@ -199,11 +199,14 @@ class HybridCache:
 
     def __init__(self, kv, ssm):
         self.kv, self.ssm = kv, ssm
-        self.len = 0  # tokens seen; the model advances it (and both parts') after each forward
 
-    def advance(self, T):
-        self.len += T
-        self.kv.len = self.ssm.len = self.len
+    @property
+    def len(self):  # tokens seen; the model advances it after each forward, and so both parts
+        return self.kv.len
+
+    @len.setter
+    def len(self, n):
+        self.kv.len = self.ssm.len = n
 
 
 # ----------------------------------------------------------------------------- the mixers
@@ -551,7 +554,7 @@ class Model(nn.Module):
         for block, index in zip(self.blocks, self.cache_index):
             x = block(x, rope, cache, index)
         if cache is not None:
-            cache.advance(T)
+            cache.len += T
         logits = self.lm_head(self.norm_f(x)).float()  # (B, T, V)
         loss = None
         if targets is not None:  # targets of -1 are ignored (the synthetic tasks score answers only)
