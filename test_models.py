@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-
 import kernels
 import model_mamba
+import model_moe
 import model_transformer
 
 REPO = Path(__file__).resolve().parent
@@ -692,3 +693,203 @@ def test_attention_triton_backward_is_deterministic():
         again = run_with_grads(kernels.attention, q, k, v, do, causal=True, alibi_slopes=slopes)
         for name, a, b in zip(["out", "dq", "dk", "dv"], first, again):
             assert torch.equal(a, b), f"{name} differs between runs"
+
+# ---- model_moe
+
+MOE_VARIANTS = [  # router, paths, shared and fine-grained experts, dense layers between, GELU experts
+    dict(),
+    dict(expert_path="loop", router="sigmoid"),
+    dict(n_expert=16, top_k=4, d_expert=32, n_shared=1, moe_every=2, moe_offset=1),
+    dict(ffn="gelu", norm_topk=False, n_kv_head=1, pos="alibi"),
+]
+
+
+def tiny_moe(**kw):
+    torch.manual_seed(0)
+    cfg = model_moe.Config(**{**dict(vocab_size=61, block_size=40, d_model=48, n_layer=2, n_head=4), **kw})
+    return model_moe.Model(cfg).eval()
+
+
+def moe_layer(**kw):
+    torch.manual_seed(0)
+    cfg = model_moe.Config(**{**dict(vocab_size=61, d_model=32, n_layer=2, n_head=4, d_ff=48), **kw})
+    layer = model_moe.MoE(cfg)
+    nn.init.normal_(layer.router.weight, std=0.5)  # a trained router's spread, not the init's near-ties
+    return layer.eval()  # eval: the sigmoid router's bias stays put
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(router="sigmoid"), dict(top_k=1, n_expert=5)], ids=ID)
+def test_moe_routing_invariants(variant):
+    m = moe_layer(**variant)
+    k = m.cfg.top_k
+    tok, expert, weight = m.route(torch.randn(37, 32))
+    assert torch.equal(tok, torch.arange(37).repeat_interleave(k))  # dropless: every token k times
+    expert, weight = expert.view(37, k), weight.view(37, k)
+    assert all(len(set(row.tolist())) == k for row in expert)  # k distinct experts
+    assert (weight >= 0).all()
+    torch.testing.assert_close(weight.sum(-1), torch.ones(37))
+
+
+def test_moe_unnormalised_weights_are_the_router_probabilities():
+    m = moe_layer(norm_topk=False)
+    x = torch.randn(37, 32)
+    _, expert, weight = m.route(x)
+    probs = torch.softmax(x @ m.router.weight.t(), dim=-1)  # (N, E)
+    torch.testing.assert_close(weight.view(37, 2), probs.gather(-1, expert.view(37, 2)))
+    assert (weight.view(37, 2).sum(-1) < 1).all()
+
+
+def test_balance_loss_is_one_when_balanced_and_larger_when_collapsed():
+    m = moe_layer(n_expert=8, top_k=2)
+    with torch.no_grad():
+        m.router.weight.zero_()
+        m.router.weight[:, :8] = torch.eye(8)
+    prefer = lambda i: 10 * (torch.eye(32)[i % 8] + 0.5 * torch.eye(32)[(i + 1) % 8])  # expert i, then i+1
+    m.route(torch.stack([prefer(i) for i in range(8)]))  # each expert chosen equally often, symmetric probs
+    assert abs(m.losses[0].item() - 1.0) < 1e-6
+    m.route(torch.stack([prefer(0)] * 8))  # every token: experts 0 and 1
+    assert m.losses[0].item() > 3.9  # = 8 * (0.5 P_0 + 0.5 P_1), P_0 + P_1 ~ 1
+
+
+def test_z_loss_at_zero_logits_is_log_e_squared():
+    m = moe_layer(n_expert=8)
+    nn.init.zeros_(m.router.weight)
+    m.route(torch.randn(10, 32))
+    assert abs(m.losses[1].item() - math.log(8) ** 2) < 1e-5
+
+
+@pytest.mark.parametrize("variant", [dict(ffn="swiglu"), dict(ffn="gelu", expert_path="loop"), dict(router="sigmoid")], ids=ID)
+def test_moe_with_identical_experts_is_a_dense_feed_forward(variant):
+    m = moe_layer(**variant)
+    dense = model_moe.SwiGLU(m.cfg) if m.cfg.ffn == "swiglu" else model_moe.MLP(m.cfg)
+    first = dense.gate_up if m.cfg.ffn == "swiglu" else dense.fc
+    with torch.no_grad():
+        m.w_in.copy_(first.weight.t().expand_as(m.w_in))
+        m.w_out.copy_(dense.out_proj.weight.t().expand_as(m.w_out))
+    x = torch.randn(2, 9, 32)
+    torch.testing.assert_close(m(x), dense(x))  # the k weights sum to 1
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(n_expert=16, top_k=3, d_expert=16, n_shared=2, ffn="gelu"),
+                                     dict(router="sigmoid", capacity_factor=0.8)], ids=ID)
+def test_moe_grouped_path_equals_loop_with_an_idle_expert(variant, monkeypatch):
+    m = moe_layer(**variant)
+    with torch.no_grad():
+        m.router.weight[3, 0] = -100.0  # feature 0 is 1 for every token below: expert 3 gets none
+    x = torch.randn(3, 7, 32)  # 21 tokens: no multiple of anything
+    x[..., 0] = 1.0
+    x.requires_grad_(True)
+    g = torch.randn(3, 7, 32)  # a random upstream gradient
+    params = [x] + [p for p in m.parameters()]
+    results = []
+    for path, patch in (("loop", False), ("grouped", False), ("grouped", True)):
+        if patch:  # a torch without grouped_mm: segment_mm's fallback loops over the segments
+            monkeypatch.delattr(torch.nn.functional, "grouped_mm")
+        m.cfg.expert_path = path
+        y = m(x)
+        results.append([y] + list(torch.autograd.grad(y, params, g)))
+    assert m.last["load"][3] == 0
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("variant", MOE_VARIANTS, ids=ID)
+def test_moe_causal_and_prefix_consistent(variant):
+    m = tiny_moe(**variant)
+    idx = torch.randint(0, 61, (2, 30))
+    changed = idx.clone()
+    changed[:, 17:] = torch.randint(0, 61, (2, 13))
+    a, b = m(idx)[0], m(changed)[0]
+    torch.testing.assert_close(a[:, :17], b[:, :17], atol=0, rtol=0)  # nothing before t may see token t
+    assert not torch.allclose(a[:, 17:], b[:, 17:])
+    torch.testing.assert_close(m(idx[:, :12])[0], a[:, :12])  # a prefix alone gives the same outputs
+
+
+def test_capacity_factor_breaks_causality_and_prefix_consistency():
+    m = tiny_moe(capacity_factor=1.0)
+    idx = torch.randint(0, 61, (1, 40))
+    changed = idx.clone()
+    changed[:, 20:] = torch.randint(0, 61, (1, 20))
+    a, b = m(idx)[0], m(changed)[0]
+    assert m.stats()["moe_drop"] > 0
+    assert not torch.allclose(a[:, :20], b[:, :20])  # later tokens pushed earlier ones out of an expert
+    assert not torch.allclose(m(idx[:, :20])[0], a[:, :20])  # a prefix has another capacity
+
+
+@pytest.mark.parametrize("variant", MOE_VARIANTS, ids=ID)
+def test_moe_cached_generation_equals_full_forward(variant):
+    m = tiny_moe(**variant)
+    prompt = torch.randint(0, 61, (2, 9))
+    out = torch.cat([prompt, *m.generate(prompt, 25, temperature=0)], dim=1)  # (2, 34)
+    full = m(out[:, :-1])[0]  # (2, 33, V)
+    assert torch.equal(full[:, 8:].argmax(-1), out[:, 9:])
+    cache = m.new_cache(2)
+    steps = [m(out[:, :9], cache=cache)[0][:, -1]] + [m(out[:, t:t + 1], cache=cache)[0][:, -1] for t in range(9, 33)]
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 8:], atol=1e-5, rtol=1e-5)
+
+
+def test_moe_loss_adds_balance_and_z_loss():
+    m = tiny_moe(balance_coef=0.1, z_coef=0.01)
+    idx = torch.randint(0, 61, (2, 20))
+    _, loss = m(idx, idx)
+    aux = m.aux
+    assert set(aux) == {"ce", "balance", "z"} and aux["balance"] >= 1.0 - 1e-6
+    torch.testing.assert_close(loss.detach(), aux["ce"] + 0.1 * aux["balance"] + 0.01 * aux["z"])
+    s = m.stats()
+    assert set(s) == {"moe_vio", "moe_vio_worst", "moe_ent", "moe_ent_worst", "moe_dead", "moe_drop", "moe_top1"}
+    layers = m.layer_stats()
+    assert len(layers) == 2 and abs(sum(layers[0]["load"]) - 1) < 1e-6 and 0 < s["moe_ent"] <= 1
+
+
+def test_sigmoid_bias_chooses_but_does_not_weight_and_moves_against_load():
+    m = moe_layer(router="sigmoid", norm_topk=False)
+    x = torch.randn(50, 32)
+    m.route_bias[5] = 10.0  # expert 5 now wins every token...
+    _, expert, weight = m.route(x)
+    assert (expert.view(50, 2)[:, 0] == 5).all()
+    probs = torch.sigmoid(x @ m.router.weight.t())
+    torch.testing.assert_close(weight.view(50, 2)[:, 0], probs[:, 5])  # ...with its plain sigmoid weight
+    assert m.route_bias[5] == 10.0  # eval: no update
+    m.train()
+    m.route(x)
+    assert m.route_bias[5] == 10.0 - m.cfg.bias_rate and (m.route_bias[m.last["load"] == 0] == m.cfg.bias_rate).all()
+
+
+def test_moe_counts_active_parameters_and_flops():
+    dense = tiny_transformer(d_ff=64)
+    moe = tiny_moe(d_ff=64, n_expert=8, top_k=2, d_expert=32)  # 2 experts of 32 per token = one dense ffn of 64
+    router = 2 * 8 * 48
+    assert moe.num_params(active=True) == dense.num_params() + router
+    assert moe.num_params() == dense.num_params() + router + 2 * 6 * 3 * 48 * 32  # 6 more experts per layer
+    assert moe.flops_per_token() == dense.flops_per_token() + 6 * router
+
+
+def test_moe_config_rejects_impossible_values():
+    for kw, msg in [(dict(top_k=9), "top_k must be between 1 and n_expert"), (dict(router="hash"), "router must be one of"),
+                    (dict(d_expert=20), "divisible by 8"), (dict(moe_every=2, moe_offset=2), "moe_offset < moe_every")]:
+        with pytest.raises(ValueError, match=msg):
+            model_moe.Config(**kw)
+    model_moe.Config(d_expert=20, expert_path="loop")
+
+
+def test_moe_tiny_batch_overfits():
+    torch.manual_seed(0)
+    m = tiny_moe(n_expert=4, top_k=2).train()
+    x = torch.randint(0, 61, (4, 24))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = m(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert m.aux["ce"] < 0.1
+
+
+def test_train_py_prints_expert_statistics(tmp_path, data_dir):
+    r = run("train.py", *TINY, "--model=moe", "--n_expert=4", "--max_iters=6", "--eval_interval=3", "--log_interval=3",
+            f"--out_dir={tmp_path}", f"--data_dir={data_dir}")
+    assert r.returncode == 0, r.stderr
+    assert "active)" in r.stdout and "top-2 of 4 experts" in r.stdout
+    evals = [l for l in r.stdout.splitlines() if l.startswith("eval ")]
+    assert len(evals) == 3 and all("moe_ent" in l and "moe_vio" in l and "moe_dead" in l for l in evals)
