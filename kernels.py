@@ -320,7 +320,7 @@ def _flash_backward(q, k, v, o, lse, do, causal, slopes, scale):
     flags = _kernel_flags(q, D)
     delta = _new_output((B, H, Tq), torch.float32, q.device)
     _flash_bwd_pre_kernel[(triton.cdiv(Tq, 64), B * H)](o, do, delta, Tq, D=D, BLOCK_M=64, BLOCK_D=flags["BLOCK_D"])
-    dq, dk, dv = _new_output(q.shape, q.dtype, q.device), _new_output(k.shape, k.dtype, k.device), _new_output(v.shape, v.dtype, v.device)
+    dq, dk, dv = (_new_output(x.shape, x.dtype, x.device) for x in (q, k, v))
     slopes_ptr = q if slopes is None else slopes
     BM, BN, warps, stages = _config("dkdv", D, q.dtype)
     _flash_bwd_dkdv_kernel[(triton.cdiv(Tk, BN), B * Hkv)](
