@@ -306,7 +306,8 @@ def bench_hybrid(args):
 def machine():
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def table(header, rows):
@@ -350,7 +351,9 @@ def sdpa(backend):
     return run
 
 
-def attention_gpu():
+def attention_gpu(shapes=((16, 12, 1024, 64, True), (4, 16, 4096, 128, True), (2, 16, 8192, 128, True),
+                           (4, 16, 4096, 128, False)), device="cuda"):
+    """shapes: (B, H, T, D, causal): the nanoGPT shape, then long sequences at D=128."""
     from torch.nn.attention import SDPBackend
     impls = {
         "triton": lambda q, k, v, causal: kernels.attention(q, k, v, causal=causal, impl="triton"),
@@ -358,15 +361,9 @@ def attention_gpu():
         "sdpa-default": sdpa(None),
         "explicit": lambda q, k, v, causal: kernels.attention_ref(q, k, v, causal=causal),
     }
-    shapes = [  # (B, H, T, D, causal): the nanoGPT shape, then long sequences at D=128
-        (16, 12, 1024, 64, True),
-        (4, 16, 4096, 128, True),
-        (2, 16, 8192, 128, True),
-        (4, 16, 4096, 128, False),
-    ]
     results, rows = {}, []
     for B, H, T, D, causal in shapes:
-        q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        q, k, v, do = (torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16) for _ in range(4))
         q, k, v = (x.requires_grad_() for x in (q, k, v))
         flops = attention_flops(B, H, T, D, causal)
         for name, fn in impls.items():
@@ -392,7 +389,7 @@ def attention_gpu():
                          f"{r['bwd']:.0f}", f"{r['both']:.0f}", f"{peak:.0f}", ""])
         del q, k, v, do
         torch.cuda.empty_cache()
-    print(f"attention, bf16, TFLOP/s (fwd 4*B*H*T*T*D, halved causal; bwd 2.5x) and peak extra memory of fwd+bwd")
+    print("attention, bf16, TFLOP/s (fwd 4*B*H*T*T*D, halved causal; bwd 2.5x) and peak extra memory of fwd+bwd")
     table(["shape", "mask", "impl", "fwd", "bwd", "fwd+bwd", "peak MiB", "note"], rows)
     attention_targets(results)
 
@@ -414,7 +411,8 @@ def attention_targets(res):
         check(f"bwd D=128 causal {t} vs sdpa-flash",
               get(shape, "triton", "bwd") / get(shape, "sdpa-flash", "bwd"), 1.0, "x")
     shape = (4, 16, 4096, 128, False)
-    check("bwd D=128 full T=4096 (B4 H16) vs sdpa-flash", get(shape, "triton", "bwd") / get(shape, "sdpa-flash", "bwd"), 1.0, "x")
+    check("bwd D=128 full T=4096 (B4 H16) vs sdpa-flash",
+          get(shape, "triton", "bwd") / get(shape, "sdpa-flash", "bwd"), 1.0, "x")
     print("targets (the issue's, on an H200; dK/dV determinism is a test: see gpu_check.sh)")
     table(["target", "measured", "goal", ""], rows)
 
@@ -458,7 +456,8 @@ def attention_cpu_memory(H=4, D=64, lengths=(256, 512, 1024, 2048, 4096), interp
             q, k, v, do = (torch.randn(1, H, T, D) for _ in range(4))
             q, k, v = (x.requires_grad_() for x in (q, k, v))
             repeats = 1 if "interpreter" in name else 2  # the lower of two: one-time allocations are noise
-            mib, secs = min(peak_rss_mib(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do)) for _ in range(repeats))
+            step = lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do)  # noqa: E731
+            mib, secs = min(peak_rss_mib(step) for _ in range(repeats))
             row += [f"{mib:.0f}", f"{secs:.2f}"]
             del q, k, v, do
         rows.append(row)

@@ -320,7 +320,7 @@ def _flash_backward(q, k, v, o, lse, do, causal, slopes, scale):
     flags = _kernel_flags(q, D)
     delta = _new_output((B, H, Tq), torch.float32, q.device)
     _flash_bwd_pre_kernel[(triton.cdiv(Tq, 64), B * H)](o, do, delta, Tq, D=D, BLOCK_M=64, BLOCK_D=flags["BLOCK_D"])
-    dq, dk, dv = _new_output(q.shape, q.dtype, q.device), _new_output(k.shape, k.dtype, k.device), _new_output(v.shape, v.dtype, v.device)
+    dq, dk, dv = (_new_output(x.shape, x.dtype, x.device) for x in (q, k, v))
     slopes_ptr = q if slopes is None else slopes
     BM, BN, warps, stages = _config("dkdv", D, q.dtype)
     _flash_bwd_dkdv_kernel[(triton.cdiv(Tk, BN), B * Hkv)](
@@ -362,8 +362,12 @@ def attention(q, k, v, causal=True, alibi_slopes=None, scale=None, impl=None):
     if impl is None:
         impl = "triton" if q.is_cuda and D <= 128 else "torch"
     if impl == "triton":
+        # Like SDPA: follow autocast, and bring k and v (a float32 KV cache, say) to q's dtype.
+        dev = q.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+        q, k, v = (x.to(dtype).contiguous() for x in (q, k, v))
         slopes = None if alibi_slopes is None else alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
-        return FlashAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), causal, slopes, scale)
+        return FlashAttention.apply(q, k, v, causal, slopes, scale)
     mask = None
     if alibi_slopes is not None or (causal and Tq != Tk):  # SDPA's own is_causal aligns to the start
         i = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]

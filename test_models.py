@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 import kernels
 import model_hybrid
 import model_mamba
@@ -659,6 +658,20 @@ def test_attention_triton_keeps_row_logsumexp(causal, alibi, Tq, Tk, poisoned):
 def test_attention_torch_path_matches_float64(B, H, Hkv, Tq, Tk, D, causal, alibi, dtype):
     q, k, v, do, slopes = make_inputs(B, H, Hkv, Tq, Tk, D, alibi, dtype, "cpu")
     assert_close_to_float64(lambda *a, **kw: kernels.attention(*a, impl="torch", **kw), q, k, v, do, causal, slopes)
+
+
+@needs_triton
+def test_attention_triton_follows_autocast_and_mixed_dtypes():
+    q, k, v, do, slopes = make_inputs(1, 4, 2, 17, 40, 16, True, F32, TRITON_DEVICE)
+    with torch.autocast(TRITON_DEVICE, dtype=torch.bfloat16):
+        o, dq, dk, dv = run_with_grads(lambda *a, **kw: kernels.attention(*a, impl="triton", **kw), q, k, v, do,
+                                       causal=True, alibi_slopes=slopes)
+    assert o.dtype == BF16 and dq.dtype == dk.dtype == dv.dtype == F32  # gradients come back in the leaves' dtype
+    ref = kernels.attention_ref(q.double(), k.double(), v.double(), alibi_slopes=slopes)
+    assert (o.double() - ref).abs().max() < 0.05  # bf16 inputs: about 3 significant digits
+    o16 = kernels.attention(q.half(), k, v, impl="triton")  # float32 K/V (a cache) with fp16 queries
+    ref16 = kernels.attention_ref(q.double(), k.double(), v.double())
+    assert o16.dtype == F16 and (o16.double() - ref16).abs().max() < 0.01
 
 
 def test_attention_dispatch_and_errors():
