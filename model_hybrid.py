@@ -18,7 +18,8 @@ Mamba layers; MoE in every other feed-forward adds parameters without adding com
               spikes in large models; inner_norm=False turns it off).
   positions   none by default: Jamba found that the Mamba layers tell the attention layers
               where tokens are, so it uses no position encoding; RoPE or ALiBi stay an option.
-  ffn         MoE exactly as model_moe.py (router, balance and z-loss, statistics), or SwiGLU.
+  ffn         MoE exactly as model_moe.py (router, balance and z-loss, statistics), or dense
+              SwiGLU (GELU as an option).
   blocks      pre-RMSNorm before each mixer and each feed-forward, a final norm.
   cache       per layer, keys and values for attention layers (one KVCache over just those)
               and conv + SSM state for Mamba layers (one MambaCache over those): with one
