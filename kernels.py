@@ -321,7 +321,7 @@ if triton is not None:
         dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         row = (b * Dm + d) * L  # (BLOCK_D,)
         bcol = (b * N + n) * L  # (BLOCK_N,)
-        part = ((b * n_dblk + pid_d) * N + n) * L  # (BLOCK_N,) into the (B, n_dblk, N, L) partials
+        part = (b * n_dblk + pid_d) * L * N + n  # (BLOCK_N,) into the (B, n_dblk, L, N) partials: N contiguous per step
         work_off = (b * CKPT * Dm + d[:, None]) * BLOCK_N + n[None, :]  # (BLOCK_D, BLOCK_N), + k * Dm * BLOCK_N
         for ci in range(n_ckpt):
             c = n_ckpt - 1 - ci
@@ -361,10 +361,10 @@ if triton is not None:
                 if HAS_D:
                     dD_acc += dy * u
                     du = dy * Dp
-                tl.store(dC_ptr + part + t, tl.sum(dy[:, None] * h, axis=0), mask=mnt)
+                tl.store(dC_ptr + part + t * N, tl.sum(dy[:, None] * h, axis=0), mask=mnt)
                 g = g + dy[:, None] * Ct[None, :]  # dL/dh_t, complete now
                 gB = tl.sum(g * Bt[None, :], axis=1)  # (BLOCK_D,) dL/d(dt u)
-                tl.store(dB_ptr + part + t, tl.sum(g * (dt * u)[:, None], axis=0), mask=mnt)
+                tl.store(dB_ptr + part + t * N, tl.sum(g * (dt * u)[:, None], axis=0), mask=mnt)
                 g_log = g * decay * h_prev  # dL/d(dt A), elementwise
                 dA_acc += g_log * dt[:, None]
                 ddt = gB * u + tl.sum(g_log * A, axis=1)  # (BLOCK_D,)
@@ -420,7 +420,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
         dz = torch.empty_like(z) if z is not None else None
         dA = torch.empty(Bsz, Dm, N, **f32)  # per sequence; summed below
         dD, dbias = torch.empty(Bsz, Dm, **f32), torch.empty(Bsz, Dm, **f32)
-        dB, dC = torch.zeros(Bsz, n_dblk, N, L, **f32), torch.zeros(Bsz, n_dblk, N, L, **f32)
+        dB, dC = torch.empty(Bsz, n_dblk, L, N, **f32), torch.empty(Bsz, n_dblk, L, N, **f32)  # every entry written
         dh0 = torch.empty(Bsz, Dm, N, **f32)
         work = torch.empty(Bsz, ckpt, Dm, BLOCK_N, **f32)
         dhlast = torch.zeros(Bsz, Dm, N, **f32) if dhlast is None else dhlast.float().contiguous()
@@ -432,7 +432,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
                                         HAS_D=D is not None, HAS_Z=z is not None,
                                         HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                                         BLOCK_D=block_d, BLOCK_N=BLOCK_N, CKPT=ckpt)
-        grads = [du, ddelta, dA.sum(0).to(A.dtype), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
+        grads = [du, ddelta, dA.sum(0).to(A.dtype), dB.sum(1).transpose(1, 2).to(B.dtype), dC.sum(1).transpose(1, 2).to(C.dtype),
                  dD.sum(0).to(D.dtype) if D is not None else None, dz,
                  dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None, None,
                  dh0.to(ctx.initial_dtype) if has_h0 else None, None, None]
