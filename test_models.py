@@ -324,8 +324,9 @@ def test_mamba_causal():
     assert not torch.allclose(a[:, 17:], b[:, 17:])
 
 
-def test_mamba_generation_equals_full_forward():
-    m = tiny_mamba()
+@pytest.mark.parametrize("d_conv", [4, 1])
+def test_mamba_generation_equals_full_forward(d_conv):
+    m = tiny_mamba(d_conv=d_conv)
     prompt = torch.randint(0, 61, (2, 9))
     out = torch.cat([prompt, *m.generate(prompt, 45, temperature=0)], dim=1)  # (2, 54): past block_size
     full = m(out[:, :-1])[0]  # (2, 53, V)
