@@ -389,11 +389,6 @@ def attention(q, k, v, causal=True, alibi_slopes=None, scale=None, impl=None):
 # Three paths compute it: selective_scan_ref (a loop over time: the ground truth),
 # selective_scan_chunked (plain PyTorch, the CPU path) and a Triton kernel (the CUDA path).
 # Legend here: B batch, D channels, N state size, L length, T chunk length, K chunks.
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # macOS / Windows: the PyTorch paths still work
-    triton = None
 
 
 def _scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
@@ -568,147 +563,149 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 # and torch adds them up in a fixed order (no atomics, so the result is deterministic).
 # Steps past L are identities (dt = 0) and padded states (n >= N) stay 0 (A = B = C = 0).
 
-if triton is not None:
-    @triton.jit
-    def _scan_step_inputs(u_ptr, dt_ptr, bias, B_ptr, row, bcol, t, mt, mnt,
-                          HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-        u = tl.load(u_ptr + row + t, mask=mt, other=0.0).to(tl.float32)  # (BLOCK_D,)
-        dt_raw = tl.load(dt_ptr + row + t, mask=mt, other=0.0).to(tl.float32)  # (BLOCK_D,)
-        if HAS_BIAS:
-            dt_raw += bias
-        dt = dt_raw
-        if SOFTPLUS:
-            dt = tl.where(dt_raw <= 20.0, tl.log(1.0 + tl.exp(dt_raw)), dt_raw)  # as F.softplus
-        dt = tl.where(mt, dt, 0.0)  # past the end: an identity step
-        Bt = tl.load(B_ptr + bcol + t, mask=mnt, other=0.0).to(tl.float32)  # (BLOCK_N,)
-        return u, dt_raw, dt, Bt
 
-    @triton.jit
-    def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
-                         out_ptr, hlast_ptr, ckpt_ptr, Dm, L, N, n_ckpt,
-                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CKPT: tl.constexpr):
-        b = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements at large B * D * L
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-        n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        md, mn = d < Dm, n < N
-        mdn = md[:, None] & mn[None, :]  # (BLOCK_D, BLOCK_N)
-        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mdn, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e): exp2 is cheaper
-        Dp = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_D else 0.0
-        bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-        state_off = (b * Dm + d[:, None]) * N + n[None, :]  # (BLOCK_D, BLOCK_N) into (B, D, N)
-        if HAS_H0:
-            h = tl.load(h0_ptr + state_off, mask=mdn, other=0.0).to(tl.float32)
-        else:
-            h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-        row = (b * Dm + d) * L  # (BLOCK_D,) start of each channel's time series
-        bcol = (b * N + n) * L  # (BLOCK_N,)
-        for c in range(n_ckpt):
-            tl.store(ckpt_ptr + ((b * n_ckpt + c) * Dm + d[:, None]) * BLOCK_N + n[None, :], h, mask=md[:, None])
-            for k in range(CKPT):
-                t = c * CKPT + k
-                in_range = (tl.zeros((1,), dtype=tl.int32) + t) < L  # a tensor: the interpreter wants one
-                mt, mnt = md & in_range, mn & in_range
-                u, dt_raw, dt, Bt = _scan_step_inputs(u_ptr, dt_ptr, bias, B_ptr, row, bcol, t, mt, mnt,
-                                                      HAS_BIAS, SOFTPLUS)
-                Ct = tl.load(C_ptr + bcol + t, mask=mnt, other=0.0).to(tl.float32)  # (BLOCK_N,)
-                h = tl.exp2(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]  # (BLOCK_D, BLOCK_N)
-                y = tl.sum(h * Ct[None, :], axis=1)  # (BLOCK_D,)
+@triton.jit
+def _scan_step_inputs(u_ptr, dt_ptr, bias, B_ptr, row, bcol, t, mt, mnt,
+                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    u = tl.load(u_ptr + row + t, mask=mt, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    dt_raw = tl.load(dt_ptr + row + t, mask=mt, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    if HAS_BIAS:
+        dt_raw += bias
+    dt = dt_raw
+    if SOFTPLUS:
+        dt = tl.where(dt_raw <= 20.0, tl.log(1.0 + tl.exp(dt_raw)), dt_raw)  # as F.softplus
+    dt = tl.where(mt, dt, 0.0)  # past the end: an identity step
+    Bt = tl.load(B_ptr + bcol + t, mask=mnt, other=0.0).to(tl.float32)  # (BLOCK_N,)
+    return u, dt_raw, dt, Bt
+
+
+@triton.jit
+def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+                     out_ptr, hlast_ptr, ckpt_ptr, Dm, L, N, n_ckpt,
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CKPT: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements at large B * D * L
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    md, mn = d < Dm, n < N
+    mdn = md[:, None] & mn[None, :]  # (BLOCK_D, BLOCK_N)
+    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mdn, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e): exp2 is cheaper
+    Dp = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_D else 0.0
+    bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    state_off = (b * Dm + d[:, None]) * N + n[None, :]  # (BLOCK_D, BLOCK_N) into (B, D, N)
+    if HAS_H0:
+        h = tl.load(h0_ptr + state_off, mask=mdn, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    row = (b * Dm + d) * L  # (BLOCK_D,) start of each channel's time series
+    bcol = (b * N + n) * L  # (BLOCK_N,)
+    for c in range(n_ckpt):
+        tl.store(ckpt_ptr + ((b * n_ckpt + c) * Dm + d[:, None]) * BLOCK_N + n[None, :], h, mask=md[:, None])
+        for k in range(CKPT):
+            t = c * CKPT + k
+            in_range = (tl.zeros((1,), dtype=tl.int32) + t) < L  # a tensor: the interpreter wants one
+            mt, mnt = md & in_range, mn & in_range
+            u, dt_raw, dt, Bt = _scan_step_inputs(u_ptr, dt_ptr, bias, B_ptr, row, bcol, t, mt, mnt,
+                                                  HAS_BIAS, SOFTPLUS)
+            Ct = tl.load(C_ptr + bcol + t, mask=mnt, other=0.0).to(tl.float32)  # (BLOCK_N,)
+            h = tl.exp2(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]  # (BLOCK_D, BLOCK_N)
+            y = tl.sum(h * Ct[None, :], axis=1)  # (BLOCK_D,)
+            if HAS_D:
+                y += Dp * u
+            if HAS_Z:
+                zt = tl.load(z_ptr + row + t, mask=mt, other=0.0).to(tl.float32)
+                y = y * zt * tl.sigmoid(zt)
+            tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=mt)
+    tl.store(hlast_ptr + state_off, h, mask=mdn)
+
+
+@triton.jit
+def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,
+                     dout_ptr, dhlast_ptr, work_ptr,
+                     du_ptr, ddt_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dh0_ptr,
+                     Dm, L, N, n_ckpt,
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SOFTPLUS: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CKPT: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements at large B * D * L
+    pid_d = tl.program_id(1)
+    n_dblk = tl.num_programs(1)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    md, mn = d < Dm, n < N
+    mdn = md[:, None] & mn[None, :]  # (BLOCK_D, BLOCK_N)
+    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mdn, other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_N)
+    A2 = A * 1.4426950408889634
+    Dp = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_D else 0.0
+    bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    state_off = (b * Dm + d[:, None]) * N + n[None, :]  # (BLOCK_D, BLOCK_N)
+    g = tl.load(dhlast_ptr + state_off, mask=mdn, other=0.0)  # dL/dh_L: from the last state, if used
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    row = (b * Dm + d) * L  # (BLOCK_D,)
+    bcol = (b * N + n) * L  # (BLOCK_N,)
+    part = (b * n_dblk + pid_d) * L * N + n  # (BLOCK_N,) into the (B, n_dblk, L, N) partials: N contiguous per step
+    work_off = (b * CKPT * Dm + d[:, None]) * BLOCK_N + n[None, :]  # (BLOCK_D, BLOCK_N), + k * Dm * BLOCK_N
+    for ci in range(n_ckpt):
+        c = n_ckpt - 1 - ci
+        # recompute this segment's states h_{t-1} into the scratch buffer
+        h = tl.load(ckpt_ptr + ((b * n_ckpt + c) * Dm + d[:, None]) * BLOCK_N + n[None, :], mask=md[:, None], other=0.0)
+        for k in range(CKPT):
+            t = c * CKPT + k
+            in_range = (tl.zeros((1,), dtype=tl.int32) + t) < L
+            mt, mnt = md & in_range, mn & in_range
+            u, dt_raw, dt, Bt = _scan_step_inputs(u_ptr, dt_ptr, bias, B_ptr, row, bcol, t, mt, mnt,
+                                                  HAS_BIAS, SOFTPLUS)
+            tl.store(work_ptr + work_off + k * Dm * BLOCK_N, h, mask=md[:, None])
+            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+        tl.debug_barrier()
+        # walk the segment backwards
+        for kk in range(CKPT):
+            k = CKPT - 1 - kk
+            t = c * CKPT + k
+            in_range = (tl.zeros((1,), dtype=tl.int32) + t) < L
+            mt, mnt = md & in_range, mn & in_range
+            u, dt_raw, dt, Bt = _scan_step_inputs(u_ptr, dt_ptr, bias, B_ptr, row, bcol, t, mt, mnt,
+                                                  HAS_BIAS, SOFTPLUS)
+            Ct = tl.load(C_ptr + bcol + t, mask=mnt, other=0.0).to(tl.float32)  # (BLOCK_N,)
+            dy = tl.load(dout_ptr + row + t, mask=mt, other=0.0).to(tl.float32)  # (BLOCK_D,)
+            h_prev = tl.load(work_ptr + work_off + k * Dm * BLOCK_N, mask=md[:, None], other=0.0)
+            decay = tl.exp2(dt[:, None] * A2)  # (BLOCK_D, BLOCK_N)
+            h = decay * h_prev + (dt * u)[:, None] * Bt[None, :]
+            if HAS_Z:
+                y = tl.sum(h * Ct[None, :], axis=1)
                 if HAS_D:
                     y += Dp * u
-                if HAS_Z:
-                    zt = tl.load(z_ptr + row + t, mask=mt, other=0.0).to(tl.float32)
-                    y = y * zt * tl.sigmoid(zt)
-                tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=mt)
-        tl.store(hlast_ptr + state_off, h, mask=mdn)
-
-    @triton.jit
-    def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,
-                         dout_ptr, dhlast_ptr, work_ptr,
-                         du_ptr, ddt_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dh0_ptr,
-                         Dm, L, N, n_ckpt,
-                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         SOFTPLUS: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CKPT: tl.constexpr):
-        b = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements at large B * D * L
-        pid_d = tl.program_id(1)
-        n_dblk = tl.num_programs(1)
-        d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-        n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        md, mn = d < Dm, n < N
-        mdn = md[:, None] & mn[None, :]  # (BLOCK_D, BLOCK_N)
-        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mdn, other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_N)
-        A2 = A * 1.4426950408889634
-        Dp = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_D else 0.0
-        bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-        state_off = (b * Dm + d[:, None]) * N + n[None, :]  # (BLOCK_D, BLOCK_N)
-        g = tl.load(dhlast_ptr + state_off, mask=mdn, other=0.0)  # dL/dh_L: from the last state, if used
-        dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-        dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        row = (b * Dm + d) * L  # (BLOCK_D,)
-        bcol = (b * N + n) * L  # (BLOCK_N,)
-        part = ((b * n_dblk + pid_d) * N + n) * L  # (BLOCK_N,) into the (B, n_dblk, N, L) partials
-        work_off = (b * CKPT * Dm + d[:, None]) * BLOCK_N + n[None, :]  # (BLOCK_D, BLOCK_N), + k * Dm * BLOCK_N
-        for ci in range(n_ckpt):
-            c = n_ckpt - 1 - ci
-            # recompute this segment's states h_{t-1} into the scratch buffer
-            h = tl.load(ckpt_ptr + ((b * n_ckpt + c) * Dm + d[:, None]) * BLOCK_N + n[None, :], mask=md[:, None], other=0.0)
-            for k in range(CKPT):
-                t = c * CKPT + k
-                in_range = (tl.zeros((1,), dtype=tl.int32) + t) < L
-                mt, mnt = md & in_range, mn & in_range
-                u, dt_raw, dt, Bt = _scan_step_inputs(u_ptr, dt_ptr, bias, B_ptr, row, bcol, t, mt, mnt,
-                                                      HAS_BIAS, SOFTPLUS)
-                tl.store(work_ptr + work_off + k * Dm * BLOCK_N, h, mask=md[:, None])
-                h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
-            tl.debug_barrier()
-            # walk the segment backwards
-            for kk in range(CKPT):
-                k = CKPT - 1 - kk
-                t = c * CKPT + k
-                in_range = (tl.zeros((1,), dtype=tl.int32) + t) < L
-                mt, mnt = md & in_range, mn & in_range
-                u, dt_raw, dt, Bt = _scan_step_inputs(u_ptr, dt_ptr, bias, B_ptr, row, bcol, t, mt, mnt,
-                                                      HAS_BIAS, SOFTPLUS)
-                Ct = tl.load(C_ptr + bcol + t, mask=mnt, other=0.0).to(tl.float32)  # (BLOCK_N,)
-                dy = tl.load(dout_ptr + row + t, mask=mt, other=0.0).to(tl.float32)  # (BLOCK_D,)
-                h_prev = tl.load(work_ptr + work_off + k * Dm * BLOCK_N, mask=md[:, None], other=0.0)
-                decay = tl.exp2(dt[:, None] * A2)  # (BLOCK_D, BLOCK_N)
-                h = decay * h_prev + (dt * u)[:, None] * Bt[None, :]
-                if HAS_Z:
-                    y = tl.sum(h * Ct[None, :], axis=1)
-                    if HAS_D:
-                        y += Dp * u
-                    zt = tl.load(z_ptr + row + t, mask=mt, other=0.0).to(tl.float32)
-                    sig = tl.sigmoid(zt)
-                    tl.store(dz_ptr + row + t, (dy * y * sig * (1.0 + zt * (1.0 - sig))).to(dz_ptr.dtype.element_ty), mask=mt)
-                    dy = dy * zt * sig  # through the gate
-                du = tl.zeros((BLOCK_D,), dtype=tl.float32)
-                if HAS_D:
-                    dD_acc += dy * u
-                    du = dy * Dp
-                tl.store(dC_ptr + part + t, tl.sum(dy[:, None] * h, axis=0), mask=mnt)
-                g = g + dy[:, None] * Ct[None, :]  # dL/dh_t, complete now
-                gB = tl.sum(g * Bt[None, :], axis=1)  # (BLOCK_D,) dL/d(dt u)
-                tl.store(dB_ptr + part + t, tl.sum(g * (dt * u)[:, None], axis=0), mask=mnt)
-                g_log = g * decay * h_prev  # dL/d(dt A), elementwise
-                dA_acc += g_log * dt[:, None]
-                ddt = gB * u + tl.sum(g_log * A, axis=1)  # (BLOCK_D,)
-                if SOFTPLUS:
-                    ddt = ddt * tl.sigmoid(dt_raw)
-                ddt = tl.where(mt, ddt, 0.0)
-                if HAS_BIAS:
-                    dbias_acc += ddt
-                tl.store(du_ptr + row + t, (du + gB * dt).to(du_ptr.dtype.element_ty), mask=mt)
-                tl.store(ddt_ptr + row + t, ddt.to(ddt_ptr.dtype.element_ty), mask=mt)
-                g = g * decay  # dL/dh_{t-1} through the recurrence
-            tl.debug_barrier()  # the next segment reuses the scratch buffer
-        tl.store(dh0_ptr + state_off, g, mask=mdn)
-        tl.store(dA_ptr + state_off, dA_acc, mask=mdn)
-        tl.store(dD_ptr + b * Dm + d, dD_acc, mask=md)
-        tl.store(dbias_ptr + b * Dm + d, dbias_acc, mask=md)
+                zt = tl.load(z_ptr + row + t, mask=mt, other=0.0).to(tl.float32)
+                sig = tl.sigmoid(zt)
+                tl.store(dz_ptr + row + t, (dy * y * sig * (1.0 + zt * (1.0 - sig))).to(dz_ptr.dtype.element_ty), mask=mt)
+                dy = dy * zt * sig  # through the gate
+            du = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            if HAS_D:
+                dD_acc += dy * u
+                du = dy * Dp
+            tl.store(dC_ptr + part + t * N, tl.sum(dy[:, None] * h, axis=0), mask=mnt)
+            g = g + dy[:, None] * Ct[None, :]  # dL/dh_t, complete now
+            gB = tl.sum(g * Bt[None, :], axis=1)  # (BLOCK_D,) dL/d(dt u)
+            tl.store(dB_ptr + part + t * N, tl.sum(g * (dt * u)[:, None], axis=0), mask=mnt)
+            g_log = g * decay * h_prev  # dL/d(dt A), elementwise
+            dA_acc += g_log * dt[:, None]
+            ddt = gB * u + tl.sum(g_log * A, axis=1)  # (BLOCK_D,)
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(dt_raw)
+            ddt = tl.where(mt, ddt, 0.0)
+            if HAS_BIAS:
+                dbias_acc += ddt
+            tl.store(du_ptr + row + t, (du + gB * dt).to(du_ptr.dtype.element_ty), mask=mt)
+            tl.store(ddt_ptr + row + t, ddt.to(ddt_ptr.dtype.element_ty), mask=mt)
+            g = g * decay  # dL/dh_{t-1} through the recurrence
+        tl.debug_barrier()  # the next segment reuses the scratch buffer
+    tl.store(dh0_ptr + state_off, g, mask=mdn)
+    tl.store(dA_ptr + state_off, dA_acc, mask=mdn)
+    tl.store(dD_ptr + b * Dm + d, dD_acc, mask=md)
+    tl.store(dbias_ptr + b * Dm + d, dbias_acc, mask=md)
 
 
 class _SelectiveScanTriton(torch.autograd.Function):
@@ -748,7 +745,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
         dz = torch.empty_like(z) if z is not None else None
         dA = torch.empty(Bsz, Dm, N, **f32)  # per sequence; summed below
         dD, dbias = torch.empty(Bsz, Dm, **f32), torch.empty(Bsz, Dm, **f32)
-        dB, dC = torch.zeros(Bsz, n_dblk, N, L, **f32), torch.zeros(Bsz, n_dblk, N, L, **f32)
+        dB, dC = torch.empty(Bsz, n_dblk, L, N, **f32), torch.empty(Bsz, n_dblk, L, N, **f32)  # every entry written
         dh0 = torch.empty(Bsz, Dm, N, **f32)
         work = torch.empty(Bsz, ckpt, Dm, BLOCK_N, **f32)
         dhlast = torch.zeros(Bsz, Dm, N, **f32) if dhlast is None else dhlast.float().contiguous()
@@ -760,7 +757,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
                                         HAS_D=D is not None, HAS_Z=z is not None,
                                         HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                                         BLOCK_D=block_d, BLOCK_N=BLOCK_N, CKPT=ckpt)
-        grads = [du, ddelta, dA.sum(0).to(A.dtype), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
+        grads = [du, ddelta, dA.sum(0).to(A.dtype), dB.sum(1).transpose(1, 2).to(B.dtype), dC.sum(1).transpose(1, 2).to(C.dtype),
                  dD.sum(0).to(D.dtype) if D is not None else None, dz,
                  dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None, None,
                  dh0.to(ctx.initial_dtype) if has_h0 else None, None, None]
@@ -782,6 +779,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """out (B, D, L) in u's dtype [, last state (B, D, N) float32]. impl: None picks Triton on
     CUDA and the chunked scan elsewhere; "ref", "chunked" or "triton" forces a path."""
     if impl is None:
-        impl = "triton" if u.is_cuda and triton is not None else "chunked"
+        impl = "triton" if u.is_cuda else "chunked"
     fn = {"ref": selective_scan_ref, "chunked": selective_scan_chunked, "triton": selective_scan_triton}[impl]
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
