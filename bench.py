@@ -28,6 +28,7 @@ if not torch.cuda.is_available():  # run the Triton kernels on the CPU too (set 
 import kernels  # noqa: E402
 import model_hybrid
 import model_mamba
+import model_moe
 import model_transformer
 
 NANOGPT_SHAPE = dict(vocab_size=65, block_size=64, d_model=128, n_layer=4, n_head=4)  # its CPU recipe
@@ -479,7 +480,32 @@ def attention():
         attention_cpu_memory()
 
 
-SECTIONS = {"attention": lambda args: attention(), "train": bench_train, "generate": bench_generate, "scan": bench_scan, "decode": bench_decode, "hybrid": bench_hybrid}
+def bench_moe(args):
+    """Training tokens/s of MoE models against the dense Transformer with the same active
+    parameters per token (each has 384 feed-forward hidden units per token: dense 384, 8 experts
+    of 192 top-2, 32 of 48 top-8, 64 of 24 top-16), each MoE with its readable loop over experts
+    and with the grouped-matmul path. nanoGPT's CPU shape, float32."""
+    B, T = 12, NANOGPT_SHAPE["block_size"]
+    shapes = {"8 experts of 192, top-2": dict(n_expert=8, top_k=2, d_expert=192),
+              "32 experts of 48, top-8 (fine-grained)": dict(n_expert=32, top_k=8, d_expert=48),
+              "64 experts of 24, top-16 (fine-grained)": dict(n_expert=64, top_k=16, d_expert=24)}
+    models = {"dense Transformer, d_ff 384": model_transformer.Model(model_transformer.Config(**NANOGPT_SHAPE, d_ff=384))}
+    for name, kw in shapes.items():
+        for path in ("loop", "grouped"):
+            models[f"{name}, {path}"] = model_moe.Model(model_moe.Config(**NANOGPT_SHAPE, **kw, expert_path=path))
+    secs = timed_rounds({name: train_step(m, B, T, 65) for name, m in models.items()}, rounds=5, steps=3)
+    base = secs[next(iter(models))]
+    print(f"\nMoE training step, batch {B} x context {T}, float32, {torch.get_num_threads()} threads")
+    print("| model | params (active) | ms/step | tokens/s | vs dense | grouped vs loop |\n|---|---|---|---|---|---|")
+    for name, s in secs.items():
+        m = models[name]
+        loop = secs.get(name.replace("grouped", "loop")) if name.endswith("grouped") else None
+        print(f"| {name} | {m.num_params() / 1e6:.2f}M ({m.num_params(active=True) / 1e6:.2f}M) | {s * 1e3:.1f} | "
+              f"{B * T / s:,.0f} | {base / s:.2f}x | {f'{loop / s:.2f}x' if loop else ''} |")
+
+
+SECTIONS = {"attention": lambda args: attention(), "train": bench_train, "generate": bench_generate, "scan": bench_scan, "decode": bench_decode, "hybrid": bench_hybrid,
+            "moe": bench_moe}
 
 if __name__ == "__main__":
     names = [a for a in sys.argv[1:] if not a.startswith("--")]
