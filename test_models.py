@@ -1006,7 +1006,9 @@ def test_hybrid_causal(variant):
     changed = idx.clone()
     changed[:, 17:] = torch.randint(0, 61, (2, 13))
     a, b = m(idx)[0], m(changed)[0]
-    torch.testing.assert_close(a[:, :17], b[:, :17], atol=0, rtol=0)  # nothing before t may see token t
+    # nothing before t may see token t; within float32 rounding, as for model_moe: later tokens change
+    # the row counts of the experts' matmuls, and with several threads their rounding
+    torch.testing.assert_close(a[:, :17], b[:, :17], atol=1e-6, rtol=1e-5)
     assert not torch.allclose(a[:, 17:], b[:, 17:])
 
 
