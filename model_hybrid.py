@@ -404,8 +404,8 @@ class MoE(nn.Module):
 
     def route(self, x):
         cfg, N, E, k = self.cfg, x.size(0), self.cfg.n_expert, self.cfg.top_k
-        with torch.autocast(x.device.type, enabled=False):  # float32 even under bf16 autocast: top-k
-            logits = F.linear(x.float(), self.router.weight.float())  # (N, E)   # must not flip on rounding
+        with torch.autocast(x.device.type, enabled=False):  # float32 even under bf16 autocast, so that
+            logits = F.linear(x.float(), self.router.weight.float())  # (N, E)  # rounding cannot flip a choice
         if cfg.router == "softmax":
             probs = logits.softmax(dim=-1)  # (N, E)
             weight, expert = probs.topk(k, dim=-1)  # (N, k) each; k distinct experts per token
@@ -472,16 +472,14 @@ class MoE(nn.Module):
         order = torch.argsort(expert, stable=True)  # stable: the same order of additions as the loop
         tok, weight = tok[order], weight[order]  # (M,) each, grouped by expert
         ends = torch.bincount(expert, minlength=self.cfg.n_expert).cumsum(0).to(torch.int32)  # (E,)
+        # grouped_mm is not on autocast's list: cast to the autocast dtype by hand, as autocast would
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        h = segment_mm(x.index_select(0, tok).to(dtype), self.w_in.to(dtype), ends)  # (M, 2F); grouped_mm is not on
+        h = segment_mm(x.index_select(0, tok).to(dtype), self.w_in.to(dtype), ends)  # (M, 2F)
         h = segment_mm((self.act(h) * weight[:, None]).to(dtype), self.w_out.to(dtype), ends)  # (M, C)
         return torch.zeros_like(x).index_add(0, tok, h.type_as(x))
 
     def num_expert_params(self):
         return self.w_in[0].numel() + self.w_out[0].numel()  # one routed expert
-
-
-# ----------------------------------------------------------------------------- the layer
 
 
 class Block(nn.Module):
