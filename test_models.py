@@ -157,17 +157,21 @@ def test_init_and_optimizer_groups():
     assert len(decay["params"]) + len(keep["params"]) == len(list(m.parameters()))  # tied weight counted once
 
 
-def test_tiny_batch_overfits():
-    torch.manual_seed(0)
-    m = tiny_transformer().train()
+def overfit(m, lr, steps=150):
+    """Train on one tiny batch; return the final cross-entropy (auxiliary losses aside)."""
     x = torch.randint(0, 61, (4, 24))
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    for _ in range(150):
+    opt = torch.optim.AdamW(m.parameters(), lr=lr)
+    for _ in range(steps):
         _, loss = m(x[:, :-1], x[:, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.1
+    return m.aux["ce"].item()
+
+
+def test_tiny_batch_overfits():
+    torch.manual_seed(0)
+    assert overfit(tiny_transformer().train(), lr=3e-3) < 0.1
 
 
 # ----------------------------------------------------------------------------- kernels: selective scan
@@ -411,15 +415,7 @@ def test_mamba_init_and_optimizer_groups():
 
 def test_mamba_tiny_batch_overfits():
     torch.manual_seed(0)
-    m = tiny_mamba().train()
-    x = torch.randint(0, 61, (4, 24))
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    for _ in range(150):
-        _, loss = m(x[:, :-1], x[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.1
+    assert overfit(tiny_mamba().train(), lr=1e-2) < 0.1
 
 
 
@@ -908,15 +904,7 @@ def test_moe_config_rejects_impossible_values():
 
 def test_moe_tiny_batch_overfits():
     torch.manual_seed(0)
-    m = tiny_moe(n_expert=4, top_k=2).train()
-    x = torch.randint(0, 61, (4, 24))
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    for _ in range(150):
-        _, loss = m(x[:, :-1], x[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert m.aux["ce"] < 0.1
+    assert overfit(tiny_moe(n_expert=4, top_k=2).train(), lr=3e-3) < 0.1
 
 
 def test_train_py_prints_expert_statistics(tmp_path, data_dir):
@@ -1113,15 +1101,7 @@ def test_hybrid_loss_and_accounting():
 
 def test_hybrid_tiny_batch_overfits():
     torch.manual_seed(0)
-    m = tiny_hybrid().train()
-    x = torch.randint(0, 61, (4, 24))
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    for _ in range(150):
-        _, loss = m(x[:, :-1], x[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert m.aux["ce"] < 0.1
+    assert overfit(tiny_hybrid().train(), lr=3e-3) < 0.1
 
 
 def test_train_and_sample_with_the_hybrid(tmp_path, data_dir):
