@@ -87,7 +87,7 @@ class Config:
     expert_path: str = "grouped"  # grouped (sorted tokens, grouped matmuls) | loop (readable)
     # everywhere
     bias: bool = False  # biases in linear layers
-    dropout: float = 0.0
+    dropout: float = 0.0  # on embeddings and residual branches (not attention probabilities: the kernels take none)
     tie_embeddings: bool = True  # the output head reuses the token embedding matrix
     norm_eps: float = 1e-5
 

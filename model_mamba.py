@@ -50,7 +50,7 @@ class Config:
     dt_init_floor: float = 1e-4
     conv_bias: bool = True
     bias: bool = False  # biases in in_proj and out_proj
-    dropout: float = 0.0
+    dropout: float = 0.0  # on embeddings and residual branches
     tie_embeddings: bool = True  # the output head reuses the token embedding matrix
     norm_eps: float = 1e-5
     scan: str = "auto"  # auto (Triton on CUDA, chunked elsewhere) | chunked | triton | ref
