@@ -48,7 +48,7 @@ class Config:
     prenorm: bool = True  # False: post-norm, as in the original Transformer
     d_ff: int = 0  # feed-forward hidden size; 0 picks 4 * d_model (gelu) or the matching SwiGLU size
     bias: bool = False  # biases in linear layers and LayerNorm (GPT-2 has them)
-    dropout: float = 0.0
+    dropout: float = 0.0  # on embeddings and residual branches (not attention probabilities: the kernels take none)
     tie_embeddings: bool = True  # the output head reuses the token embedding matrix
     rope_theta: float = 10000.0
     flash: bool = True  # kernels.attention; False runs the explicit formula

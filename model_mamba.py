@@ -1,0 +1,287 @@
+"""
+A Mamba language model: a stack of selective state space (S6) layers, no attention at all
+(Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces").
+
+Each layer runs, for every one of d_inner channels, a linear recurrence over time with an
+N-dimensional hidden state (a state space model, discretised with step size dt):
+    h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t        y_t = C_t h_t + D x_t
+What makes it *selective* is that dt, B and C are computed from the input at every position,
+so the layer can decide what to write into its state and what to forget: a large dt resets
+the state towards the current input, a small one keeps the past. A is diagonal and negative
+(exp(dt A) is a decay), initialised to -(1, 2, ..., N) as in S4D-real.
+
+The Mamba block around the scan: in_proj widens d_model to two streams of d_inner =
+expand * d_model; one goes through a short causal depthwise convolution (d_conv taps) and a
+SiLU, then the selective scan; the other, z, gates the result through SiLU(z); out_proj goes
+back to d_model. Blocks are pre-RMSNorm residual, as in the Transformer.
+
+Training runs the scan over the whole sequence in one call (kernels.selective_scan: a Triton
+kernel on the GPU, a chunked scan on the CPU). Generation keeps, per layer, the last
+d_conv - 1 inputs of the convolution and the scan state h: a fixed-size cache, whatever the
+length of the context, where a Transformer's KV cache grows with every token. The prompt goes
+through the full-sequence scan, which also returns those states, and each new token is a
+single step of the recurrence (kernels.selective_state_update).
+
+Shapes: B batch, T time (tokens in this call), C d_model, E d_inner (expand * C), N state
+size, R dt_rank, K d_conv, V vocabulary.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+@dataclass
+class Config:
+    vocab_size: int = 256
+    block_size: int = 256  # training context; generation is not limited by it (the state has a fixed size)
+    d_model: int = 128
+    n_layer: int = 4
+    d_state: int = 16  # N, the size of each channel's hidden state
+    d_conv: int = 4  # taps of the causal depthwise convolution
+    expand: int = 2  # d_inner = expand * d_model
+    dt_rank: int = 0  # rank of the projection that makes dt; 0 picks ceil(d_model / 16)
+    dt_min: float = 1e-3  # dt is initialised log-uniform in [dt_min, dt_max]
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    conv_bias: bool = True
+    bias: bool = False  # biases in in_proj and out_proj
+    dropout: float = 0.0  # on embeddings and residual branches
+    tie_embeddings: bool = True  # the output head reuses the token embedding matrix
+    norm_eps: float = 1e-5
+    scan: str = "auto"  # auto (Triton on CUDA, chunked elsewhere) | chunked | triton | ref
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "d_model", "n_layer", "d_state", "d_conv", "expand"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dt_rank < 0:
+            raise ValueError(f"dt_rank must be positive (or 0 for the default), got {self.dt_rank}")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.scan not in ("auto", "chunked", "triton", "ref"):
+            raise ValueError(f"scan must be one of auto|chunked|triton|ref, got {self.scan!r}")
+        self.d_inner = self.expand * self.d_model
+        if self.dt_rank == 0:
+            self.dt_rank = math.ceil(self.d_model / 16)
+
+
+# ----------------------------------------------------------------------------- small blocks
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * g: LayerNorm without the mean subtraction and the bias. Computed in float32."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
+
+
+class MambaCache:
+    """What generation carries from token to token, for all layers: the convolution's last
+    K - 1 inputs and the scan state. Its size does not depend on the context length."""
+
+    def __init__(self, n_layer, batch_size, d_inner, d_conv, d_state, device, dtype):
+        self.conv = torch.zeros(n_layer, batch_size, d_inner, d_conv - 1, device=device, dtype=dtype)
+        self.ssm = torch.zeros(n_layer, batch_size, d_inner, d_state, device=device, dtype=torch.float32)
+        self.len = 0  # tokens seen; the model advances it after each forward
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+class Mixer(nn.Module):
+    """The Mamba block: in_proj -> (causal conv -> SiLU -> selective scan) * SiLU(z) -> out_proj."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        E, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
+        self.in_proj = nn.Linear(cfg.d_model, 2 * E, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(E, E, cfg.d_conv, groups=E, bias=cfg.conv_bias)  # depthwise; padded by hand
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)  # dt (low rank), B and C from the input
+        self.dt_proj = nn.Linear(R, E, bias=True)
+        self.A_log = nn.Parameter(torch.empty(E, N))
+        self.D = nn.Parameter(torch.empty(E))
+        self.A_log._no_weight_decay = True  # decay would pull A towards -1 and D towards 0
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(E, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self):
+        """The initialisation of the official code. The model calls it again after its generic
+        init, which would otherwise overwrite dt_proj with N(0, 0.02) weights and a zero bias."""
+        cfg = self.cfg
+        E, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
+        nn.init.uniform_(self.dt_proj.weight, -R ** -0.5, R ** -0.5)
+        # dt = softplus(dt_proj(...) + bias) starts log-uniform in [dt_min, dt_max]: the bias
+        # is the inverse softplus of such a dt, log(exp(dt) - 1) = dt + log(1 - exp(-dt))
+        dt = torch.exp(torch.rand(E) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt = dt.clamp(min=cfg.dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        # S4D-real: A = -(1, 2, ..., N) in every channel, stored as log(-A) so that A stays negative
+        self.A_log.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))  # (E, N)
+        self.D.fill_(1.0)
+
+    def forward(self, x, cache, layer):
+        cfg = self.cfg
+        B, T, C = x.shape
+        R, N, K = cfg.dt_rank, cfg.d_state, cfg.d_conv
+        x, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, E, T) each
+        # causal convolution: the K - 1 inputs before this chunk are zeros or come from the cache
+        past = F.pad(x, (K - 1, 0))[..., :K - 1] if cache is None else cache.conv[layer]  # (B, E, K-1)
+        x_full = torch.cat((past.to(x.dtype), x), dim=-1)  # (B, E, K-1+T)
+        if cache is not None:
+            cache.conv[layer] = x_full[..., x_full.size(-1) - (K - 1):]  # the last K-1 inputs (none if K = 1)
+        x = F.silu(self.conv1d(x_full))  # (B, E, T)
+        dt, Bm, Cm = self.x_proj(x.transpose(1, 2)).split([R, N, N], dim=-1)  # (B, T, R), (B, T, N) x2
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, E, T); the bias goes in the scan
+        Bm, Cm = Bm.transpose(1, 2), Cm.transpose(1, 2)  # (B, N, T)
+        A = -torch.exp(self.A_log.float())  # (E, N)
+        if cache is not None and T == 1:  # decoding: one step of the recurrence
+            y, cache.ssm[layer] = kernels.selective_state_update(
+                cache.ssm[layer], x[..., 0], dt[..., 0], A, Bm[..., 0], Cm[..., 0], self.D.float(), z[..., 0],
+                dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+            y = y[..., None]  # (B, E, 1)
+        else:
+            impl = None if cfg.scan == "auto" else cfg.scan
+            y = kernels.selective_scan(x, dt, A, Bm, Cm, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
+                                       delta_softplus=True, initial_state=None if cache is None else cache.ssm[layer],
+                                       return_last_state=cache is not None, impl=impl)  # (B, E, T)
+            if cache is not None:
+                y, cache.ssm[layer] = y
+        return self.drop(self.out_proj(y.transpose(1, 2)))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = Mixer(cfg)
+
+    def forward(self, x, cache, layer):
+        return x + self.mixer(self.norm(x), cache, layer)  # one residual branch per layer, no separate MLP
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Model(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # each layer's branch adds to the residual stream,
+            if name.endswith("out_proj.weight"):  # so scale its output layer by 1/sqrt(depth) (one branch per layer)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(cfg.n_layer))
+        for block in self.blocks:  # after the generic init, which must not touch dt_proj, A_log, D
+            block.mixer.reset_ssm_parameters()
+        self.aux = {}
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None, cache=None):
+        B, T = idx.shape
+        x = self.drop(self.wte(idx))  # (B, T, C): no position embedding, the recurrence knows the order
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.len += T
+        logits = self.lm_head(self.norm_f(x)).float()  # (B, T, V)
+        loss = None
+        if targets is not None:  # targets of -1 are ignored (the synthetic tasks score answers only)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            self.aux = {"ce": loss.detach()}
+        return logits, loss
+
+    # ------------------------------------------------------------------------- generation
+
+    def new_cache(self, batch_size, max_len=None, device=None, dtype=None):
+        """max_len is accepted for the common interface and ignored: the cache has a fixed size."""
+        cfg = self.config
+        p = self.wte.weight
+        return MambaCache(cfg.n_layer, batch_size, cfg.d_inner, cfg.d_conv, cfg.d_state,
+                          device or p.device, dtype or p.dtype)
+
+    def cache_bytes(self, cache):
+        return cache.conv.nbytes + cache.ssm.nbytes
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+        """Yield (B, 1) new tokens: the prompt goes through the parallel scan, which leaves the
+        conv and SSM states in the cache, then each step feeds only the newest token, in
+        constant time and memory. No window is needed, whatever the length."""
+        cache = self.new_cache(idx.size(0))
+        logits, _ = self(idx, cache=cache)
+        for _ in range(max_new_tokens):
+            tok = sample_next(logits[:, -1], temperature, top_k, top_p)  # (B, 1)
+            yield tok
+            logits, _ = self(tok, cache=cache)
+
+    # ------------------------------------------------------------------------- accounting
+
+    def num_params(self, active=False):
+        return sum(p.numel() for p in self.parameters())  # a dense model uses all of them per token
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6 per weight in a matrix multiply or the convolution (2 forward,
+        4 backward), plus the scan, about 9 per state element forward (exp, the update, the
+        readout), tripled for the backward: 27 * layers * E * N."""
+        cfg = self.config
+        weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
+        return 6 * weights + 27 * cfg.n_layer * cfg.d_inner * cfg.d_state
+
+    def optim_groups(self, weight_decay):
+        """Matrices decay; vectors (norm gains, biases) and anything marked _no_weight_decay do not."""
+        decays = {p: p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) for p in self.parameters()}
+        return [{"params": [p for p, d in decays.items() if d], "weight_decay": weight_decay},
+                {"params": [p for p, d in decays.items() if not d], "weight_decay": 0.0}]
+
+    def summary(self):
+        cfg = self.config
+        return (f"{cfg.n_layer} Mamba layers, d_inner {cfg.d_inner}, state {cfg.d_state}, conv {cfg.d_conv}, "
+                f"dt rank {cfg.dt_rank}, {cfg.scan} scan")
+
+    def stats(self):
+        return {}
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """(B, V) logits -> (B, 1) tokens. temperature 0 is greedy; top_k keeps the k likeliest;
+    top_p keeps the smallest set of tokens whose probability adds up to p (nucleus sampling)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        outside = probs.cumsum(dim=-1) - probs > top_p  # mass before this token already reaches p
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = logits.scatter(-1, order, sorted_logits)
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
