@@ -316,6 +316,7 @@ def prepare_text(opts):
 
 class TextData:
     """Random windows of a token stream: x is tokens[i:i+T], y is tokens[i+1:i+T+1]."""
+    extrapolate = 0  # no evaluation at longer lengths
 
     def __init__(self, opts):
         self.train, self.val, self.tokenizer_spec = prepare_text(opts)
