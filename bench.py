@@ -6,11 +6,15 @@ figures depend on the machine, so they are reported as ratios between things run
     python bench.py train generate           # some of them
     python bench.py train --nanogpt=PATH     # also time nanoGPT's model.py from a checkout at PATH
     python bench.py scan decode              # selective scan paths; Mamba state vs KV cache
+    python bench.py attention                # FlashAttention: GPU TFLOP/s; CPU memory against length
 
 On a CUDA machine `scan` uses the GPU sizes of the Mamba issue and the Triton kernel.
 Sections with a target from the issues print PASS/FAIL lines.
 """
+import ctypes
 import math
+import os
+import platform
 import statistics
 import sys
 import time
@@ -18,7 +22,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-import kernels
+if not torch.cuda.is_available():  # run the Triton kernels on the CPU too (set before kernels is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+import kernels  # noqa: E402
 import model_mamba
 import model_transformer
 
@@ -245,7 +251,185 @@ def bench_decode(args):
     print(f"target: Mamba cache memory constant: {'PASS' if same else 'FAIL'}")
 
 
-SECTIONS = {"train": bench_train, "generate": bench_generate, "scan": bench_scan, "decode": bench_decode}
+# ----------------------------------------------------------------------------- attention (Triton FlashAttention)
+
+def machine():
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def table(header, rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for r in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(x).rjust(w) for x, w in zip(r, widths)))
+    print()
+
+
+# ----------------------------------------------------------------------------- attention
+# FLOPs as the FlashAttention papers count them: two matmuls of 2*Tq*Tk*D each per head,
+# halved when causal; the backward does 2.5x the forward's matmul work.
+
+def attention_flops(B, H, T, D, causal):
+    return 4 * B * H * T * T * D / (2 if causal else 1)
+
+
+def gpu_time_ms(fn, reps=20):
+    """Median of reps CUDA-event timings, after warm-up calls (which also compile Triton)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def sdpa(backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(q, k, v, causal):
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+def attention_gpu(shapes=((16, 12, 1024, 64, True), (4, 16, 4096, 128, True), (2, 16, 8192, 128, True),
+                           (4, 16, 4096, 128, False)), device="cuda"):
+    """shapes: (B, H, T, D, causal): the nanoGPT shape, then long sequences at D=128."""
+    from torch.nn.attention import SDPBackend
+    impls = {
+        "triton": lambda q, k, v, causal: kernels.attention(q, k, v, causal=causal, impl="triton"),
+        "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa-default": sdpa(None),
+        "explicit": lambda q, k, v, causal: kernels.attention_ref(q, k, v, causal=causal),
+    }
+    results, rows = {}, []
+    for B, H, T, D, causal in shapes:
+        q, k, v, do = (torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16) for _ in range(4))
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        flops = attention_flops(B, H, T, D, causal)
+        for name, fn in impls.items():
+            try:
+                with torch.no_grad():
+                    fwd = gpu_time_ms(lambda: fn(q, k, v, causal))
+                o = fn(q, k, v, causal)
+                bwd = gpu_time_ms(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
+                del o
+                both = gpu_time_ms(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do))
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do)
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. no flash backend for this shape
+                rows.append([f"B{B} H{H} T{T} D{D}", "causal" if causal else "full", name, "-", "-", "-", "-",
+                             str(e).splitlines()[0][:40]])
+                continue
+            r = dict(fwd=flops / fwd / 1e9, bwd=2.5 * flops / bwd / 1e9, both=3.5 * flops / both / 1e9, peak=peak)
+            results[(B, H, T, D, causal, name)] = r
+            rows.append([f"B{B} H{H} T{T} D{D}", "causal" if causal else "full", name, f"{r['fwd']:.0f}",
+                         f"{r['bwd']:.0f}", f"{r['both']:.0f}", f"{peak:.0f}", ""])
+        del q, k, v, do
+        torch.cuda.empty_cache()
+    print("attention, bf16, TFLOP/s (fwd 4*B*H*T*T*D, halved causal; bwd 2.5x) and peak extra memory of fwd+bwd")
+    table(["shape", "mask", "impl", "fwd", "bwd", "fwd+bwd", "peak MiB", "note"], rows)
+    attention_targets(results)
+
+
+def attention_targets(res):
+    """The issue's targets on an H200, each PASS or FAIL (a missing measurement is a FAIL)."""
+    def get(shape, name, key):
+        return res.get((*shape, name), {}).get(key, float("nan"))
+    rows = []
+
+    def check(what, value, goal, unit):
+        rows.append([what, f"{value:.2f}{unit}", f">= {goal}{unit}", "PASS" if value >= goal else "FAIL"])
+    check("fwd D=64 causal T=1024 (B16 H12)", get((16, 12, 1024, 64, True), "triton", "fwd"), 250, " TFLOP/s")
+    for shape in [(4, 16, 4096, 128, True), (2, 16, 8192, 128, True)]:
+        t = f"T={shape[2]} (B{shape[0]} H{shape[1]})"
+        check(f"fwd D=128 causal {t}", get(shape, "triton", "fwd"), 380, " TFLOP/s")
+        check(f"fwd D=128 causal {t} vs sdpa-flash",
+              get(shape, "triton", "fwd") / get(shape, "sdpa-flash", "fwd"), 1.1, "x")
+        check(f"bwd D=128 causal {t} vs sdpa-flash",
+              get(shape, "triton", "bwd") / get(shape, "sdpa-flash", "bwd"), 1.0, "x")
+    shape = (4, 16, 4096, 128, False)
+    check("bwd D=128 full T=4096 (B4 H16) vs sdpa-flash",
+          get(shape, "triton", "bwd") / get(shape, "sdpa-flash", "bwd"), 1.0, "x")
+    print("targets (the issue's, on an H200; dK/dV determinism is a test: see gpu_check.sh)")
+    table(["target", "measured", "goal", ""], rows)
+
+
+def peak_rss_mib(fn):
+    """Peak resident memory of fn() above the resident memory before it, in MiB. Linux: writing 5
+    to /proc/self/clear_refs resets the high-water mark VmHWM to the current RSS."""
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so reuse of them counts too
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    t = time.perf_counter()
+    fn()
+    return status("VmHWM") - before, time.perf_counter() - t
+
+
+def attention_cpu_memory(H=4, D=64, lengths=(256, 512, 1024, 2048, 4096), interpreter_up_to=2048):
+    """Forward+backward of causal attention (B=1, fp32) at growing T. The explicit formula keeps
+    (H, T, T) score and probability matrices; the tiled paths hold O(T) plus a tile. Measured
+    as peak resident memory (Linux VmHWM) above the memory before the call."""
+    paths = {
+        "explicit (attention_ref)": lambda q, k, v: kernels.attention_ref(q, k, v, causal=True),
+        "torch SDPA (CPU flash kernel)": lambda q, k, v: kernels.attention(q, k, v, causal=True, impl="torch"),
+    }
+    if kernels.INTERPRET:
+        paths["Triton kernel (interpreter)"] = lambda q, k, v: kernels.attention(q, k, v, causal=True, impl="triton")
+    for fn in paths.values():  # warm-up: one-time allocations (thread pools, caches) are not the method's
+        q, k, v = (torch.randn(1, H, lengths[0], D, requires_grad=True) for _ in range(3))
+        fn(q, k, v).sum().backward()
+    rows = []
+    for T in lengths:
+        row = [T, f"{H * T * T * 4 / 2**20:.0f}"]
+        for name, fn in paths.items():
+            if "interpreter" in name and T > interpreter_up_to:
+                row += ["-", "-"]
+                continue
+            q, k, v, do = (torch.randn(1, H, T, D) for _ in range(4))
+            q, k, v = (x.requires_grad_() for x in (q, k, v))
+            repeats = 1 if "interpreter" in name else 2  # the lower of two: one-time allocations are noise
+            step = lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do)  # noqa: E731
+            mib, secs = min(peak_rss_mib(step) for _ in range(repeats))
+            row += [f"{mib:.0f}", f"{secs:.2f}"]
+            del q, k, v, do
+        rows.append(row)
+    print(f"attention, CPU peak memory of fwd+bwd, causal, B=1 H={H} D={D} fp32 ({machine()})")
+    print("method: peak resident set size (Linux VmHWM, reset via /proc/self/clear_refs) above the RSS")
+    print("before the call (lower of two runs; one for the interpreter), which includes the inputs'")
+    print("gradients (3 x T KiB); s = wall seconds (the interpreter's are no speed figure: numpy, one core).")
+    header = ["T", "one (H,T,T) fp32 MiB"]
+    for name in paths:
+        header += [f"{name} MiB", "s"]
+    table(header, rows)
+
+
+def attention():
+    print(machine(), "\n")
+    if torch.cuda.is_available():
+        attention_gpu()
+    else:
+        attention_cpu_memory()
+
+
+SECTIONS = {"attention": lambda args: attention(), "train": bench_train, "generate": bench_generate, "scan": bench_scan, "decode": bench_decode}
 
 if __name__ == "__main__":
     names = [a for a in sys.argv[1:] if not a.startswith("--")]

@@ -144,7 +144,7 @@ class Mixer(nn.Module):
         past = F.pad(x, (K - 1, 0))[..., :K - 1] if cache is None else cache.conv[layer]  # (B, E, K-1)
         x_full = torch.cat((past.to(x.dtype), x), dim=-1)  # (B, E, K-1+T)
         if cache is not None:
-            cache.conv[layer] = x_full[..., -(K - 1):]
+            cache.conv[layer] = x_full[..., x_full.size(-1) - (K - 1):]  # the last K-1 inputs (none if K = 1)
         x = F.silu(self.conv1d(x_full))  # (B, E, T)
         dt, Bm, Cm = self.x_proj(x.transpose(1, 2)).split([R, N, N], dim=-1)  # (B, T, R), (B, T, N) x2
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, E, T); the bias goes in the scan

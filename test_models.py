@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-
 import kernels
 import model_mamba
+import model_moe
 import model_transformer
 import train
 
@@ -325,8 +326,9 @@ def test_mamba_causal():
     assert not torch.allclose(a[:, 17:], b[:, 17:])
 
 
-def test_mamba_generation_equals_full_forward():
-    m = tiny_mamba()
+@pytest.mark.parametrize("d_conv", [4, 1])
+def test_mamba_generation_equals_full_forward(d_conv):
+    m = tiny_mamba(d_conv=d_conv)
     prompt = torch.randint(0, 61, (2, 9))
     out = torch.cat([prompt, *m.generate(prompt, 45, temperature=0)], dim=1)  # (2, 54): past block_size
     full = m(out[:, :-1])[0]  # (2, 53, V)
@@ -418,6 +420,18 @@ def test_mamba_tiny_batch_overfits():
         opt.step()
     assert loss.item() < 0.1
 
+
+
+def test_mamba_trains_and_samples_through_train_py(tmp_path, data_dir):
+    out = tmp_path / "out"
+    r = run("train.py", "--model=mamba", "--n_layer=1", "--d_model=32", "--block_size=32", "--batch_size=4",
+            "--eval_iters=2", "--warmup_iters=2", "--max_iters=20", "--eval_interval=20", f"--out_dir={out}",
+            f"--data_dir={data_dir}")
+    assert r.returncode == 0, r.stderr
+    assert "Mamba layers" in r.stdout
+    s = run("sample.py", f"--ckpt={out}/ckpt_best.pt", "--prompt=def ", "--max_new_tokens=40", "--num_samples=1")
+    assert s.returncode == 0, s.stderr
+    assert "(mamba" in s.stderr  # 40 new tokens: past block_size, on the fixed-size state
 
 # ----------------------------------------------------------------------------- train.py and sample.py
 
@@ -542,6 +556,371 @@ def test_torchrun_two_processes(tmp_path, data_dir):
     assert p.returncode == 0, err[-2000:]
     assert "2 processes" in out and out.count("eval 6 |") == 1  # rank 0 alone logs
     assert (tmp_path / "ckpt_last.pt").is_file()
+
+
+# ----------------------------------------------------------------------------- kernels: attention
+# The Triton kernel runs under the interpreter on the CPU here (on a GPU when TRITON_INTERPRET=0,
+# see gpu_check.sh). Each case is checked, output and all three gradients, against the float64
+# formula; the kernel's error must be within 2x the error of PyTorch doing the same math at the
+# input precision (attention_ref on the same fp32/fp16 tensors), the flash-attention project's
+# rule. Plus a floor of 16 float32 ulps of the largest reference value: the kernel accumulates in
+# float32 in another order than PyTorch and rebuilds p = exp(s - lse) from the stored row
+# log-sum-exp, which measured up to ~11 ulps (200 fp32 runs of these cases), so below that
+# neither error means anything. It is 4e-6 relative at most, far under what a wrong mask or
+# scale costs, and ~1/500 of one fp16 ulp, so the fp16 cases are held to the plain 2x rule.
+TRITON_DEVICE = "cpu" if kernels.INTERPRET else "cuda"
+needs_triton = pytest.mark.skipif(not kernels.INTERPRET and not torch.cuda.is_available(),
+                                  reason="Triton needs TRITON_INTERPRET=1 or a CUDA GPU")
+needs_gpu = pytest.mark.skipif(kernels.INTERPRET or not torch.cuda.is_available(),
+                               reason="needs a CUDA GPU and TRITON_INTERPRET unset")
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+# (B, H, Hkv, Tq, Tk, D, causal, alibi, dtype): every listed feature and value at least once,
+# not the full cross product (the interpreter is slow). Lengths 1, 17, 100, 257 (257 spans three
+# query tiles of 128 and five key tiles of 64 with a ragged tail); head dims 16, 48 (padded to 64
+# inside the kernel), 64, 128; MHA, GQA (groups of 2 and 3), MQA.
+ATTENTION_CASES = [
+    (2, 2, 2, 17, 17, 16, True, False, F32),  # MHA, short ragged tile
+    (1, 4, 1, 257, 257, 64, True, True, F16),  # MQA + ALiBi, several tiles each way
+    (2, 4, 2, 100, 100, 48, False, True, F16),  # GQA, non-causal, non-power-of-two head dim
+    (4, 4, 2, 1, 1, 48, True, False, F16),  # a single token (B=4: enough elements for a stable max error)
+    (1, 2, 1, 1, 100, 64, True, False, F32),  # decode: one query against a cache
+    (1, 6, 2, 17, 257, 48, True, True, F32),  # chunked prefill, groups of 3, ALiBi
+    (1, 2, 2, 100, 257, 16, False, False, F16),  # Tq < Tk without the causal mask
+    # More queries than keys (a cross-attention shape), without ALiBi: here the first queries sit up
+    # to 257 positions before every key, so with ALiBi all their scores are ~-100 and rebuilding
+    # p = exp(s - lse) in the backward from such large numbers costs float32 digits (dq measured at
+    # up to 2.3x PyTorch's error). Causal or self-attention rows always have a key at distance 0.
+    (1, 4, 4, 257, 100, 64, False, False, F32),
+    (1, 2, 1, 130, 130, 128, True, True, F16),  # largest head dim; second query tile has full key tiles
+    # bf16: under the interpreter the tiles are upcast after loading, so this checks the wiring;
+    # the GPU run (gpu_check.sh) checks bf16 arithmetic itself.
+    (2, 4, 2, 100, 130, 48, True, True, BF16),
+]
+
+
+def make_inputs(B, H, Hkv, Tq, Tk, D, alibi, dtype, device):
+    q = torch.randn(B, H, Tq, D, device=device, dtype=dtype)
+    k = torch.randn(B, Hkv, Tk, D, device=device, dtype=dtype)
+    v = torch.randn(B, Hkv, Tk, D, device=device, dtype=dtype)
+    do = torch.randn(B, H, Tq, D, device=device, dtype=dtype)
+    slopes = torch.rand(H, device=device) * 0.5 + 0.05 if alibi else None  # in the range of the ALiBi paper's slopes
+    return q, k, v, do, slopes
+
+
+def run_with_grads(fn, q, k, v, do, **kw):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o = fn(q, k, v, **kw)
+    return (o, *torch.autograd.grad(o, (q, k, v), do.to(o.dtype)))
+
+
+def assert_close_to_float64(fn, q, k, v, do, causal, slopes):
+    """fn's output and gradients against float64, held to 2x PyTorch's error at the input precision."""
+    got = run_with_grads(fn, q, k, v, do, causal=causal, alibi_slopes=slopes)
+    exact = run_with_grads(kernels.attention_ref, q.double(), k.double(), v.double(), do.double(),
+                           causal=causal, alibi_slopes=slopes)
+    same_precision = run_with_grads(kernels.attention_ref, q, k, v, do, causal=causal, alibi_slopes=slopes)
+    ulp32 = torch.finfo(torch.float32).eps
+    for name, a, ref, pt in zip(["out", "dq", "dk", "dv"], got, exact, same_precision):
+        assert a.dtype == q.dtype and a.shape == ref.shape
+        err = (a.double() - ref).abs().max().item()  # NaN (an unwritten element) fails below
+        err_pt = (pt.double() - ref).abs().max().item()
+        floor = 16 * ulp32 * max(1.0, ref.abs().max().item())
+        assert err <= 2 * err_pt + floor, f"{name}: error {err:.3g} > 2 x PyTorch's {err_pt:.3g} + {floor:.2g}"
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer a kernel writes starts as NaN, so an element it forgot to write fails."""
+    def nan_output(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(kernels, "_new_output", nan_output)
+
+
+@needs_triton
+@pytest.mark.parametrize("B,H,Hkv,Tq,Tk,D,causal,alibi,dtype", ATTENTION_CASES)
+def test_attention_triton_matches_float64(B, H, Hkv, Tq, Tk, D, causal, alibi, dtype, poisoned):
+    q, k, v, do, slopes = make_inputs(B, H, Hkv, Tq, Tk, D, alibi, dtype, TRITON_DEVICE)
+    assert_close_to_float64(lambda *a, **kw: kernels.attention(*a, impl="triton", **kw), q, k, v, do, causal, slopes)
+
+
+@needs_triton
+@pytest.mark.parametrize("causal,alibi,Tq,Tk", [(True, True, 17, 100), (False, False, 100, 100)])
+def test_attention_triton_keeps_row_logsumexp(causal, alibi, Tq, Tk, poisoned):
+    B, H, Hkv, D = 1, 4, 2, 48
+    q, k, v, _, slopes = make_inputs(B, H, Hkv, Tq, Tk, D, alibi, F32, TRITON_DEVICE)
+    o, lse = kernels._flash_forward(q, k, v, causal, slopes, 1 / math.sqrt(D))
+    kd = k.double().repeat_interleave(H // Hkv, dim=1)  # (B, H, Tk, D)
+    s = q.double() @ kd.transpose(-2, -1) / math.sqrt(D)  # (B, H, Tq, Tk)
+    i, j = torch.arange(Tk - Tq, Tk, device=s.device)[:, None], torch.arange(Tk, device=s.device)[None, :]
+    if alibi:
+        s = s - slopes.double().view(H, 1, 1) * (i - j).abs()
+    if causal:
+        s = s.masked_fill(j > i, float("-inf"))
+    assert lse.shape == (B, H, Tq) and lse.dtype == torch.float32
+    assert (lse.double() - s.logsumexp(-1)).abs().max().item() < 1e-5  # fp32 rounding of values ~log(Tk)
+
+
+@pytest.mark.parametrize("B,H,Hkv,Tq,Tk,D,causal,alibi,dtype", [
+    (2, 4, 2, 100, 100, 48, True, False, F32),  # SDPA's own is_causal
+    (1, 4, 1, 17, 257, 64, True, True, F32),  # explicit mask: causal aligned to the end + ALiBi
+    (8, 8, 2, 1, 100, 64, True, False, F16),  # decode step (enough elements for a stable max error)
+    (1, 6, 2, 100, 257, 48, False, True, F16),  # non-causal ALiBi, GQA
+])
+def test_attention_torch_path_matches_float64(B, H, Hkv, Tq, Tk, D, causal, alibi, dtype):
+    q, k, v, do, slopes = make_inputs(B, H, Hkv, Tq, Tk, D, alibi, dtype, "cpu")
+    assert_close_to_float64(lambda *a, **kw: kernels.attention(*a, impl="torch", **kw), q, k, v, do, causal, slopes)
+
+
+@needs_triton
+def test_attention_triton_follows_autocast_and_mixed_dtypes():
+    q, k, v, do, slopes = make_inputs(1, 4, 2, 17, 40, 16, True, F32, TRITON_DEVICE)
+    with torch.autocast(TRITON_DEVICE, dtype=torch.bfloat16):
+        o, dq, dk, dv = run_with_grads(lambda *a, **kw: kernels.attention(*a, impl="triton", **kw), q, k, v, do,
+                                       causal=True, alibi_slopes=slopes)
+    assert o.dtype == BF16 and dq.dtype == dk.dtype == dv.dtype == F32  # gradients come back in the leaves' dtype
+    ref = kernels.attention_ref(q.double(), k.double(), v.double(), alibi_slopes=slopes)
+    assert (o.double() - ref).abs().max() < 0.05  # bf16 inputs: about 3 significant digits
+    o16 = kernels.attention(q.half(), k, v, impl="triton")  # float32 K/V (a cache) with fp16 queries
+    ref16 = kernels.attention_ref(q.double(), k.double(), v.double())
+    assert o16.dtype == F16 and (o16.double() - ref16).abs().max() < 0.01
+
+
+def test_attention_dispatch_and_errors():
+    q, k, v, _, _ = make_inputs(1, 4, 2, 9, 9, 16, False, F32, "cpu")
+    assert torch.equal(kernels.attention(q, k, v), kernels.attention(q, k, v, impl="torch"))  # CPU -> torch
+    with pytest.raises(ValueError, match="Tq=9 <= Tk=5"):
+        kernels.attention(q, k[:, :, :5], v[:, :, :5])
+    with pytest.raises(ValueError, match="multiple"):
+        kernels.attention(q, k[:, :1].expand(1, 3, 9, 16), v[:, :1].expand(1, 3, 9, 16))
+
+
+# On a GPU only (gpu_check.sh): bf16, sizes at which the fast unmasked loop dominates, determinism.
+@needs_gpu
+@pytest.mark.parametrize("B,H,Hkv,Tq,Tk,D,causal,alibi,dtype", [
+    (2, 4, 2, 257, 257, 64, True, True, BF16),
+    (1, 4, 1, 17, 300, 48, True, False, BF16),
+    (2, 4, 4, 100, 100, 128, False, True, BF16),
+    (4, 12, 12, 1024, 1024, 64, True, False, BF16),  # the nanoGPT shape
+    (2, 8, 2, 1024, 1024, 64, True, True, F16),
+    (1, 8, 2, 4096, 4096, 128, True, False, BF16),
+    (1, 8, 8, 2048, 2048, 128, False, False, F16),
+    (2, 8, 1, 500, 1500, 96, True, True, BF16),
+    (1, 4, 2, 1000, 1000, 80, False, True, F32),
+])
+def test_attention_triton_gpu_full_size(B, H, Hkv, Tq, Tk, D, causal, alibi, dtype, poisoned):
+    q, k, v, do, slopes = make_inputs(B, H, Hkv, Tq, Tk, D, alibi, dtype, "cuda")
+    assert_close_to_float64(lambda *a, **kw: kernels.attention(*a, impl="triton", **kw), q, k, v, do, causal, slopes)
+
+
+@needs_gpu
+def test_attention_triton_backward_is_deterministic():
+    q, k, v, do, slopes = make_inputs(2, 8, 2, 1024, 1024, 64, True, BF16, "cuda")
+    first = run_with_grads(kernels.attention, q, k, v, do, causal=True, alibi_slopes=slopes)
+    for _ in range(50):
+        again = run_with_grads(kernels.attention, q, k, v, do, causal=True, alibi_slopes=slopes)
+        for name, a, b in zip(["out", "dq", "dk", "dv"], first, again):
+            assert torch.equal(a, b), f"{name} differs between runs"
+
+# ---- model_moe
+
+MOE_VARIANTS = [  # router, paths, shared and fine-grained experts, dense layers between, GELU experts
+    dict(),
+    dict(expert_path="loop", router="sigmoid"),
+    dict(n_expert=16, top_k=4, d_expert=32, n_shared=1, moe_every=2, moe_offset=1),
+    dict(ffn="gelu", norm_topk=False, n_kv_head=1, pos="alibi"),
+]
+
+
+def tiny_moe(**kw):
+    torch.manual_seed(0)
+    cfg = model_moe.Config(**{**dict(vocab_size=61, block_size=40, d_model=48, n_layer=2, n_head=4), **kw})
+    return model_moe.Model(cfg).eval()
+
+
+def moe_layer(**kw):
+    torch.manual_seed(0)
+    cfg = model_moe.Config(**{**dict(vocab_size=61, d_model=32, n_layer=2, n_head=4, d_ff=48), **kw})
+    layer = model_moe.MoE(cfg)
+    nn.init.normal_(layer.router.weight, std=0.5)  # a trained router's spread, not the init's near-ties
+    return layer.eval()  # eval: the sigmoid router's bias stays put
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(router="sigmoid"), dict(top_k=1, n_expert=5)], ids=ID)
+def test_moe_routing_invariants(variant):
+    m = moe_layer(**variant)
+    k = m.cfg.top_k
+    tok, expert, weight = m.route(torch.randn(37, 32))
+    assert torch.equal(tok, torch.arange(37).repeat_interleave(k))  # dropless: every token k times
+    expert, weight = expert.view(37, k), weight.view(37, k)
+    assert all(len(set(row.tolist())) == k for row in expert)  # k distinct experts
+    assert (weight >= 0).all()
+    torch.testing.assert_close(weight.sum(-1), torch.ones(37))
+
+
+def test_moe_unnormalised_weights_are_the_router_probabilities():
+    m = moe_layer(norm_topk=False)
+    x = torch.randn(37, 32)
+    _, expert, weight = m.route(x)
+    probs = torch.softmax(x @ m.router.weight.t(), dim=-1)  # (N, E)
+    torch.testing.assert_close(weight.view(37, 2), probs.gather(-1, expert.view(37, 2)))
+    assert (weight.view(37, 2).sum(-1) < 1).all()
+
+
+def test_balance_loss_is_one_when_balanced_and_larger_when_collapsed():
+    m = moe_layer(n_expert=8, top_k=2)
+    with torch.no_grad():
+        m.router.weight.zero_()
+        m.router.weight[:, :8] = torch.eye(8)
+    prefer = lambda i: 10 * (torch.eye(32)[i % 8] + 0.5 * torch.eye(32)[(i + 1) % 8])  # expert i, then i+1
+    m.route(torch.stack([prefer(i) for i in range(8)]))  # each expert chosen equally often, symmetric probs
+    assert abs(m.losses[0].item() - 1.0) < 1e-6
+    m.route(torch.stack([prefer(0)] * 8))  # every token: experts 0 and 1
+    assert m.losses[0].item() > 3.9  # = 8 * (0.5 P_0 + 0.5 P_1), P_0 + P_1 ~ 1
+
+
+def test_z_loss_at_zero_logits_is_log_e_squared():
+    m = moe_layer(n_expert=8)
+    nn.init.zeros_(m.router.weight)
+    m.route(torch.randn(10, 32))
+    assert abs(m.losses[1].item() - math.log(8) ** 2) < 1e-5
+
+
+@pytest.mark.parametrize("variant", [dict(ffn="swiglu"), dict(ffn="gelu", expert_path="loop"), dict(router="sigmoid")], ids=ID)
+def test_moe_with_identical_experts_is_a_dense_feed_forward(variant):
+    m = moe_layer(**variant)
+    dense = model_moe.SwiGLU(m.cfg) if m.cfg.ffn == "swiglu" else model_moe.MLP(m.cfg)
+    first = dense.gate_up if m.cfg.ffn == "swiglu" else dense.fc
+    with torch.no_grad():
+        m.w_in.copy_(first.weight.t().expand_as(m.w_in))
+        m.w_out.copy_(dense.out_proj.weight.t().expand_as(m.w_out))
+    x = torch.randn(2, 9, 32)
+    torch.testing.assert_close(m(x), dense(x))  # the k weights sum to 1
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(n_expert=16, top_k=3, d_expert=16, n_shared=2, ffn="gelu"),
+                                     dict(router="sigmoid", capacity_factor=0.8)], ids=ID)
+def test_moe_grouped_path_equals_loop_with_an_idle_expert(variant, monkeypatch):
+    m = moe_layer(**variant)
+    with torch.no_grad():
+        m.router.weight[3, 0] = -100.0  # feature 0 is 1 for every token below: expert 3 gets none
+    x = torch.randn(3, 7, 32)  # 21 tokens: no multiple of anything
+    x[..., 0] = 1.0
+    x.requires_grad_(True)
+    g = torch.randn(3, 7, 32)  # a random upstream gradient
+    params = [x] + [p for p in m.parameters()]
+    results = []
+    for path, patch in (("loop", False), ("grouped", False), ("grouped", True)):
+        if patch:  # a torch without grouped_mm: segment_mm's fallback loops over the segments
+            monkeypatch.delattr(torch.nn.functional, "grouped_mm")
+        m.cfg.expert_path = path
+        y = m(x)
+        results.append([y] + list(torch.autograd.grad(y, params, g)))
+    assert m.last["load"][3] == 0
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("variant", MOE_VARIANTS, ids=ID)
+def test_moe_causal_and_prefix_consistent(variant):
+    m = tiny_moe(**variant)
+    idx = torch.randint(0, 61, (2, 30))
+    changed = idx.clone()
+    changed[:, 17:] = torch.randint(0, 61, (2, 13))
+    a, b = m(idx)[0], m(changed)[0]
+    torch.testing.assert_close(a[:, :17], b[:, :17], atol=0, rtol=0)  # nothing before t may see token t
+    assert not torch.allclose(a[:, 17:], b[:, 17:])
+    torch.testing.assert_close(m(idx[:, :12])[0], a[:, :12])  # a prefix alone gives the same outputs
+
+
+def test_capacity_factor_breaks_causality_and_prefix_consistency():
+    m = tiny_moe(capacity_factor=1.0)
+    idx = torch.randint(0, 61, (1, 40))
+    changed = idx.clone()
+    changed[:, 20:] = torch.randint(0, 61, (1, 20))
+    a, b = m(idx)[0], m(changed)[0]
+    assert m.stats()["moe_drop"] > 0
+    assert not torch.allclose(a[:, :20], b[:, :20])  # later tokens pushed earlier ones out of an expert
+    assert not torch.allclose(m(idx[:, :20])[0], a[:, :20])  # a prefix has another capacity
+
+
+@pytest.mark.parametrize("variant", MOE_VARIANTS, ids=ID)
+def test_moe_cached_generation_equals_full_forward(variant):
+    m = tiny_moe(**variant)
+    prompt = torch.randint(0, 61, (2, 9))
+    out = torch.cat([prompt, *m.generate(prompt, 25, temperature=0)], dim=1)  # (2, 34)
+    full = m(out[:, :-1])[0]  # (2, 33, V)
+    assert torch.equal(full[:, 8:].argmax(-1), out[:, 9:])
+    cache = m.new_cache(2)
+    steps = [m(out[:, :9], cache=cache)[0][:, -1]] + [m(out[:, t:t + 1], cache=cache)[0][:, -1] for t in range(9, 33)]
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 8:], atol=1e-5, rtol=1e-5)
+
+
+def test_moe_loss_adds_balance_and_z_loss():
+    m = tiny_moe(balance_coef=0.1, z_coef=0.01)
+    idx = torch.randint(0, 61, (2, 20))
+    _, loss = m(idx, idx)
+    aux = m.aux
+    assert set(aux) == {"ce", "balance", "z"} and aux["balance"] >= 1.0 - 1e-6
+    torch.testing.assert_close(loss.detach(), aux["ce"] + 0.1 * aux["balance"] + 0.01 * aux["z"])
+    s = m.stats()
+    assert set(s) == {"moe_vio", "moe_vio_worst", "moe_ent", "moe_ent_worst", "moe_dead", "moe_drop", "moe_top1"}
+    layers = m.layer_stats()
+    assert len(layers) == 2 and abs(sum(layers[0]["load"]) - 1) < 1e-6 and 0 < s["moe_ent"] <= 1
+
+
+def test_sigmoid_bias_chooses_but_does_not_weight_and_moves_against_load():
+    m = moe_layer(router="sigmoid", norm_topk=False)
+    x = torch.randn(50, 32)
+    m.route_bias[5] = 10.0  # expert 5 now wins every token...
+    _, expert, weight = m.route(x)
+    assert (expert.view(50, 2)[:, 0] == 5).all()
+    probs = torch.sigmoid(x @ m.router.weight.t())
+    torch.testing.assert_close(weight.view(50, 2)[:, 0], probs[:, 5])  # ...with its plain sigmoid weight
+    assert m.route_bias[5] == 10.0  # eval: no update
+    m.train()
+    m.route(x)
+    assert m.route_bias[5] == 10.0 - m.cfg.bias_rate and (m.route_bias[m.last["load"] == 0] == m.cfg.bias_rate).all()
+
+
+def test_moe_counts_active_parameters_and_flops():
+    dense = tiny_transformer(d_ff=64)
+    moe = tiny_moe(d_ff=64, n_expert=8, top_k=2, d_expert=32)  # 2 experts of 32 per token = one dense ffn of 64
+    router = 2 * 8 * 48
+    assert moe.num_params(active=True) == dense.num_params() + router
+    assert moe.num_params() == dense.num_params() + router + 2 * 6 * 3 * 48 * 32  # 6 more experts per layer
+    assert moe.flops_per_token() == dense.flops_per_token() + 6 * router
+
+
+def test_moe_config_rejects_impossible_values():
+    for kw, msg in [(dict(top_k=9), "top_k must be between 1 and n_expert"), (dict(router="hash"), "router must be one of"),
+                    (dict(d_expert=20), "divisible by 8"), (dict(moe_every=2, moe_offset=2), "moe_offset < moe_every")]:
+        with pytest.raises(ValueError, match=msg):
+            model_moe.Config(**kw)
+    model_moe.Config(d_expert=20, expert_path="loop")
+
+
+def test_moe_tiny_batch_overfits():
+    torch.manual_seed(0)
+    m = tiny_moe(n_expert=4, top_k=2).train()
+    x = torch.randint(0, 61, (4, 24))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = m(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert m.aux["ce"] < 0.1
+
+
+def test_train_py_prints_expert_statistics(tmp_path, data_dir):
+    r = run("train.py", *TINY, "--model=moe", "--n_expert=4", "--max_iters=6", "--eval_interval=3", "--log_interval=3",
+            f"--out_dir={tmp_path}", f"--data_dir={data_dir}")
+    assert r.returncode == 0, r.stderr
+    assert "active)" in r.stdout and "top-2 of 4 experts" in r.stdout
+    evals = [l for l in r.stdout.splitlines() if l.startswith("eval ")]
+    assert len(evals) == 3 and all("moe_ent" in l and "moe_vio" in l and "moe_dead" in l for l in evals)
 
 
 # ---- synthetic tasks

@@ -1,0 +1,567 @@
+"""
+A Mixture-of-Experts Transformer: model_transformer.py with the feed-forward network of some
+layers replaced by E expert feed-forward networks and a router that sends each token to k of
+them, so the parameter count grows with E while the compute per token grows only with k.
+`diff model_transformer.py model_moe.py` shows exactly what MoE changes.
+
+  router      a linear map from the token to E scores, in float32, with a small random init
+              (zero weights would tie every score and send all tokens to the same experts).
+              softmax: token-choice top-k over a softmax (Shazeer et al. 2017; GShard, Lepikhin
+              et al. 2020; Switch, Fedus et al. 2021 with k=1), the k weights renormalised to
+              sum to 1 (Mixtral; norm_topk=False keeps the raw probabilities).
+              sigmoid: independent affinities; a per-expert bias is added only to choose the
+              top k, not to weight them, and moves against the load after every training
+              forward (DeepSeek-V3's balancing without an auxiliary loss).
+  losses      Switch's load-balancing loss E * sum_e f_e * P_e (f_e: share of assignments that
+              went to expert e, P_e: mean router probability of e), which is 1 at perfect balance
+              and E when every token goes to one expert; the router z-loss mean(logsumexp^2)
+              (ST-MoE, Zoph et al. 2022) keeps the logits small. Both per layer, averaged over
+              the MoE layers, added to the loss with balance_coef and z_coef.
+  capacity    dropless by default: every token reaches its k experts, so a token's output does
+              not depend on any other token in its layer and the model stays causal. With
+              capacity_factor > 0 each expert takes at most capacity_factor * N * k / E
+              assignments of the N tokens in the call and the rest are dropped (the residual
+              carries them); which ones fit depends on the whole batch, later positions
+              included, so training is no longer causal (see within_capacity).
+  experts     one weight layout: stacked matrices w_in (E, C, 2F) and w_out (E, F, C). Two
+              paths: a readable loop over experts, and a fast one that sorts the assignments by
+              expert and runs every expert's contiguous segment in one grouped matmul.
+  DeepSeekMoE fine-grained experts (Dai et al. 2024): smaller d_expert, more experts, larger k;
+              shared experts that every token passes through (n_shared). moe_every / moe_offset
+              put MoE in every n-th layer with a dense feed-forward between (Switch, GShard).
+
+Shapes: B batch, T time (tokens in this call), S cached + new tokens, C d_model,
+H query heads, K key/value heads, D head dim, F feed-forward hidden size, V vocabulary,
+E experts, N tokens in the call (B * T), M token-to-expert assignments (N * top_k, less dropped).
+"""
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+@dataclass
+class Config:
+    vocab_size: int = 256
+    block_size: int = 256  # longest context; the KV cache holds this many positions
+    d_model: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 2  # n_head: MHA, 1: MQA, between: GQA
+    pos: str = "rope"  # rope | alibi | learned | sinusoidal | none
+    ffn: str = "swiglu"  # swiglu | gelu
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    prenorm: bool = True  # False: post-norm, as in the original Transformer
+    d_ff: int = 0  # feed-forward hidden size; 0 picks 4 * d_model (gelu) or the matching SwiGLU size
+    bias: bool = False  # biases in linear layers and LayerNorm (GPT-2 has them)
+    dropout: float = 0.0
+    tie_embeddings: bool = True  # the output head reuses the token embedding matrix
+    rope_theta: float = 10000.0
+    flash: bool = True  # kernels.attention; False runs the explicit formula
+    norm_eps: float = 1e-5
+    # mixture of experts
+    n_expert: int = 8  # routed experts per MoE layer
+    top_k: int = 2  # experts per token
+    d_expert: int = 0  # hidden size of one expert; 0 = d_ff. Fine-grained: d_ff / m with m times the experts and k
+    n_shared: int = 0  # shared experts of size d_expert that every token passes through (DeepSeekMoE)
+    moe_every: int = 1  # MoE in layers where layer % moe_every == moe_offset, dense feed-forward elsewhere
+    moe_offset: int = 0
+    router: str = "softmax"  # softmax | sigmoid (DeepSeek-V3: bias-based balancing, no balance loss)
+    norm_topk: bool = True  # renormalise the k chosen weights to sum to 1
+    balance_coef: float = 0.01  # Switch load-balancing loss (softmax router)
+    z_coef: float = 0.001  # router z-loss (softmax router)
+    bias_rate: float = 0.001  # sigmoid router: step of the balancing bias per training forward
+    capacity_factor: float = 0.0  # 0 = dropless; > 0 drops assignments beyond the capacity (not causal)
+    expert_path: str = "grouped"  # grouped (sorted tokens, grouped matmuls) | loop (readable)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "d_model", "n_layer", "n_head", "n_kv_head"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        for name, choices in (("pos", ("rope", "alibi", "learned", "sinusoidal", "none")),
+                              ("ffn", ("swiglu", "gelu")), ("norm", ("rmsnorm", "layernorm"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {'|'.join(choices)}, got {getattr(self, name)!r}")
+        self.head_dim = self.d_model // self.n_head
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head dim, got d_model/n_head = {self.head_dim}")
+        if self.pos == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"sinusoidal positions need an even d_model, got {self.d_model}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.d_ff < 0:
+            raise ValueError(f"d_ff must be positive (or 0 for the default), got {self.d_ff}")
+        if self.d_ff == 0:  # SwiGLU has three matrices to GELU's two: 3 * C * F = 2 * C * 4C
+            self.d_ff = 4 * self.d_model if self.ffn == "gelu" else 8 * math.ceil(8 * self.d_model / 3 / 8)
+        self.d_expert = self.d_expert or self.d_ff
+        if not 1 <= self.top_k <= self.n_expert:
+            raise ValueError(f"top_k must be between 1 and n_expert ({self.n_expert}), got {self.top_k}")
+        if self.d_expert < 0 or self.n_shared < 0 or self.capacity_factor < 0:
+            raise ValueError("d_expert, n_shared and capacity_factor must be >= 0")
+        if not 0 <= self.moe_offset < self.moe_every:
+            raise ValueError(f"need 0 <= moe_offset < moe_every, got moe_offset={self.moe_offset}, moe_every={self.moe_every}")
+        for name, choices in (("router", ("softmax", "sigmoid")), ("expert_path", ("grouped", "loop"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {'|'.join(choices)}, got {getattr(self, name)!r}")
+        if self.expert_path == "grouped" and (self.d_expert % 8 or self.d_model % 8):
+            raise ValueError(f"expert_path=grouped needs d_expert and d_model divisible by 8 (grouped_mm wants 16-byte "
+                             f"rows), got {self.d_expert} and {self.d_model}; use expert_path=loop")
+
+
+# ----------------------------------------------------------------------------- small blocks
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * g: LayerNorm without the mean subtraction and the bias. Computed in float32."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
+
+
+def make_norm(cfg, dim):
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def sinusoids(T, C):
+    """The fixed table of Vaswani et al.: sin and cos of position / 10000^(2i/C)."""
+    pos = torch.arange(T, dtype=torch.float32)[:, None]  # (T, 1)
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, C, 2, dtype=torch.float32) / C)  # (C/2,)
+    table = torch.zeros(T, C)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table  # (T, C)
+
+
+def alibi_slopes(n_head):
+    """Head h penalises distance by m_h, a geometric series 2^(-8/n), 2^(-16/n), ... (Press et al.);
+    for a head count that is not a power of two, the paper's recipe adds the odd terms of the next."""
+    p = 2 ** math.floor(math.log2(n_head))
+    slopes = [2 ** (-8 * (i + 1) / p) for i in range(p)]
+    slopes += [2 ** (-4 * (2 * i + 1) / p) for i in range(n_head - p)]
+    return torch.tensor(slopes)  # (H,)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x_i, x_{i+D/2}) by the angle of its position and frequency."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, T, H, D/2) each; cos and sin are (T, 1, D/2)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for all layers. It stores n_kv_head heads,
+    not n_head: that saving is the point of GQA and MQA."""
+
+    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, device, dtype):
+        self.k = torch.zeros(n_layer, batch_size, n_kv_head, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.len = 0  # positions filled; the model advances it after each forward
+
+    def update(self, layer, k, v):
+        """Append this call's k, v (B, K, T, D); return everything so far (B, K, S, D)."""
+        end = self.len + k.size(2)
+        self.k[layer, :, :, self.len:end] = k
+        self.v[layer, :, :, self.len:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (H + 2 * K) * D, bias=cfg.bias)
+        self.out_proj = nn.Linear(H * D, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+        if cfg.pos == "alibi":
+            self.register_buffer("alibi", alibi_slopes(H), persistent=False)
+
+    def forward(self, x, rope, cache, layer):
+        cfg = self.cfg
+        B, T, C = x.shape
+        H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        qk, v = self.qkv(x).split([(H + K) * D, K * D], dim=-1)
+        qk = qk.view(B, T, H + K, D)  # queries and keys side by side: RoPE rotates both in one go
+        if rope is not None:
+            qk = apply_rope(qk, *rope)
+        q, k = qk.transpose(1, 2).split([H, K], dim=1)  # (B, H, T, D), (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, K, S, D)
+        alibi = self.alibi if cfg.pos == "alibi" else None
+        if cfg.flash:
+            y = kernels.attention(q, k, v, causal=True, alibi_slopes=alibi)  # (B, H, T, D)
+        else:
+            y = self.explicit(q, k, v, alibi)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        return self.drop(self.out_proj(y))
+
+    def explicit(self, q, k, v, alibi):
+        """softmax(q k^T / sqrt(D) + bias, masked to the past) v, exactly as written in the paper."""
+        H, T, D = q.size(1), q.size(2), q.size(3)
+        S = k.size(2)
+        k = k.repeat_interleave(H // k.size(1), dim=1)  # (B, H, S, D): each K/V head serves H/K query heads
+        v = v.repeat_interleave(H // v.size(1), dim=1)  # (B, H, S, D)
+        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(D)  # (B, H, T, S)
+        i = torch.arange(S - T, S, device=q.device)[:, None]  # query positions (T, 1): the last T of S
+        j = torch.arange(S, device=q.device)[None, :]  # key positions (1, S)
+        if alibi is not None:
+            scores = scores - alibi.view(H, 1, 1) * (i - j)  # (B, H, T, S): farther back, lower score
+        scores = scores.masked_fill(j > i, float("-inf"))  # causal: no looking ahead
+        return torch.softmax(scores, dim=-1).type_as(v) @ v  # (B, H, T, D)
+
+
+class MLP(nn.Module):
+    """GPT-2's feed-forward: C -> F -> C with a GELU between."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.out_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.out_proj(F.gelu(self.fc(x))))
+
+
+class SwiGLU(nn.Module):
+    """LLaMA's feed-forward: (SiLU(x W_gate) * x W_up) W_out. Gate and up are one matmul."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=cfg.bias)
+        self.out_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, F) each
+        return self.drop(self.out_proj(F.silu(gate) * up))
+
+
+def segment_mm(a, b, ends):
+    """Rows ends[e-1]:ends[e] of a (M, X) times b[e] (X, Y), for every e -> (M, Y). grouped_mm does
+    all segments in one call; a torch without it loops over them."""
+    if hasattr(F, "grouped_mm"):
+        return F.grouped_mm(a, b, offs=ends)
+    starts = [0] + ends[:-1].tolist()
+    return torch.cat([a[s:e] @ b[i] for i, (s, e) in enumerate(zip(starts, ends.tolist()))])
+
+
+class MoE(nn.Module):
+    """E expert feed-forward networks (SwiGLU or GELU, as cfg.ffn, no biases) and a router that
+    sends each token to top_k of them; the output is the weighted sum of their outputs."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        E, C, F_ = cfg.n_expert, cfg.d_model, cfg.d_expert
+        self.router = nn.Linear(C, E, bias=False)  # small random init from Model._init_weights, never zero
+        width = 2 * F_ if cfg.ffn == "swiglu" else F_  # gate and up side by side, as in SwiGLU.gate_up
+        self.w_in = nn.Parameter(torch.randn(E, C, width) * 0.02)  # (E, C, 2F)
+        self.w_out = nn.Parameter(torch.randn(E, F_, C) * 0.02 / math.sqrt(2 * cfg.n_layer))  # (E, F, C), like out_proj
+        if cfg.router == "sigmoid":  # part of the state (checkpointed), not a parameter: no gradient moves it
+            self.register_buffer("route_bias", torch.zeros(E))
+        self.shared = None
+        if cfg.n_shared:  # n_shared experts that every token uses are one feed-forward of n_shared times the width
+            shared_cfg = replace(cfg, d_ff=cfg.n_shared * cfg.d_expert, dropout=0.0)
+            self.shared = SwiGLU(shared_cfg) if cfg.ffn == "swiglu" else MLP(shared_cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.losses = None  # (balance, z) of the last forward, for Model.forward to add to the loss
+        self.last = None  # router statistics of the last forward, for Model.stats
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)  # (N, C): routing is per token, batch and time do not matter
+        tok, expert, weight = self.route(x)  # (M,) each: who goes where, with what weight
+        if self.cfg.expert_path == "grouped":
+            y = self.experts_grouped(x, tok, expert, weight)
+        else:
+            y = self.experts_loop(x, tok, expert, weight)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return self.drop(y).view(B, T, C)
+
+    def route(self, x):
+        cfg, N, E, k = self.cfg, x.size(0), self.cfg.n_expert, self.cfg.top_k
+        with torch.autocast(x.device.type, enabled=False):  # float32 even under bf16 autocast: top-k
+            logits = F.linear(x.float(), self.router.weight.float())  # (N, E)   # must not flip on rounding
+        if cfg.router == "softmax":
+            probs = logits.softmax(dim=-1)  # (N, E)
+            weight, expert = probs.topk(k, dim=-1)  # (N, k) each; k distinct experts per token
+        else:
+            probs = logits.sigmoid()  # (N, E)
+            expert = (probs + self.route_bias).topk(k, dim=-1).indices  # (N, k): the bias chooses...
+            weight = probs.gather(-1, expert)  # (N, k)                 # ...but does not weight
+        if cfg.norm_topk:
+            weight = weight / weight.sum(dim=-1, keepdim=True)
+        counts = torch.bincount(expert.flatten(), minlength=E)  # (E,) assignments each expert was asked for
+        load = counts.float() / (N * k)  # (E,) f_e, sums to 1
+        if cfg.router == "softmax":
+            balance = E * (load * probs.mean(dim=0)).sum()  # gradient flows through P_e, not the counts
+            z = torch.logsumexp(logits, dim=-1).square().mean()
+            self.losses = (balance, z)
+        elif self.training:
+            # DeepSeek-V3 nudges the bias after each step; here after each training forward (so
+            # train.py need not know), from this batch's load: overloaded experts become less
+            # likely to be chosen, underloaded ones more. It changes no output of this forward.
+            with torch.no_grad():
+                self.route_bias += cfg.bias_rate * torch.sign(counts.float().mean() - counts)
+        keep = self.within_capacity(expert) if cfg.capacity_factor > 0 else torch.ones_like(expert, dtype=torch.bool)
+        self.last = {"load": load.detach(), "dropped": 1 - keep.float().mean(),
+                     "top1": (probs.max(dim=-1).values / probs.sum(dim=-1)).mean().detach()}
+        tok = torch.arange(N, device=x.device)[:, None].expand(N, k)  # (N, k)
+        return tok[keep], expert[keep], weight[keep]  # (M,) each, token-major
+
+    def within_capacity(self, expert):
+        """Which of the (N, k) assignments fit: each expert takes at most capacity_factor * N * k / E.
+        As in GShard, every token's first choice queues before any second choice, each in token
+        order (batch-major). So a later token's first choice can push out an earlier token's
+        second choice, and sequence 0 fills the queues before sequence 1: an output depends on
+        later positions and on other sequences. The capacity also depends on N, so a prefix, or
+        one decoding step, drops differently from the full sequence. Not causal: for training only."""
+        N, k = expert.shape
+        E = self.cfg.n_expert
+        capacity = math.ceil(self.cfg.capacity_factor * N * k / E)
+        queue = F.one_hot(expert.t().reshape(-1), E)  # (k * N, E): slot-major
+        place = (queue.cumsum(dim=0) * queue).sum(dim=-1) - 1  # (k * N,) place in its expert's queue
+        return (place < capacity).view(k, N).t()  # (N, k)
+
+    def act(self, h):
+        if self.cfg.ffn == "swiglu":
+            gate, up = h.chunk(2, dim=-1)  # (M, F) each
+            return F.silu(gate) * up
+        return F.gelu(h)
+
+    def experts_loop(self, x, tok, expert, weight):
+        """The readable path: for each expert, gather its tokens, run its feed-forward, add back weighted."""
+        y = torch.zeros_like(x)  # (N, C)
+        for e in range(self.cfg.n_expert):
+            mine = expert == e
+            t = tok[mine]  # tokens routed to e
+            h = self.act(x[t] @ self.w_in[e]) @ self.w_out[e]  # (tokens of e, C)
+            y = y.index_add(0, t, (h * weight[mine, None]).type_as(x))
+        return y
+
+    def experts_grouped(self, x, tok, expert, weight):
+        """The fast path: sort the assignments by expert so that each expert's tokens are one
+        contiguous segment, then two grouped matmuls run all experts at once."""
+        order = torch.argsort(expert, stable=True)  # stable: the same order of additions as the loop
+        tok, weight = tok[order], weight[order]  # (M,) each, grouped by expert
+        ends = torch.bincount(expert, minlength=self.cfg.n_expert).cumsum(0).to(torch.int32)  # (E,)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        h = segment_mm(x[tok].to(dtype), self.w_in.to(dtype), ends)  # (M, 2F); grouped_mm is not on
+        h = segment_mm(self.act(h), self.w_out.to(dtype), ends)  # (M, C)   # autocast's list: cast by hand
+        return torch.zeros_like(x).index_add(0, tok, (h * weight[:, None]).type_as(x))
+
+    def num_expert_params(self):
+        return self.w_in[0].numel() + self.w_out[0].numel()  # one routed expert
+
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.prenorm = cfg.prenorm
+        self.norm1, self.norm2 = make_norm(cfg, cfg.d_model), make_norm(cfg, cfg.d_model)
+        self.attn = Attention(cfg)
+        if layer % cfg.moe_every == cfg.moe_offset:
+            self.ffn = MoE(cfg)
+        else:
+            self.ffn = SwiGLU(cfg) if cfg.ffn == "swiglu" else MLP(cfg)
+
+    def forward(self, x, rope, cache, layer):
+        if self.prenorm:  # x + f(norm(x)): the residual stream itself is never normalised
+            x = x + self.attn(self.norm1(x), rope, cache, layer)
+            return x + self.ffn(self.norm2(x))
+        x = self.norm1(x + self.attn(x, rope, cache, layer))  # norm(x + f(x))
+        return self.norm2(x + self.ffn(x))
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Model(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos == "learned":
+            self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
+        if cfg.pos == "sinusoidal":
+            self.register_buffer("sinusoids", sinusoids(cfg.block_size, cfg.d_model), persistent=False)
+        if cfg.pos == "rope":
+            inv_freq = cfg.rope_theta ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+            self.register_buffer("inv_freq", inv_freq, persistent=False)  # (D/2,)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
+        # post-norm already ends every block with a norm; pre-norm needs one before the head
+        self.norm_f = make_norm(cfg, cfg.d_model) if cfg.prenorm else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: each residual branch adds to the stream,
+            if name.endswith("out_proj.weight"):  # so scale their output layers by 1/sqrt(2 * depth)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self.aux = {}
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None, cache=None):
+        cfg = self.config
+        B, T = idx.shape
+        start = cache.len if cache is not None else 0
+        if start + T > cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {cfg.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.wte(idx)  # (B, T, C)
+        if cfg.pos == "learned":
+            x = x + self.wpe(pos)
+        if cfg.pos == "sinusoidal":
+            x = x + self.sinusoids[pos]
+        x = self.drop(x)
+        rope = None
+        if cfg.pos == "rope":
+            angle = (pos[:, None].float() * self.inv_freq)[:, None, :]  # (T, 1, D/2)
+            rope = (angle.cos(), angle.sin())
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, cache, layer)
+        if cache is not None:
+            cache.len += T
+        logits = self.lm_head(self.norm_f(x)).float()  # (B, T, V)
+        loss = None
+        if targets is not None:  # targets of -1 are ignored (the synthetic tasks score answers only)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            self.aux = {"ce": loss.detach()}
+            moes = [m for m in self.modules() if isinstance(m, MoE) and m.losses is not None]
+            if moes:  # per layer, averaged: each reads 1.0 (balance) at perfect balance whatever the depth
+                balance = torch.stack([m.losses[0] for m in moes]).mean()
+                z = torch.stack([m.losses[1] for m in moes]).mean()
+                loss = loss + cfg.balance_coef * balance + cfg.z_coef * z
+                self.aux.update(balance=balance.detach(), z=z.detach())
+        return logits, loss
+
+    # ------------------------------------------------------------------------- generation
+
+    def new_cache(self, batch_size, max_len=None, device=None, dtype=None):
+        cfg = self.config
+        p = self.wte.weight
+        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.block_size, cfg.head_dim,
+                       device or p.device, dtype or p.dtype)
+
+    def cache_bytes(self, cache):
+        return cache.k.nbytes + cache.v.nbytes
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+        """Yield (B, 1) new tokens: the prompt goes through in one parallel pass that fills the KV
+        cache, then each step feeds only the newest token. When the context reaches block_size,
+        the window slides: the cache is rebuilt from the most recent half of it."""
+        idx = idx[:, -self.config.block_size:]
+        cache = self.new_cache(idx.size(0))
+        logits, _ = self(idx, cache=cache)
+        for _ in range(max_new_tokens):
+            tok = sample_next(logits[:, -1], temperature, top_k, top_p)  # (B, 1)
+            yield tok
+            idx = torch.cat((idx, tok), dim=1)
+            if cache.len == self.config.block_size:
+                cache = self.new_cache(idx.size(0))
+                idx = idx[:, -self.config.block_size // 2:]
+                logits, _ = self(idx, cache=cache)
+            else:
+                logits, _ = self(tok, cache=cache)
+
+    # ------------------------------------------------------------------------- accounting
+
+    def num_params(self, active=False):
+        n = sum(p.numel() for p in self.parameters())
+        if active:  # per token, only top_k of the n_expert routed experts of each MoE layer run
+            n -= sum((m.cfg.n_expert - m.cfg.top_k) * m.num_expert_params() for m in self.modules() if isinstance(m, MoE))
+        return n
+
+    def flops_per_token(self):
+        """Training FLOPs per token, PaLM's convention: 6 per weight in a matrix multiply (2 forward,
+        4 backward) plus the attention scores and weighted sum, 12 * layers * heads * D * context."""
+        cfg = self.config
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        matmul += sum(m.cfg.top_k * m.num_expert_params() for m in self.modules() if isinstance(m, MoE))  # active only
+        return 6 * matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
+
+    def optim_groups(self, weight_decay):
+        """Matrices decay; vectors (norm gains, biases) and anything marked _no_weight_decay do not."""
+        decays = {p: p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) for p in self.parameters()}
+        return [{"params": [p for p, d in decays.items() if d], "weight_decay": weight_decay},
+                {"params": [p for p, d in decays.items() if not d], "weight_decay": 0.0}]
+
+    def summary(self):
+        cfg = self.config
+        kind = "MHA" if cfg.n_kv_head == cfg.n_head else "MQA" if cfg.n_kv_head == 1 else "GQA"
+        return (f"{cfg.n_layer} layers, {kind} ({cfg.n_head} query / {cfg.n_kv_head} K/V heads of {cfg.head_dim}), "
+                f"{cfg.pos} positions, {cfg.ffn} {cfg.d_ff}, {cfg.norm} {'pre' if cfg.prenorm else 'post'}-norm"
+                f"; MoE in layers {[i for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoE)]}: "
+                f"top-{cfg.top_k} of {cfg.n_expert} experts of {cfg.d_expert}"
+                f"{f' + {cfg.n_shared} shared' if cfg.n_shared else ''}, {cfg.router} router, "
+                f"{f'capacity factor {cfg.capacity_factor}' if cfg.capacity_factor else 'dropless'}, {cfg.expert_path} path")
+
+    def layer_stats(self):
+        """Per MoE layer, from its last forward: the load share of every expert, max violation
+        (max load / mean load - 1), load entropy / ln E (1 = uniform), experts that got no token,
+        share of assignments dropped for capacity, mean top-1 router probability."""
+        out = []
+        for m in self.modules():
+            if isinstance(m, MoE) and m.last is not None:
+                load = m.last["load"]  # (E,)
+                entropy = -(load * load.clamp_min(1e-12).log()).sum() / math.log(len(load))
+                out.append({"load": load.tolist(), "max_violation": (load.max() / load.mean() - 1).item(),
+                            "entropy": entropy.item(), "dead": int((load == 0).sum()),
+                            "dropped": m.last["dropped"].item(), "top1": m.last["top1"].item()})
+        return out
+
+    def stats(self):
+        """A compact summary of layer_stats for the log: mean over MoE layers and the worst layer."""
+        layers = self.layer_stats()
+        if not layers:
+            return {}
+        mean = lambda key: sum(s[key] for s in layers) / len(layers)
+        return {"moe_vio": mean("max_violation"), "moe_vio_worst": max(s["max_violation"] for s in layers),
+                "moe_ent": mean("entropy"), "moe_ent_worst": min(s["entropy"] for s in layers),
+                "moe_dead": float(sum(s["dead"] for s in layers)), "moe_drop": mean("dropped"), "moe_top1": mean("top1")}
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """(B, V) logits -> (B, 1) tokens. temperature 0 is greedy; top_k keeps the k likeliest;
+    top_p keeps the smallest set of tokens whose probability adds up to p (nucleus sampling)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        outside = probs.cumsum(dim=-1) - probs > top_p  # mass before this token already reaches p
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = logits.scatter(-1, order, sorted_logits)
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
