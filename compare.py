@@ -34,10 +34,12 @@ import train
 
 DATASETS = ["pydoc", *train.SYNTHETIC]
 MODES = {  # the Transformer's size and the shared training budget of every run
-    "quick": dict(d_model=64, n_layer=2, block_size=64, batch_size=16, max_iters=500, eval_interval=100,
-                  eval_iters=10, lr=2e-3, min_lr=2e-4, warmup_iters=50, decode_steps=16, jobs=2),
+    "quick": dict(d_model=64, n_layer=2, block_size=64, batch_size=16, max_iters=400, eval_interval=100,
+                  eval_iters=10, lr=2e-3, min_lr=2e-4, warmup_iters=50, decode_steps=16, jobs=2,
+                  model_args="hybrid.n_layer=4,hybrid.attn_every=4,hybrid.attn_offset=2"),  # Md Me Ad Me
     "full": dict(d_model=256, n_layer=4, block_size=256, batch_size=32, max_iters=3000, eval_interval=250,
-                 eval_iters=20, lr=1e-3, min_lr=1e-4, warmup_iters=200, decode_steps=128, jobs=1),
+                 eval_iters=20, lr=1e-3, min_lr=1e-4, warmup_iters=200, decode_steps=128, jobs=1,
+                 model_args="hybrid.n_layer=8"),  # Jamba's block: Md Me Md Me Ad Me Md Me
 }
 OPTIONS = {
     "quick": (False, "the small mode (2 CPU cores, ~10 minutes); otherwise the fuller one (a GPU)"),
@@ -46,8 +48,9 @@ OPTIONS = {
     "out_dir": ("compare", "where the runs, the table and the picture go"),
     "data_dir": ("data", "train.py's --data_dir"),
     "device": ("auto", "train.py's --device; also where decoding is measured"),
+    "model_args": ("", "extra Config fields per model, e.g. hybrid.n_layer=4,hybrid.attn_every=4 (added to the mode's)"),
     "max_iters": (0, "training steps of every run (0: the mode's)"),
-    "jobs": (0, "training runs at once (0: the mode's choice; each gets OMP_NUM_THREADS=cores/jobs on a CPU)"),
+    "jobs": (0, "training runs at once (0: the mode's choice; on a CPU each gets OMP_NUM_THREADS=cores/jobs unless set)"),
     "context": (4096, "context length at which decoding speed and cache memory are measured"),
     "seed": (1337, "train.py's --seed"),
 }
@@ -57,20 +60,45 @@ COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 # ----------------------------------------------------------------------------- sizes
 
 
-def matched_size(module, vocab_size, block_size, target, d_ref, n_ref):
-    """(d_model, n_layer, active params) of `module` nearest `target` active parameters."""
+def matched_size(module, fixed, vocab_size, block_size, target, d_ref, n_ref):
+    """(d_model, n_layer, active params) of `module` nearest `target` active parameters. `fixed` are
+    the model's overrides from --model_args (an n_layer there is kept as it is)."""
     found = []
-    for n_layer in sorted({max(1, n_ref // 2), n_ref, 2 * n_ref}):
-        for d_model in range(max(8, d_ref // 2), 2 * d_ref + 1, 4):
+    layers = [fixed["n_layer"]] if "n_layer" in fixed else range(max(1, n_ref // 2), 2 * n_ref + 1)
+    for n_layer in layers:
+        for d_model in range(max(8, d_ref // 4), 2 * d_ref + 1, 4):
             try:
-                cfg = module.Config(vocab_size=vocab_size, block_size=block_size, d_model=d_model, n_layer=n_layer)
+                cfg = module.Config(**{**fixed, "vocab_size": vocab_size, "block_size": block_size,
+                                       "d_model": d_model, "n_layer": n_layer})
             except ValueError:  # e.g. a width the head count does not divide
                 continue
             found.append((d_model, n_layer, module.Model(cfg).num_params(active=True)))
+    if not found:
+        raise train.UsageError(f"no d_model in [{d_ref // 4}, {2 * d_ref}] and n_layer in {list(layers)} makes a valid "
+                               f"{module.__name__} (see --model_args)")
     close = [f for f in found if abs(f[2] - target) <= 0.05 * target]
-    if close:
-        return min(close, key=lambda f: (abs(f[0] - d_ref), abs(f[2] - target)))
+    if close:  # the width nearest the reference's, then the depth, then the count
+        return min(close, key=lambda f: (abs(f[0] - d_ref), abs(f[1] - n_ref), abs(f[2] - target)))
     return min(found, key=lambda f: abs(f[2] - target))
+
+
+def model_args(text, models):
+    """'hybrid.n_layer=4,hybrid.attn_every=4' -> {'hybrid': {'n_layer': 4, 'attn_every': 4}}, typed by
+    each model's Config; entries for models that are not registered are skipped."""
+    out = {m: {} for m in models}
+    for item in filter(None, text.split(",")):
+        name, dot, rest = item.partition(".")
+        field, eq, value = rest.partition("=")
+        if not dot or not eq:
+            raise train.UsageError(f"--model_args entries look like model.field=value, got {item!r}")
+        if name not in train.MODELS:
+            continue
+        kinds = {f.name: f.type for f in dataclasses.fields(train.MODELS[name].Config)}
+        if field not in kinds:
+            raise train.UsageError(f"model_{name}.py Config has no field {field!r}")
+        if name in out:
+            out[name][field] = train.parse_value(field, value, kinds[field])
+    return out
 
 
 def vocab_of(dataset, opts):
@@ -81,12 +109,11 @@ def vocab_of(dataset, opts):
 # ----------------------------------------------------------------------------- runs
 
 
-def train_args(mode, dataset, name, size, run_dir, opts):
+def train_args(mode, dataset, name, config, run_dir, opts):
     keys = ("block_size", "batch_size", "max_iters", "eval_interval", "eval_iters", "lr", "min_lr", "warmup_iters")
-    return ([f"--model={name}", f"--dataset={dataset}", f"--d_model={size[0]}", f"--n_layer={size[1]}",
-             f"--out_dir={run_dir}", f"--data_dir={opts['data_dir']}", f"--device={opts['device']}",
-             f"--seed={opts['seed']}", f"--log_interval={mode['eval_interval']}"]
-            + [f"--{k}={mode[k]}" for k in keys])
+    return ([f"--model={name}", f"--dataset={dataset}", f"--out_dir={run_dir}", f"--data_dir={opts['data_dir']}",
+             f"--device={opts['device']}", f"--seed={opts['seed']}", f"--log_interval={mode['eval_interval']}"]
+            + [f"--{k}={mode[k]}" for k in keys] + [f"--{k}={v}" for k, v in config.items()])
 
 
 def run_one(args, run_dir, threads):
@@ -117,13 +144,13 @@ def read_run(run_dir):
 
 
 @torch.no_grad()
-def measure_decode(module, size, vocab_size, context, steps, device):
+def measure_decode(module, config, vocab_size, context, steps, device):
     """Tokens/s of one-token steps at the end of a `context`-token sequence, and the bytes the
     cache holds there. The architecture of the trained model with block_size = context (a
     Transformer's position table or KV cache is sized by it); random weights: speed and memory
     do not depend on their values."""
     torch.manual_seed(0)
-    cfg = module.Config(vocab_size=vocab_size, block_size=context, d_model=size[0], n_layer=size[1])
+    cfg = module.Config(**config, vocab_size=vocab_size, block_size=context)
     model = module.Model(cfg).to(device).eval()
     idx = torch.randint(vocab_size, (1, context), device=device)  # (1, context)
     cache = model.new_cache(1)
@@ -145,15 +172,13 @@ def fmt(x, spec):
     return "n/a" if x is None or x != x else format(x, spec)
 
 
-def tables(results, sizes, decode, datasets, models, text, context):
+def tables(results, configs, stats, decode, datasets, models, text, context):
     """Markdown: one table of what each model costs, one of what it learned."""
     rows = ["| model | d_model x n_layer | params | active | MFLOPs/token | train tok/s | decode tok/s "
             f"@{context} | cache @{context} |", "|---|---|---|---|---|---|---|---|"]
     for m in models:
-        s, r, d = sizes[m].get(text), results.get((text, m)), decode.get(m)
-        if s is None:
-            continue
-        rows.append(f"| {m} | {s['d_model']} x {s['n_layer']} | {s['params'] / 1e6:.3f}M | {s['active'] / 1e6:.3f}M | "
+        s, r, d = stats[(text, m)], results.get((text, m)), decode.get(m)
+        rows.append(f"| {m} | {configs[m]['d_model']} x {configs[m]['n_layer']} | {s['params'] / 1e6:.3f}M | {s['active'] / 1e6:.3f}M | "
                     f"{s['flops'] / 1e6:.2f} | {fmt(r and r['tok_s'], ',.0f')} | "
                     f"{fmt(d and d[0], ',.0f')} | {'n/a' if not d else f'{d[1] / 2**20:.2f} MiB'} |")
     head = ["model"] + [f"{ds} val loss" for ds in datasets] + [f"{ds} acc" for ds in datasets if ds in train.SYNTHETIC]
@@ -237,37 +262,48 @@ def main(argv):
     mode = {**MODES[mode_name], **({"max_iters": opts["max_iters"]} if opts["max_iters"] else {})}
     device, _ = train.pick_device({"device": opts["device"], "dtype": "float32"})
     jobs = opts["jobs"] or (mode["jobs"] if device == "cpu" else 1)
-    threads = max(1, (os.cpu_count() or 1) // jobs) if device == "cpu" else 0
+    threads = 0  # leave OMP_NUM_THREADS alone: on a GPU, or when the caller set it
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
     out = Path(opts["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     print(f"compare ({mode_name} mode): {', '.join(models)} on {', '.join(datasets)}; {device}, "
-          f"{jobs} run(s) at once{f', {threads} thread(s) each' if threads else ''}; out {out}")
+          f"{jobs} run(s) at once, OMP_NUM_THREADS={threads or os.environ.get('OMP_NUM_THREADS', 'unset')}; out {out}")
 
-    # sizes: the Transformer at the mode's size is the target, everyone else the nearest on the grid
+    # sizes, chosen once on the first dataset and kept for all: the Transformer at the mode's d_model and
+    # n_layer sets the target, every other model gets the grid point nearest it
     base = {k: v for k, (v, _) in train.OPTIONS.items()}
-    sizes = {m: {} for m in models}
+    text, T = datasets[0], mode["block_size"]
     ref = "transformer" if "transformer" in train.MODELS else models[0]
-    for ds in datasets:
-        vocab = vocab_of(ds, {**base, "dataset": ds, "data_dir": opts["data_dir"]})
+    configs, stats = {}, {}
+    try:
+        extra = model_args(mode["model_args"] + "," + opts["model_args"], [ref, *models])
+        vocabs = {ds: vocab_of(ds, {**base, "dataset": ds, "data_dir": opts["data_dir"]}) for ds in datasets}
         ref_module = train.MODELS[ref]
-        target = ref_module.Model(ref_module.Config(vocab_size=vocab, block_size=mode["block_size"], d_model=mode["d_model"],
-                                                    n_layer=mode["n_layer"])).num_params(active=True)
+        target = ref_module.Model(ref_module.Config(**{"d_model": mode["d_model"], "n_layer": mode["n_layer"], **extra[ref]},
+                                                    vocab_size=vocabs[text], block_size=T)).num_params(active=True)
         for m in models:
             module = train.MODELS[m]
-            d, n, _ = ((mode["d_model"], mode["n_layer"], 0) if m == ref else
-                       matched_size(module, vocab, mode["block_size"], target, mode["d_model"], mode["n_layer"]))
-            model = module.Model(module.Config(vocab_size=vocab, block_size=mode["block_size"], d_model=d, n_layer=n))
-            sizes[m][ds] = dict(d_model=d, n_layer=n, vocab=vocab, params=model.num_params(),
-                                active=model.num_params(active=True), flops=model.flops_per_token())
-            print(f"  {ds:15s} {m:12s} d_model {d:4d} x n_layer {n:2d}: {sizes[m][ds]['params']:,} params, "
-                  f"{sizes[m][ds]['active']:,} active ({sizes[m][ds]['active'] / target - 1:+.1%} vs {ref})")
+            if m == ref:
+                configs[m] = {"d_model": mode["d_model"], "n_layer": mode["n_layer"], **extra[m]}
+            else:
+                d, n, _ = matched_size(module, extra[m], vocabs[text], T, target, mode["d_model"], mode["n_layer"])
+                configs[m] = {**extra[m], "d_model": d, "n_layer": n}
+            for ds in datasets:
+                model = module.Model(module.Config(**configs[m], vocab_size=vocabs[ds], block_size=T))
+                stats[(ds, m)] = dict(params=model.num_params(), active=model.num_params(active=True),
+                                      flops=model.flops_per_token())
+            st = stats[(text, m)]
+            print(f"  {m:12s} {', '.join(f'{k}={v}' for k, v in configs[m].items())}: {st['params']:,} params, "
+                  f"{st['active']:,} active ({st['active'] / target - 1:+.1%} vs {ref} on {text})")
+    except train.UsageError as e:
+        train.die(str(e))
 
     # training: every (dataset, model) pair, `jobs` at a time
     runs = {(ds, m): out / ds / m for ds in datasets for m in models}
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(run_one, train_args(mode, ds, m, (sizes[m][ds]["d_model"], sizes[m][ds]["n_layer"]),
-                                                   run_dir, opts), run_dir, threads): (ds, m)
+        futures = {pool.submit(run_one, train_args(mode, ds, m, configs[m], run_dir, opts), run_dir, threads): (ds, m)
                    for (ds, m), run_dir in runs.items()}
         for f in concurrent.futures.as_completed(futures):
             (ds, m), (rc, secs) = futures[f], f.result()
@@ -276,19 +312,17 @@ def main(argv):
     results = {key: read_run(run_dir) for key, run_dir in runs.items()}
 
     # decoding at a long context, one model at a time (nothing else of ours running)
-    text = datasets[0]
     decode = {}
     for m in models:
-        s = sizes[m][text]
         try:
-            decode[m] = measure_decode(train.MODELS[m], (s["d_model"], s["n_layer"]), s["vocab"], opts["context"],
-                                       mode["decode_steps"], device)
+            decode[m] = measure_decode(train.MODELS[m], configs[m], vocabs[text], opts["context"], mode["decode_steps"],
+                                       device)
             print(f"  decode {m} at {opts['context']} tokens: {decode[m][0]:,.0f} tokens/s, "
                   f"cache {decode[m][1] / 2**20:.2f} MiB", flush=True)
         except Exception as e:  # report and carry on: the training results still stand
             print(f"  decode {m} FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
-    cost, learned = tables(results, sizes, decode, datasets, models, text, opts["context"])
+    cost, learned = tables(results, configs, stats, decode, datasets, models, text, opts["context"])
     wall = time.time() - t_start
     chance = 1 / base["task_vocab"]
     report = (f"# compare.py --{mode_name}\n\n"
@@ -297,7 +331,8 @@ def main(argv):
               f"Every run: {mode['max_iters']} iters x {mode['batch_size']} x {mode['block_size']} tokens = "
               f"{mode['max_iters'] * mode['batch_size'] * mode['block_size'] / 1e6:.2f}M training tokens, lr {mode['lr']}. "
               f"Sizes, FLOPs and speeds below are for `{text}`; decoding: batch 1, {mode['decode_steps']} steps "
-              f"after a {opts['context'] - mode['decode_steps']}-token prefill, float32, random weights.\n\n"
+              f"after a {opts['context'] - mode['decode_steps']}-token prefill, float32, random weights, "
+              f"{torch.get_num_threads()} thread(s), one model at a time.\n\n"
               f"{cost}\n\nValidation loss (the synthetic tasks: on the answers only) and answer accuracy "
               f"(chance {chance:.3f}; induction also at 4x block_size):\n\n{learned}\n\n"
               f"Validation-loss curves: val_loss.svg\n")

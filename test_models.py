@@ -1038,3 +1038,18 @@ def test_synthetic_bad_options(tmp_path):
                         (dict(dataset="mqar", mqar_pairs=20), "needs as many distinct keys"), (dict(extrapolate=-1), "extrapolate")]:
         with pytest.raises(train.UsageError, match=message):
             train.parse_args([f"--{k}={v}" for k, v in kw.items()])
+
+
+def test_synthetic_compare_py_writes_table_and_picture(tmp_path):
+    r = run("compare.py", "--quick", "--models=transformer", "--datasets=pydoc,induction", "--max_iters=4", "--context=64",
+            "--jobs=1", f"--out_dir={tmp_path}", f"--data_dir={tmp_path / 'data'}", timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    report = (tmp_path / "results.md").read_text()
+    assert "| transformer | 64 x 2 |" in report and "decode tok/s @64" in report  # the cost table
+    row = next(l for l in report.splitlines() if l.startswith("| transformer |") and "x 2" not in l)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 5 and all(0 <= float(c) < 10 for c in cells[1:])  # 2 losses, induction acc, acc at 4x
+    svg = (tmp_path / "val_loss.svg").read_text()
+    assert svg.count("<polyline") == 2 and ">pydoc<" in svg and ">induction<" in svg
+    bad = run("compare.py", "--models=rnn", f"--out_dir={tmp_path}")
+    assert bad.returncode == 2 and "unknown model 'rnn'" in bad.stderr
