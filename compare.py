@@ -35,7 +35,7 @@ import train
 DATASETS = ["pydoc", *train.SYNTHETIC]
 MODES = {  # the Transformer's size and the shared training budget of every run
     "quick": dict(d_model=64, n_layer=2, block_size=64, batch_size=16, max_iters=400, eval_interval=100,
-                  eval_iters=10, lr=2e-3, min_lr=2e-4, warmup_iters=50, decode_steps=16, jobs=2,
+                  eval_iters=10, lr=2e-3, min_lr=2e-4, warmup_iters=50, decode_steps=64, jobs=2,
                   model_args="hybrid.n_layer=4,hybrid.attn_every=4,hybrid.attn_offset=2"),  # Md Me Ad Me
     "full": dict(d_model=256, n_layer=4, block_size=256, batch_size=32, max_iters=3000, eval_interval=250,
                  eval_iters=20, lr=1e-3, min_lr=1e-4, warmup_iters=200, decode_steps=128, jobs=1,
@@ -145,24 +145,25 @@ def read_run(run_dir):
 
 @torch.no_grad()
 def measure_decode(module, config, vocab_size, context, steps, device):
-    """Tokens/s of one-token steps at the end of a `context`-token sequence, and the bytes the
-    cache holds there. The architecture of the trained model with block_size = context (a
-    Transformer's position table or KV cache is sized by it); random weights: speed and memory
-    do not depend on their values."""
+    """Tokens/s of one-token steps at the end of a `context`-token sequence (from the median step:
+    on shared cores a few steps get descheduled), and the bytes the cache holds there. The
+    architecture of the trained model with block_size = context (a Transformer's position table or
+    KV cache is sized by it); random weights: speed and memory do not depend on their values."""
     torch.manual_seed(0)
-    cfg = module.Config(**config, vocab_size=vocab_size, block_size=context)
-    model = module.Model(cfg).to(device).eval()
+    model = module.Model(module.Config(**config, vocab_size=vocab_size, block_size=context)).to(device).eval()
     idx = torch.randint(vocab_size, (1, context), device=device)  # (1, context)
     cache = model.new_cache(1)
     for start in range(0, context - steps, 512):  # chunked prefill: bounded memory for the attention scores
         model(idx[:, start:min(start + 512, context - steps)], cache=cache)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    sync()
-    t0 = time.time()
+    times = []
     for t in range(context - steps, context):
+        sync()
+        t0 = time.perf_counter()
         model(idx[:, t:t + 1], cache=cache)
-    sync()
-    return steps / (time.time() - t0), model.cache_bytes(cache)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 1 / sorted(times)[len(times) // 2], model.cache_bytes(cache)
 
 
 # ----------------------------------------------------------------------------- the table and the picture
@@ -311,7 +312,9 @@ def main(argv):
             print(f"  trained {m} on {ds} in {secs:.0f}s: {status}", flush=True)
     results = {key: read_run(run_dir) for key, run_dir in runs.items()}
 
-    # decoding at a long context, one model at a time (nothing else of ours running)
+    # decoding at a long context, one model at a time (nothing else of ours running), as many threads as a run had
+    if threads:
+        torch.set_num_threads(threads)
     decode = {}
     for m in models:
         try:
@@ -330,7 +333,7 @@ def main(argv):
               f"{jobs} training run(s) at once, wall time {wall / 60:.1f} min.\n"
               f"Every run: {mode['max_iters']} iters x {mode['batch_size']} x {mode['block_size']} tokens = "
               f"{mode['max_iters'] * mode['batch_size'] * mode['block_size'] / 1e6:.2f}M training tokens, lr {mode['lr']}. "
-              f"Sizes, FLOPs and speeds below are for `{text}`; decoding: batch 1, {mode['decode_steps']} steps "
+              f"Sizes, FLOPs and speeds below are for `{text}`; decoding: batch 1, median of {mode['decode_steps']} steps "
               f"after a {opts['context'] - mode['decode_steps']}-token prefill, float32, random weights, "
               f"{torch.get_num_threads()} thread(s), one model at a time.\n\n"
               f"{cost}\n\nValidation loss (the synthetic tasks: on the answers only) and answer accuracy "
