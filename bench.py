@@ -7,6 +7,7 @@ figures depend on the machine, so they are reported as ratios between things run
     python bench.py train --nanogpt=PATH     # also time nanoGPT's model.py from a checkout at PATH
     python bench.py scan decode              # selective scan paths; Mamba state vs KV cache
     python bench.py attention                # FlashAttention: GPU TFLOP/s; CPU memory against length
+    python bench.py hybrid                   # cache memory: Transformer vs Jamba-style hybrid vs Mamba
 
 On a CUDA machine `scan` uses the GPU sizes of the Mamba issue and the Triton kernel.
 Sections with a target from the issues print PASS/FAIL lines.
@@ -25,25 +26,29 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # run the Triton kernels on the CPU too (set before kernels is imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import kernels  # noqa: E402
+import model_hybrid
 import model_mamba
+import model_moe
 import model_transformer
 
 NANOGPT_SHAPE = dict(vocab_size=65, block_size=64, d_model=128, n_layer=4, n_head=4)  # its CPU recipe
 GPT2_STYLE = dict(pos="learned", norm="layernorm", ffn="gelu", bias=False, n_kv_head=4)  # = config/gpt2_style.py
 
 
-def timed_rounds(fns, rounds=5, steps=10):
+def timed_rounds(fns, rounds=5, steps=10, clock=time.perf_counter):
     """Run each fn `steps` times per round, rounds interleaved so that load from other processes
-    falls on all of them alike; return the median seconds per call of each."""
+    falls on all of them alike; return the median seconds per call of each. On a shared CPU,
+    clock=time.process_time counts only the CPU time this process used, which other jobs
+    disturb far less than wall time."""
     for fn in fns.values():
         fn()  # warm up
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(steps):
                 fn()
-            times[name].append((time.perf_counter() - t0) / steps)
+            times[name].append((clock() - t0) / steps)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -73,10 +78,10 @@ def bench_train(args):
         import model as nanogpt  # noqa: E402  (their file, imported from their checkout, not copied here)
         cfg = nanogpt.GPTConfig(block_size=T, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
         models["nanoGPT model.py (same shape)"] = nanogpt.GPT(cfg)
-    secs = timed_rounds({name: train_step(m, B, T, 65) for name, m in models.items()})
+    secs = timed_rounds({name: train_step(m, B, T, 65) for name, m in models.items()}, clock=time.process_time)
     base = secs[next(iter(models))]
-    print(f"\ntraining step, batch {B} x context {T}, float32, {torch.get_num_threads()} threads")
-    print("| model | params | ms/step | tokens/s | relative to gpt2-style |\n|---|---|---|---|---|")
+    print(f"\ntraining step, batch {B} x context {T}, float32, {torch.get_num_threads()} threads, CPU time of this process")
+    print("| model | params | CPU ms/step | tokens per CPU-second | relative to gpt2-style |\n|---|---|---|---|---|")
     for name, s in secs.items():
         n = sum(p.numel() for p in models[name].parameters())
         print(f"| {name} | {n / 1e6:.2f}M | {s * 1e3:.1f} | {B * T / s:,.0f} | {base / s:.2f}x |")
@@ -97,9 +102,9 @@ def bench_generate(args):
         model(tok, cache=cache)
         cache.len -= 1  # stay at 1024, so every call measures the same step
 
-    secs = timed_rounds({"cached": cached, "recompute": lambda: model(idx)}, rounds=5, steps=5)
+    secs = timed_rounds({"cached": cached, "recompute": lambda: model(idx)}, rounds=5, steps=5, clock=time.process_time)
     print(f"\nnext token at context {ctx} (modern default, {model.num_params() / 1e6:.2f}M params, batch 1)")
-    print("| method | ms/token | speed-up |\n|---|---|---|")
+    print("| method | CPU ms/token | speed-up |\n|---|---|---|")
     print(f"| recompute the context | {secs['recompute'] * 1e3:.2f} | 1.0x |")
     print(f"| KV cache | {secs['cached'] * 1e3:.2f} | {secs['recompute'] / secs['cached']:.1f}x |")
     print(f"KV cache: {model.cache_bytes(cache) / 2**20:.2f} MiB for {ctx + 1} positions "
@@ -250,6 +255,53 @@ def bench_decode(args):
     same = nbytes["mamba", contexts[0]] == nbytes["mamba", contexts[-1]]
     print(f"target: Mamba cache memory constant: {'PASS' if same else 'FAIL'}")
 
+
+# ----------------------------------------------------------------------------- hybrid
+
+
+def bench_hybrid(args):
+    """Generation cache memory against context length, 8 layers of the same width: the all-attention
+    Transformer, the Jamba-style hybrid (one attention layer in eight) and pure Mamba; then the
+    time per new token of each at one context, side by side."""
+    contexts, timed_ctx = (1024, 4096, 16384), 2048
+    torch.manual_seed(0)
+    shape = dict(vocab_size=512, d_model=256, n_layer=8, block_size=max(contexts))
+    attn = dict(n_head=8, n_kv_head=2)
+    models = {"transformer": model_transformer.Model(model_transformer.Config(**shape, **attn)).eval(),
+              "hybrid": model_hybrid.Model(model_hybrid.Config(**shape, **attn)).eval(),
+              "mamba": model_mamba.Model(model_mamba.Config(**shape)).eval()}
+    print(f"\ngeneration cache, batch 1, float32, d_model 256, 8 layers; attention GQA 8 query / 2 K/V heads"
+          f"\nhybrid: {models['hybrid'].summary()}")
+    print("| context | Transformer KV MiB | hybrid KV MiB | hybrid SSM state MiB | Mamba state MiB "
+          "| hybrid KV / Transformer KV | hybrid total / Transformer |\n|---|---|---|---|---|---|---|")
+    mib = lambda n: f"{n / 2**20:.2f}"
+    ratios = []
+    for ctx in contexts:
+        caches = {name: m.new_cache(1, max_len=ctx) for name, m in models.items()}
+        full = models["transformer"].cache_bytes(caches["transformer"])
+        h = caches["hybrid"]
+        kv, total = h.kv.k.nbytes + h.kv.v.nbytes, models["hybrid"].cache_bytes(h)
+        ratios.append(kv / full)
+        print(f"| {ctx} | {mib(full)} | {mib(kv)} | {mib(total - kv)} | {mib(models['mamba'].cache_bytes(caches['mamba']))} "
+              f"| 1/{full / kv:.2f} | 1/{full / total:.2f} |")
+        del caches
+    ok = all(abs(r - 1 / 8) < 1e-12 for r in ratios)
+    print(f"target: hybrid KV cache = 1/8 of the Transformer's at every context: {'PASS' if ok else 'FAIL'}")
+    fns = {}
+    for name, model in models.items():
+        cache = model.new_cache(1, max_len=timed_ctx + 1)
+        model(torch.randint(0, 512, (1, timed_ctx)), cache=cache)  # prefill
+
+        def step(model=model, cache=cache, tok=torch.randint(0, 512, (1, 1))):
+            model(tok, cache=cache)
+            cache.len -= 1  # stay at the context, so every call measures the same step
+        fns[name] = step
+    secs = timed_rounds(fns, rounds=5, steps=10, clock=time.process_time)
+    print(f"\nnext token after {timed_ctx} tokens, batch 1, {torch.get_num_threads()} threads, CPU time of this process")
+    print("| model | params (active) | CPU ms/token |\n|---|---|---|")
+    for name, model in models.items():
+        print(f"| {name} | {model.num_params() / 1e6:.2f}M ({model.num_params(active=True) / 1e6:.2f}M) "
+              f"| {secs[name] * 1e3:.2f} |")
 
 # ----------------------------------------------------------------------------- attention (Triton FlashAttention)
 
@@ -429,7 +481,32 @@ def attention():
         attention_cpu_memory()
 
 
-SECTIONS = {"attention": lambda args: attention(), "train": bench_train, "generate": bench_generate, "scan": bench_scan, "decode": bench_decode}
+def bench_moe(args):
+    """Training tokens/s of MoE models against the dense Transformer with the same active
+    parameters per token (each has 384 feed-forward hidden units per token: dense 384, 8 experts
+    of 192 top-2, 32 of 48 top-8, 64 of 24 top-16), each MoE with its readable loop over experts
+    and with the grouped-matmul path. nanoGPT's CPU shape, float32."""
+    B, T = 12, NANOGPT_SHAPE["block_size"]
+    shapes = {"8 experts of 192, top-2": dict(n_expert=8, top_k=2, d_expert=192),
+              "32 experts of 48, top-8 (fine-grained)": dict(n_expert=32, top_k=8, d_expert=48),
+              "64 experts of 24, top-16 (fine-grained)": dict(n_expert=64, top_k=16, d_expert=24)}
+    models = {"dense Transformer, d_ff 384": model_transformer.Model(model_transformer.Config(**NANOGPT_SHAPE, d_ff=384))}
+    for name, kw in shapes.items():
+        for path in ("loop", "grouped"):
+            models[f"{name}, {path}"] = model_moe.Model(model_moe.Config(**NANOGPT_SHAPE, **kw, expert_path=path))
+    secs = timed_rounds({name: train_step(m, B, T, 65) for name, m in models.items()}, rounds=5, steps=3)
+    base = secs[next(iter(models))]
+    print(f"\nMoE training step, batch {B} x context {T}, float32, {torch.get_num_threads()} threads")
+    print("| model | params (active) | ms/step | tokens/s | vs dense | grouped vs loop |\n|---|---|---|---|---|---|")
+    for name, s in secs.items():
+        m = models[name]
+        loop = secs.get(name.replace("grouped", "loop")) if name.endswith("grouped") else None
+        print(f"| {name} | {m.num_params() / 1e6:.2f}M ({m.num_params(active=True) / 1e6:.2f}M) | {s * 1e3:.1f} | "
+              f"{B * T / s:,.0f} | {base / s:.2f}x | {f'{loop / s:.2f}x' if loop else ''} |")
+
+
+SECTIONS = {"attention": lambda args: attention(), "train": bench_train, "generate": bench_generate, "scan": bench_scan, "decode": bench_decode, "hybrid": bench_hybrid,
+            "moe": bench_moe}
 
 if __name__ == "__main__":
     names = [a for a in sys.argv[1:] if not a.startswith("--")]

@@ -2,8 +2,8 @@
 Shared kernels: FlashAttention and the Mamba selective scan.
 
 Each fast path has a plain-PyTorch twin that reads like the math and is the ground truth
-in the tests. The model files call only the public functions here: `attention(...)` and
-`selective_scan(...)`.
+in the tests. The model files call only the public functions here: `attention(...)`,
+`selective_scan(...)` and, for decoding one token at a time, `selective_state_update(...)`.
 """
 import math
 import os

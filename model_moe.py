@@ -300,8 +300,8 @@ class MoE(nn.Module):
 
     def route(self, x):
         cfg, N, E, k = self.cfg, x.size(0), self.cfg.n_expert, self.cfg.top_k
-        with torch.autocast(x.device.type, enabled=False):  # float32 even under bf16 autocast: top-k
-            logits = F.linear(x.float(), self.router.weight.float())  # (N, E)   # must not flip on rounding
+        with torch.autocast(x.device.type, enabled=False):  # float32 even under bf16 autocast, so that
+            logits = F.linear(x.float(), self.router.weight.float())  # (N, E)  # rounding cannot flip a choice
         if cfg.router == "softmax":
             probs = logits.softmax(dim=-1)  # (N, E)
             weight, expert = probs.topk(k, dim=-1)  # (N, k) each; k distinct experts per token
@@ -323,11 +323,14 @@ class MoE(nn.Module):
             # likely to be chosen, underloaded ones more. It changes no output of this forward.
             with torch.no_grad():
                 self.route_bias += cfg.bias_rate * torch.sign(counts.float().mean() - counts)
-        keep = self.within_capacity(expert) if cfg.capacity_factor > 0 else torch.ones_like(expert, dtype=torch.bool)
-        self.last = {"load": load.detach(), "dropped": 1 - keep.float().mean(),
+        self.last = {"load": load.detach(), "dropped": torch.zeros(()),
                      "top1": (probs.max(dim=-1).values / probs.sum(dim=-1)).mean().detach()}
-        tok = torch.arange(N, device=x.device)[:, None].expand(N, k)  # (N, k)
-        return tok[keep], expert[keep], weight[keep]  # (M,) each, token-major
+        tok = torch.arange(N, device=x.device).repeat_interleave(k)  # (N * k,) token-major, like expert and weight
+        if cfg.capacity_factor == 0:
+            return tok, expert.flatten(), weight.flatten()  # (M,) each
+        keep = self.within_capacity(expert).flatten()  # (N * k,)
+        self.last["dropped"] = 1 - keep.float().mean()
+        return tok[keep], expert.flatten()[keep], weight.flatten()[keep]  # (M,) each
 
     def within_capacity(self, expert):
         """Which of the (N, k) assignments fit: each expert takes at most capacity_factor * N * k / E.
@@ -355,8 +358,8 @@ class MoE(nn.Module):
         for e in range(self.cfg.n_expert):
             mine = expert == e
             t = tok[mine]  # tokens routed to e
-            h = self.act(x[t] @ self.w_in[e]) @ self.w_out[e]  # (tokens of e, C)
-            y = y.index_add(0, t, (h * weight[mine, None]).type_as(x))
+            h = self.act(x[t] @ self.w_in[e]) * weight[mine, None]  # (tokens of e, F), weighted here:
+            y = y.index_add(0, t, (h @ self.w_out[e]).type_as(x))  # F is narrower than C
         return y
 
     def experts_grouped(self, x, tok, expert, weight):
@@ -365,14 +368,14 @@ class MoE(nn.Module):
         order = torch.argsort(expert, stable=True)  # stable: the same order of additions as the loop
         tok, weight = tok[order], weight[order]  # (M,) each, grouped by expert
         ends = torch.bincount(expert, minlength=self.cfg.n_expert).cumsum(0).to(torch.int32)  # (E,)
+        # grouped_mm is not on autocast's list: cast to the autocast dtype by hand, as autocast would
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        h = segment_mm(x[tok].to(dtype), self.w_in.to(dtype), ends)  # (M, 2F); grouped_mm is not on
-        h = segment_mm(self.act(h), self.w_out.to(dtype), ends)  # (M, C)   # autocast's list: cast by hand
-        return torch.zeros_like(x).index_add(0, tok, (h * weight[:, None]).type_as(x))
+        h = segment_mm(x.index_select(0, tok).to(dtype), self.w_in.to(dtype), ends)  # (M, 2F)
+        h = segment_mm((self.act(h) * weight[:, None]).to(dtype), self.w_out.to(dtype), ends)  # (M, C)
+        return torch.zeros_like(x).index_add(0, tok, h.type_as(x))
 
     def num_expert_params(self):
         return self.w_in[0].numel() + self.w_out[0].numel()  # one routed expert
-
 
 
 class Block(nn.Module):

@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import model_hybrid
 import model_mamba
 import model_moe
 import model_transformer
 
-MODELS = {"transformer": model_transformer, "moe": model_moe, "mamba": model_mamba}
+MODELS = {"transformer": model_transformer, "moe": model_moe, "mamba": model_mamba, "hybrid": model_hybrid}
 
 # name: (default, help). Every name can be set as --name=value or in a preset file; the fields
 # of the chosen model's Config (python train.py --help lists them) can be set the same way.
