@@ -21,6 +21,7 @@ import model_hybrid
 import model_mamba
 import model_moe
 import model_transformer
+import train
 
 REPO = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -469,7 +470,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, data_dir):
     p.wait()
     resumed = run("train.py", *args, f"--out_dir={out}", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    rows = lambda path: [{k: v for k, v in json.loads(l).items() if k != "time"} for l in path.read_text().splitlines()]
+    rows = lambda path: [{k: v for k, v in json.loads(l).items() if k not in ("time", "train_time")} for l in path.read_text().splitlines()]
     a, b = rows(tmp_path / "a" / "metrics.jsonl"), rows(metrics)
     assert len(a) == 160 + 5 and a == b  # every training loss and every evaluation, bit for bit
 
@@ -1114,3 +1115,135 @@ def test_train_and_sample_with_the_hybrid(tmp_path, data_dir):
     s = run("sample.py", f"--ckpt={tmp_path}/ckpt_last.pt", "--prompt=def ", "--max_new_tokens=20")
     assert s.returncode == 0, s.stderr
     assert "(hybrid, cpu)" in s.stderr
+
+
+# ---- synthetic tasks
+
+
+def synthetic_opts(task, **kw):
+    return {**{k: v for k, (v, _) in train.OPTIONS.items()}, "dataset": task, **kw}
+
+
+SMALL_TASKS = {  # small instances: (options, block_size)
+    "selective_copy": (dict(task_vocab=5, copy_tokens=3), 14),
+    "induction": (dict(task_vocab=6), 8),
+    "mqar": (dict(task_vocab=5, mqar_pairs=3, mqar_queries=3), 14),
+}
+
+
+def synthetic_oracle(task, x, o):
+    """Answers read off the input by the rules of the task, never from the targets: what a perfect
+    model predicts. -1 where the task asks nothing."""
+    pred = torch.full_like(x, -1)
+    V = o["task_vocab"]
+    for row, p in zip(x.tolist(), pred):
+        if task == "selective_copy":
+            go = row.index(1)  # '>'
+            data = [t for t in row[:go] if t != 0]
+            assert len(data) == o["copy_tokens"]
+            for j, t in enumerate(data[:len(row) - go]):
+                p[go + j] = t
+        elif task == "induction":
+            key, bang = row[-1], len(row) - 2
+            assert row[bang] == 0 and row[:bang].count(key) == 1  # '!', and the key occurs once before it
+            p[-1] = row[row.index(key) + 1]
+        else:
+            P = o["mqar_pairs"]
+            pairs = dict(zip(row[0:2 * P:2], row[1:2 * P:2]))
+            assert len(pairs) == P and all(1 <= k <= V < v <= 2 * V for k, v in pairs.items())
+            for t in range(2 * P, len(row)):
+                if 1 <= row[t] <= V:
+                    p[t] = pairs[row[t]]
+    return pred
+
+
+@pytest.mark.parametrize("task", train.SYNTHETIC)
+def test_synthetic_generators_are_deterministic_with_disjoint_streams(task):
+    kw, T = SMALL_TASKS[task]
+    data = train.SynthData(synthetic_opts(task, **kw))
+    draw = lambda split, seed: data.batch(split, 16, T, torch.Generator().manual_seed(seed))
+    for split in ("train", "val"):
+        (x1, y1), (x2, y2), (x3, _) = draw(split, 5), draw(split, 5), draw(split, 6)
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)  # a seed fixes the batch
+        assert not torch.equal(x1, x3)
+    assert not torch.equal(draw("train", 5)[0], draw("val", 5)[0])  # validation is not the training stream
+
+
+@pytest.mark.parametrize("task", train.SYNTHETIC)
+def test_synthetic_oracle_scores_100_percent_and_only_answers_are_scored(task):
+    kw, T = SMALL_TASKS[task]
+    o = synthetic_opts(task, **kw)
+    data = train.SynthData(o)
+    answers = {"selective_copy": o["copy_tokens"], "induction": 1, "mqar": o["mqar_queries"]}[task]
+    shortest = {"selective_copy": 6, "induction": 4, "mqar": 11}[task]
+    data.check(shortest)
+    with pytest.raises(train.UsageError, match="needs block_size >="):
+        data.check(shortest - 1)
+    for length in (shortest, T, T + 1, 4 * T + 3):
+        x, y = data.batch("train", 64, length, torch.Generator().manual_seed(length))
+        assert x.shape == y.shape == (64, length) and 0 <= x.min() and x.max() < data.vocab_size
+        assert torch.equal(y[:, :-1][y[:, :-1] != -1], x[:, 1:][y[:, :-1] != -1])  # targets are the next tokens
+        assert ((y != -1).sum(1) == answers).all()
+        assert torch.equal(synthetic_oracle(task, x, o), y)
+
+
+@pytest.mark.parametrize("task", train.SYNTHETIC)
+def test_synthetic_tasks_are_learned_above_chance(task):
+    kw, T = SMALL_TASKS[task]
+    data = train.SynthData(synthetic_opts(task, **kw))
+    torch.manual_seed(0)
+    m = model_transformer.Model(model_transformer.Config(vocab_size=data.vocab_size, block_size=T, d_model=32,
+                                                         n_layer=2, n_head=2, n_kv_head=1))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        x, y = data.batch("train", 64, T, gen)
+        _, loss = m(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, y = data.batch("val", 512, T, gen)
+    with torch.no_grad():
+        acc = (m(x)[0].argmax(-1) == y)[y != -1].float().mean().item()
+    assert acc > 2 / kw["task_vocab"], acc  # twice chance
+
+
+def test_synthetic_train_py_reports_accuracy_extrapolation_and_samples_words(tmp_path):
+    args = [*TINY, "--dataset=induction", "--task_vocab=6", "--block_size=8", "--max_iters=4", "--eval_interval=2"]
+    r = run("train.py", *args, f"--out_dir={tmp_path / 'rope'}")
+    assert r.returncode == 0, r.stderr
+    assert "chance accuracy 0.167" in r.stdout and "| val_acc " in r.stdout and "| val_acc_4x " in r.stdout
+    rows = [json.loads(l) for l in (tmp_path / "rope" / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in rows if "val_loss" in row]
+    assert len(evals) == 3 and all(0 <= e["val_acc"] <= 1 and 0 <= e["val_acc_4x"] <= 1 for e in evals)
+    r = run("train.py", *args, "--pos=learned", f"--out_dir={tmp_path / 'learned'}")  # no rows for 4x positions
+    assert r.returncode == 0, r.stderr
+    assert "no val_acc_4x, the weights do not fit" in r.stdout and "val_acc_4x" not in (tmp_path / "learned" / "metrics.jsonl").read_text()
+    s = run("sample.py", f"--ckpt={tmp_path / 'rope'}/ckpt_last.pt", "--prompt=3 1 4 ! 1", "--max_new_tokens=4")
+    assert s.returncode == 0, s.stderr
+    words = s.stdout.split("---")[-1].split()
+    assert words[:5] == ["3", "1", "4", "!", "1"] and len(words) == 9 and set(words[5:]) <= set("!012345")
+
+
+def test_synthetic_bad_options(tmp_path):
+    r = run("train.py", "--dataset=selective_copy", "--copy_tokens=40", "--block_size=64", f"--out_dir={tmp_path}")
+    assert r.returncode == 2 and r.stderr.strip() == "error: selective_copy needs block_size >= 2 * copy_tokens = 80, got 64"
+    for kw, message in [(dict(task_vocab=1), "task_vocab must be >= 2"), (dict(mqar_queries=0), "positive"),
+                        (dict(dataset="mqar", mqar_pairs=20), "needs as many distinct keys"), (dict(extrapolate=-1), "extrapolate")]:
+        with pytest.raises(train.UsageError, match=message):
+            train.parse_args([f"--{k}={v}" for k, v in kw.items()])
+
+
+def test_synthetic_compare_py_writes_table_and_picture(tmp_path):
+    r = run("compare.py", "--quick", "--models=transformer", "--datasets=pydoc,induction", "--max_iters=4", "--context=64",
+            "--jobs=1", f"--out_dir={tmp_path}", f"--data_dir={tmp_path / 'data'}", timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    report = (tmp_path / "results.md").read_text()
+    assert "| transformer | 64 x 2 |" in report and "decode tok/s @64" in report  # the cost table
+    row = next(l for l in report.splitlines() if l.startswith("| transformer |") and "x 2" not in l)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 5 and all(0 <= float(c) < 10 for c in cells[1:])  # 2 losses, induction acc, acc at 4x
+    svg = (tmp_path / "val_loss.svg").read_text()
+    assert svg.count("<polyline") == 2 and ">pydoc<" in svg and ">induction<" in svg
+    bad = run("compare.py", "--models=rnn", f"--out_dir={tmp_path}")
+    assert bad.returncode == 2 and "unknown model 'rnn'" in bad.stderr

@@ -37,7 +37,8 @@ MODELS = {"transformer": model_transformer, "moe": model_moe, "mamba": model_mam
 # of the chosen model's Config (python train.py --help lists them) can be set the same way.
 OPTIONS = {
     "model": ("transformer", "model file: " + " | ".join(MODELS)),
-    "dataset": ("pydoc", "pydoc (built in) | shakespeare_char | shakespeare | path/to/text.txt"),
+    "dataset": ("pydoc", "pydoc (built in) | shakespeare_char | shakespeare | path/to/text.txt | "
+                "selective_copy | induction | mqar (synthetic: generated from the seed, block_size tokens long)"),
     "tokenizer": ("", "char | a tiktoken encoding name (gpt2, ...) | path/to/ranks.tiktoken; '' = dataset's own"),
     "data_dir": ("data", "where datasets are prepared and cached"),
     "out_dir": ("out", "checkpoints (ckpt_last.pt, ckpt_best.pt) and metrics.jsonl"),
@@ -59,6 +60,11 @@ OPTIONS = {
     "device": ("auto", "auto | cpu | cuda | cuda:N | mps"),
     "dtype": ("auto", "auto (bfloat16 where supported, else float32) | float32 | bfloat16"),
     "compile": (False, "torch.compile the model"),
+    "task_vocab": (16, "synthetic tasks: how many data symbols (mqar: keys, and as many values)"),
+    "copy_tokens": (8, "selective_copy: data tokens scattered in the noise, to be repeated at the end"),
+    "mqar_pairs": (8, "mqar: key-value pairs at the start of each sequence"),
+    "mqar_queries": (8, "mqar: keys asked again later in the sequence, each to be answered with its value"),
+    "extrapolate": (4, "induction: also measure accuracy at this many times block_size (0 = off)"),
 }
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -141,6 +147,13 @@ def parse_args(argv):
             raise UsageError(f"{name} must be positive, got {opts[name]}")
     if opts["max_iters"] < 0 or opts["lr"] <= 0 or opts["min_lr"] < 0 or opts["warmup_iters"] < 0:
         raise UsageError("max_iters, min_lr and warmup_iters must be >= 0 and lr > 0")
+    if opts["task_vocab"] < 2 or min(opts["copy_tokens"], opts["mqar_pairs"], opts["mqar_queries"]) <= 0:
+        raise UsageError("task_vocab must be >= 2; copy_tokens, mqar_pairs and mqar_queries positive")
+    if opts["dataset"] == "mqar" and opts["mqar_pairs"] > opts["task_vocab"]:
+        raise UsageError(f"mqar_pairs ({opts['mqar_pairs']}) needs as many distinct keys: at most task_vocab "
+                         f"({opts['task_vocab']})")
+    if opts["extrapolate"] < 0:
+        raise UsageError(f"extrapolate must be >= 0, got {opts['extrapolate']}")
     return opts, overrides, module
 
 
@@ -159,12 +172,17 @@ def print_help(argv):
 
 
 class Tokenizer:
-    """Characters or byte-pair encoding (tiktoken). `spec` is plain data (strings, ints), which is
-    what travels inside the dataset cache and the checkpoint: sample.py needs nothing else."""
+    """Characters, words (the synthetic tasks: one token per space-separated word) or byte-pair
+    encoding (tiktoken). `spec` is plain data (strings, ints), which is what travels inside the
+    dataset cache and the checkpoint: sample.py needs nothing else."""
 
     def __init__(self, spec):
         self.spec = spec
-        if spec["kind"] == "char":
+        if spec["kind"] == "words":
+            self.words = spec["words"]
+            self.stoi = {w: i for i, w in enumerate(self.words)}
+            self.vocab_size = len(self.words)
+        elif spec["kind"] == "char":
             self.chars = spec["chars"]
             self.stoi = {c: i for i, c in enumerate(self.chars)}
             self.vocab_size = len(self.chars)
@@ -177,6 +195,11 @@ class Tokenizer:
             self.vocab_size = self.enc.n_vocab
 
     def encode(self, text):
+        if self.spec["kind"] == "words":
+            missing = sorted(set(text.split()) - self.stoi.keys())
+            if missing:
+                raise UsageError(f"text has words outside the vocabulary: {' '.join(missing)!r}")
+            return [self.stoi[w] for w in text.split()]
         if self.spec["kind"] == "char":
             missing = sorted(set(text) - self.stoi.keys())
             if missing:
@@ -185,6 +208,8 @@ class Tokenizer:
         return self.enc.encode_ordinary(text)
 
     def decode_bytes(self, ids):
+        if self.spec["kind"] == "words":
+            return "".join(" " + self.words[i] for i in ids).encode()
         if self.spec["kind"] == "char":
             return "".join(self.chars[i] for i in ids).encode()
         return self.enc.decode_bytes(ids)
@@ -293,6 +318,7 @@ def prepare_text(opts):
 
 class TextData:
     """Random windows of a token stream: x is tokens[i:i+T], y is tokens[i+1:i+T+1]."""
+    extrapolate = 0  # no evaluation at longer lengths
 
     def __init__(self, opts):
         self.train, self.val, self.tokenizer_spec = prepare_text(opts)
@@ -309,6 +335,98 @@ class TextData:
         start = torch.randint(len(data) - block_size, (batch_size,), generator=gen)  # (B,)
         window = data[start[:, None] + torch.arange(block_size + 1)]  # (B, T+1)
         return window[:, :-1], window[:, 1:]
+
+
+SYNTHETIC = ("selective_copy", "induction", "mqar")
+VAL_SEED = 2**40  # validation batches come from generators seeded from here up; training uses --seed + rank
+
+
+class SynthData:
+    """Synthetic recall tasks, generated on the fly from the random generator it is given: no files,
+    no network. A sequence is block_size + 1 tokens; x is all but the last, y all but the first, and
+    y is -1 (ignored by the loss and the accuracy) except where the next token is an answer.
+
+    selective_copy  copy_tokens data symbols at random places in a run of noise '.', then '>' and
+                    the same symbols in order (the Mamba paper's selective copying, section 4.1.1):
+                        . 3 . . 7 . . . 1 . > 3 7 1                      answers: 3 7 1
+    induction       random symbols in which a key appears once, followed by some value; at the end
+                    '!' and the key again: the answer is that value (induction heads, Olsson et al.
+                    2022; the H3 paper's associative recall). Also scored at extrapolate x block_size.
+                        4 2 8 5 9 0 3 ... 6 ! 8 5                        answer: 5
+    mqar            mqar_pairs key-value pairs, then noise in which mqar_queries keys are asked
+                    again, each followed by its value (multi-query associative recall, Zoology,
+                    Arora et al. 2023): k3 v1 k0 v7 k5 v2 . . k0 v7 . . k3 v1 . answers: v7 v1
+    Chance accuracy is 1 / task_vocab for all three."""
+
+    def __init__(self, opts):
+        self.task, V = opts["dataset"], opts["task_vocab"]
+        self.opts = opts
+        symbols = [str(i) for i in range(V)]
+        words = {"selective_copy": [".", ">"] + symbols, "induction": ["!"] + symbols,
+                 "mqar": ["."] + [f"k{i}" for i in range(V)] + [f"v{i}" for i in range(V)]}[self.task]
+        self.tokenizer_spec = {"kind": "words", "words": words}
+        self.vocab_size = len(words)
+        self.extrapolate = opts["extrapolate"] if self.task == "induction" else 0
+        self.describe = (f"{self.task} (synthetic, words, vocab {self.vocab_size}): generated from the seed, "
+                         f"scored on the answers only; chance accuracy {1 / V:.3f}")
+
+    def check(self, block_size):
+        o = self.opts
+        need = {"selective_copy": (2 * o["copy_tokens"], "2 * copy_tokens"), "induction": (4, "4"),
+                "mqar": (2 * o["mqar_pairs"] + 2 * o["mqar_queries"] - 1, "2 * (mqar_pairs + mqar_queries) - 1")}
+        least, formula = need[self.task]
+        if block_size < least:
+            raise UsageError(f"{self.task} needs block_size >= {formula} = {least}, got {block_size}")
+
+    def batch(self, split, batch_size, block_size, gen):
+        if split == "val":  # a generator of its own, seeded apart from the training stream
+            gen = torch.Generator().manual_seed(VAL_SEED + int(torch.randint(2**31, (), generator=gen)))
+        B, L, V, o = batch_size, block_size + 1, self.opts["task_vocab"], self.opts
+        seq = torch.zeros(B, L, dtype=torch.long)  # (B, L): token 0 is the noise '.' (induction: '!')
+        answer = torch.zeros(B, L, dtype=torch.bool)  # (B, L): which tokens are answers
+        if self.task == "selective_copy":  # symbols are tokens 2 .. V+1
+            n = o["copy_tokens"]
+            body = L - 1 - n
+            data = 2 + torch.randint(V, (B, n), generator=gen)  # (B, n)
+            where = torch.rand(B, body, generator=gen).argsort(dim=1)[:, :n].sort(dim=1).values  # (B, n) distinct, in order
+            seq[:, :body].scatter_(1, where, data)
+            seq[:, body] = 1  # '>': now repeat them
+            seq[:, body + 1:] = data
+            answer[:, body + 1:] = True
+        elif self.task == "induction":  # symbols are tokens 1 .. V
+            body = L - 3
+            key = torch.randint(V, (B, 1), generator=gen)  # (B, 1)
+            value = (key + torch.randint(1, V, (B, 1), generator=gen)) % V  # (B, 1), never the key itself
+            filler = torch.randint(V - 1, (B, body), generator=gen)  # (B, body)
+            filler += filler >= key  # uniform over the other symbols: the key occurs only where we put it
+            where = torch.randint(body - 1, (B, 1), generator=gen)  # (B, 1)
+            filler.scatter_(1, where, key).scatter_(1, where + 1, value)
+            seq[:, :body] = 1 + filler
+            seq[:, body + 1], seq[:, body + 2] = 1 + key[:, 0], 1 + value[:, 0]  # '!' (token 0) at body
+            answer[:, -1] = True
+        else:  # mqar: keys are tokens 1 .. V, values V+1 .. 2V
+            P, Q = o["mqar_pairs"], o["mqar_queries"]
+            keys = 1 + torch.rand(B, V, generator=gen).argsort(dim=1)[:, :P]  # (B, P) distinct
+            values = 1 + V + torch.randint(V, (B, P), generator=gen)  # (B, P)
+            seq[:, 0:2 * P:2], seq[:, 1:2 * P:2] = keys, values
+            asked = torch.randint(P, (B, Q), generator=gen)  # (B, Q): which pair each query asks for
+            where = 2 * P + 2 * torch.rand(B, (L - 2 * P) // 2, generator=gen).argsort(dim=1)[:, :Q]  # (B, Q)
+            seq.scatter_(1, where, keys.gather(1, asked)).scatter_(1, where + 1, values.gather(1, asked))
+            answer.scatter_(1, where + 1, True)
+        return seq[:, :-1], seq[:, 1:].masked_fill(~answer[:, 1:], -1)  # (B, T) each
+
+
+def stretched(module, model, factor):
+    """The same weights in a model with a factor times longer block_size, to measure length
+    extrapolation. (None, why) when they do not fit, e.g. learned positions: that table has no rows
+    for the new positions."""
+    try:
+        long = module.Model(module.Config(**{**dataclasses.asdict(model.config),
+                                             "block_size": factor * model.config.block_size}))
+        long.load_state_dict(model.state_dict())
+    except (ValueError, RuntimeError) as e:
+        return None, str(e).strip().splitlines()[-1].strip()
+    return long, ""
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -393,7 +511,7 @@ def train(opts, overrides, module):
                 raise UsageError(f"--{k}={v} differs from the checkpoint's {k}={ckpt['model_config'].get(k)}")
 
     torch.manual_seed(opts["seed"])  # the same initial weights on every rank
-    data = TextData(opts)
+    data = SynthData(opts) if opts["dataset"] in SYNTHETIC else TextData(opts)
     if ckpt is not None and ckpt["tokenizer"] != data.tokenizer_spec:
         raise UsageError(f"{last_path} was trained with another tokenizer than dataset {opts['dataset']} has")
     if ckpt is not None:
@@ -410,6 +528,10 @@ def train(opts, overrides, module):
     data.check(cfg.block_size)
     model.to(device)
     raw_model = model
+    stretch = data.extrapolate if master else 0
+    long_model, why = stretched(module, raw_model, stretch) if stretch else (None, "")
+    if long_model is not None:
+        long_model.to(device).eval()
     optimizer = torch.optim.AdamW(model.optim_groups(opts["weight_decay"]), lr=opts["lr"],
                                   betas=(opts["beta1"], opts["beta2"]))
     start_iter, best_val = 0, float("inf")
@@ -440,6 +562,8 @@ def train(opts, overrides, module):
     log(f"data {data.describe}")
     log(f"plan: {opts['max_iters']} iters x {tokens_per_iter:,} tokens = {total / 1e6:.2f}M tokens = "
         f"{total / n_active:.1f} tokens per parameter (Chinchilla-optimal: ~20)")
+    if why:
+        log(f"length extrapolation: no val_acc_{stretch}x, the weights do not fit a {stretch}x longer block_size ({why})")
     log(f"device {device}, {dtype}, {world} process{'es' if world > 1 else ''}")
     peak = next((v for k, v in PEAK_FLOPS.items() if device.startswith("cuda") and k in torch.cuda.get_device_name(device)), None)
 
@@ -461,15 +585,27 @@ def train(opts, overrides, module):
     def evaluate():
         raw_model.eval()
         eval_gen = torch.Generator().manual_seed(opts["seed"] + 999)  # the same batches at every evaluation
-        out = {}
-        for split in ("train", "val"):
-            losses = []
+
+        def measure(model, split, T):
+            """Mean loss, and the share of scored targets (answers; every token of a text) that the
+            likeliest prediction gets right."""
+            losses, right, scored = [], 0, 0
             for _ in range(opts["eval_iters"]):
-                x, y = data.batch(split, opts["batch_size"], cfg.block_size, eval_gen)
+                x, y = data.batch(split, opts["batch_size"], T, eval_gen)
+                x, y = x.to(device), y.to(device)
                 with autocast:
-                    _, loss = raw_model(x.to(device), y.to(device))
+                    logits, loss = model(x, y)
                 losses.append(loss.item())
-            out[f"{split}_loss"] = sum(losses) / len(losses)
+                right += (logits.argmax(-1) == y)[y != -1].sum().item()
+                scored += (y != -1).sum().item()
+            return sum(losses) / len(losses), right / scored
+
+        out = {}
+        out["train_loss"], _ = measure(raw_model, "train", cfg.block_size)
+        out["val_loss"], out["val_acc"] = measure(raw_model, "val", cfg.block_size)
+        if long_model is not None:
+            long_model.load_state_dict(raw_model.state_dict())
+            _, out[f"val_acc_{stretch}x"] = measure(long_model, "val", stretch * cfg.block_size)
         raw_model.train()
         return out
 
@@ -485,15 +621,17 @@ def train(opts, overrides, module):
 
     model.train()
     t_start, t_last, it = time.time(), time.time(), start_iter
+    train_time = 0.0  # seconds in training steps alone (no evaluation, no checkpoints): for tokens/s
     for it in range(start_iter, opts["max_iters"] + 1):
         if it % opts["eval_interval"] == 0 or it == opts["max_iters"]:
             if not (ckpt is not None and it == start_iter):  # the checkpoint we resume from was made here
                 ev, improved = evaluate() if master else {}, False
                 stats = raw_model.stats()
                 if master:
-                    extra = "".join(f" | {k} {v:.3g}" for k, v in stats.items())
+                    extra = "".join(f" | {name} {v:.3g}" for name, v in {**ev, **stats}.items() if "loss" not in name)
                     log(f"eval {it} | train {ev['train_loss']:.4f} | val {ev['val_loss']:.4f}{extra}")
-                    record({"iter": it, **ev, **stats, "tokens": it * tokens_per_iter, "time": time.time() - t_start})
+                    record({"iter": it, **ev, **stats, "tokens": it * tokens_per_iter, "time": time.time() - t_start,
+                            "train_time": train_time})
                     improved = ev["val_loss"] < best_val
                     best_val = min(best_val, ev["val_loss"])
                 rngs = rng_states()  # collective: every rank takes part
@@ -507,6 +645,7 @@ def train(opts, overrides, module):
                         atomic_write(best_path, state)
         if it == opts["max_iters"]:
             break
+        t_step = time.time()
         lr = lr_at(it, opts)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -530,6 +669,7 @@ def train(opts, overrides, module):
             torch.nn.utils.clip_grad_norm_(model.parameters(), opts["grad_clip"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        train_time += time.time() - t_step
         record({"iter": it, "loss": loss_val, "lr": lr})
         if (it + 1) % opts["log_interval"] == 0 or it == start_iter:
             now = time.time()
