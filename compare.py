@@ -34,7 +34,7 @@ import train
 
 DATASETS = ["pydoc", *train.SYNTHETIC]
 MODES = {  # the Transformer's size and the shared training budget of every run
-    "quick": dict(d_model=64, n_layer=2, block_size=64, batch_size=16, max_iters=400, eval_interval=100,
+    "quick": dict(d_model=64, n_layer=2, block_size=64, batch_size=16, max_iters=1200, eval_interval=100,
                   eval_iters=10, lr=2e-3, min_lr=2e-4, warmup_iters=50, decode_steps=64, jobs=2,
                   model_args="hybrid.n_layer=4,hybrid.attn_every=4,hybrid.attn_offset=2"),  # Md Me Ad Me
     "full": dict(d_model=256, n_layer=4, block_size=256, batch_size=32, max_iters=3000, eval_interval=250,
