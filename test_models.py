@@ -78,16 +78,24 @@ def test_causal(variant):
     assert not torch.allclose(a[:, 17:], b[:, 17:])
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=ID)
-def test_cached_generation_equals_full_forward(variant):
-    m = tiny_transformer(**variant)
+def check_cached_generation(m, new_tokens=25):
+    """Greedy generation from a 9-token prompt must equal the argmax of the full forward, and
+    feeding the same tokens through a cache one at a time must give the full forward's logits.
+    Returns the cache, for the model's own checks."""
     prompt = torch.randint(0, 61, (2, 9))
-    out = torch.cat([prompt, *m.generate(prompt, 25, temperature=0)], dim=1)  # (2, 34) < block_size
-    full = m(out[:, :-1])[0]  # (2, 33, V)
+    out = torch.cat([prompt, *m.generate(prompt, new_tokens, temperature=0)], dim=1)  # (2, 9 + new)
+    full = m(out[:, :-1])[0]  # (2, 8 + new, V)
     assert torch.equal(full[:, 8:].argmax(-1), out[:, 9:])  # greedy tokens identical
     cache = m.new_cache(2)
-    steps = [m(out[:, :9], cache=cache)[0][:, -1]] + [m(out[:, t:t + 1], cache=cache)[0][:, -1] for t in range(9, 33)]
+    steps = [m(out[:, :9], cache=cache)[0][:, -1]]
+    steps += [m(out[:, t:t + 1], cache=cache)[0][:, -1] for t in range(9, 8 + new_tokens)]
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 8:], atol=1e-5, rtol=1e-5)
+    return cache
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=ID)
+def test_cached_generation_equals_full_forward(variant):
+    cache = check_cached_generation(tiny_transformer(**variant))  # 34 tokens < block_size
     assert cache.k.shape[2] == variant["n_kv_head"]  # the cache holds only the K/V heads
 
 
@@ -334,14 +342,7 @@ def test_mamba_causal():
 
 @pytest.mark.parametrize("d_conv", [4, 1])
 def test_mamba_generation_equals_full_forward(d_conv):
-    m = tiny_mamba(d_conv=d_conv)
-    prompt = torch.randint(0, 61, (2, 9))
-    out = torch.cat([prompt, *m.generate(prompt, 45, temperature=0)], dim=1)  # (2, 54): past block_size
-    full = m(out[:, :-1])[0]  # (2, 53, V)
-    assert torch.equal(full[:, 8:].argmax(-1), out[:, 9:])  # greedy tokens identical
-    cache = m.new_cache(2)
-    steps = [m(out[:, :9], cache=cache)[0][:, -1]] + [m(out[:, t:t + 1], cache=cache)[0][:, -1] for t in range(9, 53)]
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, 8:], atol=1e-5, rtol=1e-5)
+    cache = check_cached_generation(tiny_mamba(d_conv=d_conv), new_tokens=45)  # 54 tokens: past block_size
     assert cache.len == 53
 
 
@@ -849,14 +850,7 @@ def test_capacity_factor_breaks_causality_and_prefix_consistency():
 
 @pytest.mark.parametrize("variant", MOE_VARIANTS, ids=ID)
 def test_moe_cached_generation_equals_full_forward(variant):
-    m = tiny_moe(**variant)
-    prompt = torch.randint(0, 61, (2, 9))
-    out = torch.cat([prompt, *m.generate(prompt, 25, temperature=0)], dim=1)  # (2, 34)
-    full = m(out[:, :-1])[0]  # (2, 33, V)
-    assert torch.equal(full[:, 8:].argmax(-1), out[:, 9:])
-    cache = m.new_cache(2)
-    steps = [m(out[:, :9], cache=cache)[0][:, -1]] + [m(out[:, t:t + 1], cache=cache)[0][:, -1] for t in range(9, 33)]
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, 8:], atol=1e-5, rtol=1e-5)
+    check_cached_generation(tiny_moe(**variant))
 
 
 def test_moe_loss_adds_balance_and_z_loss():
@@ -1003,14 +997,7 @@ def test_hybrid_causal(variant):
 
 @pytest.mark.parametrize("variant", HYBRID_VARIANTS, ids=ID)
 def test_hybrid_cached_generation_equals_full_forward(variant):
-    m = tiny_hybrid(**variant)
-    prompt = torch.randint(0, 61, (2, 9))
-    out = torch.cat([prompt, *m.generate(prompt, 25, temperature=0)], dim=1)  # (2, 34) < block_size
-    full = m(out[:, :-1])[0]  # (2, 33, V)
-    assert torch.equal(full[:, 8:].argmax(-1), out[:, 9:])  # greedy tokens identical
-    cache = m.new_cache(2)
-    steps = [m(out[:, :9], cache=cache)[0][:, -1]] + [m(out[:, t:t + 1], cache=cache)[0][:, -1] for t in range(9, 33)]
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, 8:], atol=1e-5, rtol=1e-5)
+    cache = check_cached_generation(tiny_hybrid(**variant))  # 34 tokens < block_size
     assert cache.len == cache.kv.len == cache.ssm.len == 33
     assert cache.kv.k.shape[0] == 1 and cache.ssm.ssm.shape[0] == 3  # K/V for the one attention layer only
 
