@@ -639,6 +639,11 @@ def test_torchrun_two_processes(tmp_path, data_dir):
 # log-sum-exp, which measured up to ~11 ulps (200 fp32 runs of these cases), so below that
 # neither error means anything. It is 4e-6 relative at most, far under what a wrong mask or
 # scale costs, and ~1/500 of one fp16 ulp, so the fp16 cases are held to the plain 2x rule.
+# Compiled for a GPU, tl.exp2, tl.log2 and `/` in float32 become approximate instructions (about
+# 2 ulps each by CUDA's tables, where numpy rounds correctly): a few ulps more per probability, and
+# the output and gradients are weighted sums of probabilities, so by that estimate the errors stay
+# under the floor. The floor is kept, not widened; record_error logs error / floor for every case
+# (gpu_check.sh prints them), so the first GPU run shows the actual margin.
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 # (B, H, Hkv, Tq, Tk, D, causal, alibi, dtype): every listed feature and value at least once,
