@@ -48,7 +48,7 @@ PY
 ) || preflight_failed "$(printf '%s' "$info" | tail -n 1)"
 log "$info"
 if command -v nvidia-smi >/dev/null; then
-    nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader 2>&1 | tee -a "$LOG"
+    timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader 2>&1 | tee -a "$LOG"
 fi
 log "budgets: tests ${TEST_BUDGET_S}s, bench attention ${ATTENTION_BENCH_S}s, bench scan ${SCAN_BENCH_S}s"
 
