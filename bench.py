@@ -52,6 +52,39 @@ def timed_rounds(fns, rounds=5, steps=10, clock=time.perf_counter):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def gpu_time_ms(fn, reps=10, target_ms=20.0):
+    """GPU milliseconds per call of fn: median over reps CUDA-event pairs, each around a batch of
+    back-to-back calls sized to take about target_ms, after warm-up calls (which also compile
+    Triton). Within a batch the CPU queues the next launches while the GPU works, so the Python
+    wrapper and launch overhead of one call overlaps the kernels of the previous one instead of
+    counting as kernel time. The same for every implementation timed with it."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    calls = max(1, min(200, int(target_ms / max(start.elapsed_time(end), 1e-3))))
+    times = []
+    for _ in range(reps):
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def first_line(e):
+    """An exception as one short line for a table cell: a Triton compile or resource error from one
+    implementation must not hide the other implementations' rows."""
+    msg = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {msg}"[:100]
+
+
 def train_step(model, batch_size, block_size, vocab_size):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, vocab_size, (batch_size, block_size))
@@ -172,11 +205,6 @@ def scan_args(Bsz, Dm, N, L, dev, dtype):
     return {k: v.to(dev).requires_grad_() for k, v in args.items()}
 
 
-def synced(fn, cuda):
-    """fn, followed by a wait for the GPU, so that the wall clock measures the work."""
-    return (lambda: (fn(), torch.cuda.synchronize())) if cuda else fn
-
-
 def bench_scan(args):
     """Selective scan forward and forward+backward, every path side by side, rounds interleaved.
     CPU: B=8, D=256, N=16, L in (256, 1024), float32. CUDA: B=32, D=1024, N=16, L=2048, bf16 inputs."""
@@ -190,35 +218,50 @@ def bench_scan(args):
              "chunked": lambda **a: kernels.selective_scan(**a, impl="chunked"),
              "triton" if cuda else "ref": lambda **a: kernels.selective_scan(**a, impl="triton" if cuda else "ref")}
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nselective scan, {where}: B={Bsz} D={Dm} N={N}, {str(dtype)[6:]} inputs, median of 5 interleaved rounds")
+    how = "median of 10 CUDA-event timings of back-to-back calls" if cuda else "median of 5 interleaved rounds"
+    print(f"\nselective scan, {where}: B={Bsz} D={Dm} N={N}, {str(dtype)[6:]} inputs, {how}")
     print("| path | L | fwd ms | fwd+bwd ms | fwd+bwd speed-up over Blelloch |\n|---|---|---|---|---|")
-    res = {}
+    res, failed = {}, {}
+    nan = (float("nan"), float("nan"))
     for L in Ls:
         a = scan_args(Bsz, Dm, N, L, dev, dtype)
         grad = torch.randn(Bsz, Dm, L, device=dev, dtype=dtype)
         fns = {}
         for name, fn in paths.items():
-            fns[name, "fwd"] = synced(lambda fn=fn: torch.no_grad()(fn)(**a), cuda)
-            fns[name, "fb"] = synced(lambda fn=fn: torch.autograd.grad(fn(**a), list(a.values()), grad), cuda)
-        secs = timed_rounds(fns, rounds=5, steps=1)
+            fwd = lambda fn=fn: torch.no_grad()(fn)(**a)  # noqa: E731
+            fb = lambda fn=fn: torch.autograd.grad(fn(**a), list(a.values()), grad)  # noqa: E731
+            try:  # one call of each first: a path that fails (a Triton compile error, say) gets a failed row
+                fwd()
+                fb()
+            except Exception as e:
+                failed[name, L] = first_line(e)
+                continue
+            fns[name, "fwd"], fns[name, "fb"] = fwd, fb
+        if cuda:
+            secs = {key: gpu_time_ms(fn) / 1e3 for key, fn in fns.items()}
+        else:
+            secs = timed_rounds(fns, rounds=5, steps=1)
         for name in paths:
+            if (name, L) in failed:
+                print(f"| {name} | {L} | failed: {failed[name, L]} | - | - |")
+                continue
             res[name, L] = secs[name, "fwd"] * 1e3, secs[name, "fb"] * 1e3
             print(f"| {name} | {L} | {res[name, L][0]:.1f} | {res[name, L][1]:.1f} | "
-                  f"{res['blelloch', L][1] / res[name, L][1]:.2f}x |")
+                  f"{res.get(('blelloch', L), nan)[1] / res[name, L][1]:.2f}x |")
     if not cuda:
         for L in Ls:
-            x = res["blelloch", L][1] / res["chunked", L][1]
+            x = res.get(("blelloch", L), nan)[1] / res.get(("chunked", L), nan)[1]
             print(f"target: chunked fwd+bwd >= 2x Blelloch at L={L}: {x:.2f}x {'PASS' if x >= 2 else 'FAIL'}")
         return
     L = Ls[0]
     src = torch.empty(2 ** 30, device=dev, dtype=torch.uint8)  # 1 GiB
     dst = torch.empty_like(src)
-    hbm = 2 * src.numel() / timed_rounds({"copy": synced(lambda: dst.copy_(src), cuda)}, rounds=5, steps=5)["copy"] / 1e9
+    hbm = 2 * src.numel() / (gpu_time_ms(lambda: dst.copy_(src)) / 1e3) / 1e9
     nbytes = (4 * Bsz * Dm * L + 2 * Bsz * N * L) * a["u"].element_size()  # u, delta, z read, out written; B, C read
-    bw = nbytes / (res["triton", L][0] / 1e3) / 1e9
+    bw = nbytes / (res.get(("triton", L), nan)[0] / 1e3) / 1e9
     print(f"HBM copy bandwidth {hbm:.0f} GB/s; the Triton forward moves {nbytes / 1e9:.2f} GB at {bw:.0f} GB/s")
     print(f"target: Triton forward >= 50% of HBM bandwidth: {bw / hbm:.0%} {'PASS' if bw >= 0.5 * hbm else 'FAIL'}")
-    x = res["chunked", L][1] / res["triton", L][1]
+    x = res.get(("chunked", L), nan)[1] / res.get(("triton", L), nan)[1]
     print(f"target: Triton fwd+bwd >= 5x the chunked algorithm on this GPU: {x:.1f}x {'PASS' if x >= 5 else 'FAIL'}")
 
 
@@ -327,19 +370,13 @@ def attention_flops(B, H, T, D, causal):
     return 4 * B * H * T * T * D / (2 if causal else 1)
 
 
-def gpu_time_ms(fn, reps=20):
-    """Median of reps CUDA-event timings, after warm-up calls (which also compile Triton)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+def cuda_peak_mib(fn):
+    """Peak GPU memory allocated during fn() above what was allocated before it, in MiB."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def sdpa(backend):
@@ -354,10 +391,10 @@ def sdpa(backend):
 
 
 def attention_gpu(shapes=((16, 12, 1024, 64, True), (4, 16, 4096, 128, True), (2, 16, 8192, 128, True),
-                           (4, 16, 4096, 128, False)), device="cuda"):
+                           (4, 16, 4096, 128, False)), device="cuda", impls=None):
     """shapes: (B, H, T, D, causal): the nanoGPT shape, then long sequences at D=128."""
     from torch.nn.attention import SDPBackend
-    impls = {
+    impls = impls or {
         "triton": lambda q, k, v, causal: kernels.attention(q, k, v, causal=causal, impl="triton"),
         "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa-default": sdpa(None),
@@ -376,14 +413,11 @@ def attention_gpu(shapes=((16, 12, 1024, 64, True), (4, 16, 4096, 128, True), (2
                 bwd = gpu_time_ms(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
                 del o
                 both = gpu_time_ms(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do))
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do)
-                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-            except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. no flash backend for this shape
+                peak = cuda_peak_mib(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do))
+            except Exception as e:  # no flash backend for this shape, a Triton compile error, out of memory ...
                 rows.append([f"B{B} H{H} T{T} D{D}", "causal" if causal else "full", name, "-", "-", "-", "-",
-                             str(e).splitlines()[0][:40]])
+                             "failed: " + first_line(e)])
+                torch.cuda.empty_cache()
                 continue
             r = dict(fwd=flops / fwd / 1e9, bwd=2.5 * flops / bwd / 1e9, both=3.5 * flops / both / 1e9, peak=peak)
             results[(B, H, T, D, causal, name)] = r
@@ -442,7 +476,12 @@ def attention_cpu_memory(H=4, D=64, lengths=(256, 512, 1024, 2048, 4096), interp
     paths = {
         "explicit (attention_ref)": lambda q, k, v: kernels.attention_ref(q, k, v, causal=True),
         "torch SDPA (CPU flash kernel)": lambda q, k, v: kernels.attention(q, k, v, causal=True, impl="torch"),
+        # ALiBi reaches SDPA as a (1, H, T, T) float mask: still the flash kernel (a 3-D mask is not),
+        # but the mask itself is one (H, T, T) matrix
+        "torch SDPA + ALiBi mask": lambda q, k, v: kernels.attention(q, k, v, causal=True, alibi_slopes=slopes,
+                                                                     impl="torch"),
     }
+    slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1) / H)  # the ALiBi paper's slopes
     if kernels.INTERPRET:
         paths["Triton kernel (interpreter)"] = lambda q, k, v: kernels.attention(q, k, v, causal=True, impl="triton")
     for fn in paths.values():  # warm-up: one-time allocations (thread pools, caches) are not the method's

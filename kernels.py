@@ -348,9 +348,14 @@ class FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None  # the ALiBi slopes are fixed, not learned
 
 
+def _is_cuda(x):
+    """The device test of both dispatchers, in one place (the tests stand in a fake GPU here)."""
+    return x.is_cuda
+
+
 def attention(q, k, v, causal=True, alibi_slopes=None, scale=None, impl=None):
-    """Fast path. impl: None picks Triton for CUDA tensors (head dims up to 128) and torch's
-    scaled_dot_product_attention otherwise; "triton" or "torch" forces one (forcing "triton"
+    """Fast path. impl: None picks Triton for CUDA tensors (head dims up to 128, not float64) and
+    torch's scaled_dot_product_attention otherwise; "triton" or "torch" forces one (forcing "triton"
     on the CPU needs TRITON_INTERPRET=1)."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.size(1), k.size(2)
@@ -359,9 +364,11 @@ def attention(q, k, v, causal=True, alibi_slopes=None, scale=None, impl=None):
     if causal and Tq > Tk:
         raise ValueError(f"causal attention needs Tq={Tq} <= Tk={Tk}: the queries are the last Tq positions")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    if impl is None:
-        impl = "triton" if q.is_cuda and D <= 128 else "torch"
+    if impl is None:  # float64 stays float64: the kernel computes in float32
+        impl = "triton" if _is_cuda(q) and D <= 128 and q.dtype != torch.float64 else "torch"
     if impl == "triton":
+        if q.dtype == torch.float64:
+            raise ValueError("the Triton attention kernel computes in float32: use impl='torch' for float64")
         # Like SDPA: follow autocast, and bring k and v (a float32 KV cache, say) to q's dtype.
         dev = q.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
@@ -370,13 +377,17 @@ def attention(q, k, v, causal=True, alibi_slopes=None, scale=None, impl=None):
         return FlashAttention.apply(q, k, v, causal, slopes, scale)
     mask = None
     if alibi_slopes is not None or (causal and Tq != Tk):  # SDPA's own is_causal aligns to the start
-        i = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
-        j = torch.arange(Tk, device=q.device)[None, :]
+        i = torch.arange(Tk - Tq, Tk, device=q.device, dtype=torch.float32)[:, None]  # (Tq, 1), exact below 2^24
+        j = torch.arange(Tk, device=q.device, dtype=torch.float32)[None, :]  # (1, Tk)
         mask = torch.zeros(Tq, Tk, device=q.device, dtype=q.dtype)
         if causal:
-            mask = mask.masked_fill(j > i, float("-inf"))
+            mask.masked_fill_(j > i, float("-inf"))
         if alibi_slopes is not None:
-            mask = mask - (alibi_slopes.view(H, 1, 1) * (i - j).abs()).to(q.dtype)  # (H, Tq, Tk)
+            # 4-D, not (H, Tq, Tk): torch's CPU flash kernel takes 2-D and 4-D masks, a 3-D one
+            # sends SDPA to its math path, which stores the (B, H, Tq, Tk) scores and probabilities.
+            # Built in place: the mask is one (H, Tq, Tk) matrix, the temporaries (Tq, Tk) ones.
+            bias = (alibi_slopes.float().view(1, H, 1, 1) * (i - j).abs_()).to(q.dtype)  # (1, H, Tq, Tk)
+            mask = bias.neg_().add_(mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                           scale=scale, enable_gqa=H != Hkv)
 
@@ -583,7 +594,7 @@ def _scan_step_inputs(u_ptr, dt_ptr, bias, B_ptr, row, bcol, t, mt, mnt,
 def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
                      out_ptr, hlast_ptr, ckpt_ptr, Dm, L, N, n_ckpt,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CKPT: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements at large B * D * L
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
@@ -601,7 +612,8 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     row = (b * Dm + d) * L  # (BLOCK_D,) start of each channel's time series
     bcol = (b * N + n) * L  # (BLOCK_N,)
     for c in range(n_ckpt):
-        tl.store(ckpt_ptr + ((b * n_ckpt + c) * Dm + d[:, None]) * BLOCK_N + n[None, :], h, mask=md[:, None])
+        if SAVE_CKPT:  # only the backward reads them
+            tl.store(ckpt_ptr + ((b * n_ckpt + c) * Dm + d[:, None]) * BLOCK_N + n[None, :], h, mask=md[:, None])
         for k in range(CKPT):
             t = c * CKPT + k
             in_range = (tl.zeros((1,), dtype=tl.int32) + t) < L  # a tensor: the interpreter wants one
@@ -708,28 +720,35 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     tl.store(dbias_ptr + b * Dm + d, dbias_acc, mask=md)
 
 
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, block_d, ckpt, save_ckpt):
+    """Runs the forward kernel on contiguous inputs; returns out, the last state and, with
+    save_ckpt, the (B, n_ckpt, D, BLOCK_N) states every ckpt steps that the backward restarts from."""
+    Bsz, Dm, L = u.shape
+    N = A.size(1)
+    BLOCK_N = triton.next_power_of_2(N)
+    n_ckpt = max(1, triton.cdiv(L, ckpt))
+    out = torch.empty_like(u)
+    hlast = u.new_empty(Bsz, Dm, N, dtype=torch.float32)
+    ckpts = u.new_empty(Bsz, n_ckpt, Dm, BLOCK_N, dtype=torch.float32) if save_ckpt else None
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    grid = (Bsz, triton.cdiv(Dm, block_d))
+    _scan_fwd_kernel[grid](u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
+                           delta_bias if delta_bias is not None else u, h0 if h0 is not None else u,
+                           out, hlast, ckpts if save_ckpt else u, Dm, L, N, n_ckpt,
+                           HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                           HAS_H0=h0 is not None, SOFTPLUS=delta_softplus, SAVE_CKPT=save_ckpt,
+                           BLOCK_D=block_d, BLOCK_N=BLOCK_N, CKPT=ckpt)
+    return out, hlast, ckpts
+
+
 class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, block_d, ckpt):
-        u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
-        z = z.contiguous() if z is not None else None
-        Bsz, Dm, L = u.shape
+        out, hlast, ckpts = _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                          block_d, ckpt, save_ckpt=True)
         N = A.size(1)
-        BLOCK_N = triton.next_power_of_2(N)
-        n_ckpt = max(1, triton.cdiv(L, ckpt))
-        out = torch.empty_like(u)
-        hlast = u.new_empty(Bsz, Dm, N, dtype=torch.float32)
-        ckpts = u.new_empty(Bsz, n_ckpt, Dm, BLOCK_N, dtype=torch.float32)
-        h0 = initial_state.float().contiguous() if initial_state is not None else None
-        grid = (Bsz, triton.cdiv(Dm, block_d))
-        _scan_fwd_kernel[grid](u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
-                               delta_bias if delta_bias is not None else u, h0 if h0 is not None else u,
-                               out, hlast, ckpts, Dm, L, N, n_ckpt,
-                               HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                               HAS_H0=h0 is not None, SOFTPLUS=delta_softplus,
-                               BLOCK_D=block_d, BLOCK_N=BLOCK_N, CKPT=ckpt)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpts)
-        ctx.flags = (delta_softplus, initial_state is not None, block_d, ckpt, BLOCK_N, n_ckpt)
+        ctx.flags = (delta_softplus, initial_state is not None, block_d, ckpt, triton.next_power_of_2(N), ckpts.size(1))
         ctx.initial_dtype = initial_state.dtype if initial_state is not None else None
         return out, hlast
 
@@ -767,18 +786,28 @@ class _SelectiveScanTriton(torch.autograd.Function):
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
                           initial_state=None, return_last_state=False, block_d=None, ckpt=None):
     Dm, L = u.shape[1], u.shape[2]
+    if u.dtype == torch.float64:
+        raise ValueError("the Triton scan computes in float32: use impl='ref' or 'chunked' for float64")
     block_d = block_d or min(32, triton.next_power_of_2(Dm))
     ckpt = ckpt or min(64, triton.next_power_of_2(max(L, 1)))
-    out, last = _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                                           block_d, ckpt)
+    u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
+    z = z.contiguous() if z is not None else None
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        out, last = _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                               block_d, ckpt)
+    else:  # inference: no autograd node, and no checkpoints written for a backward that never comes
+        out, last, _ = _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                     block_d, ckpt, save_ckpt=False)
     return (out, last) if return_last_state else out
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
                    initial_state=None, return_last_state=False, impl=None):
     """out (B, D, L) in u's dtype [, last state (B, D, N) float32]. impl: None picks Triton on
-    CUDA and the chunked scan elsewhere; "ref", "chunked" or "triton" forces a path."""
+    CUDA (float64 excepted: the kernel computes in float32) and the chunked scan elsewhere;
+    "ref", "chunked" or "triton" forces a path."""
     if impl is None:
-        impl = "triton" if u.is_cuda else "chunked"
+        impl = "triton" if _is_cuda(u) and u.dtype != torch.float64 else "chunked"
     fn = {"ref": selective_scan_ref, "chunked": selective_scan_chunked, "triton": selective_scan_triton}[impl]
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
