@@ -30,8 +30,9 @@ shrinks by the share of Mamba layers (with one attention layer in eight, to 1/8 
 
 Shapes: B batch, T time (tokens in this call), S cached + new tokens, C d_model, V vocabulary;
 attention: H query heads, K key/value heads, D head dim; feed-forward: F hidden size of a SwiGLU
-(d_ff, or d_expert in an expert), E experts; Mamba: I d_inner (expand * C), N state size,
-R dt_rank, W d_conv (taps of the convolution).
+(d_ff, or d_expert in an expert), E experts, k experts per token (top_k); Mamba: I d_inner
+(expand * C), N state size, R dt_rank, W d_conv (taps of the convolution). (In `layers`, S is
+the shared block; in shapes, S is a length.)
 """
 import math
 from dataclasses import dataclass, replace
@@ -76,8 +77,9 @@ class Config:
         words = self.layers.split()
         bad = [w for w in words if not (w == "S" or (w[0] in "AM" and w[1:] in ("", "d", "e")))]
         if bad or not words:
-            raise ValueError(f"layers={self.layers!r}: {f'{bad[0]!r} is not a layer' if bad else 'no layers'}; each word "
-                             f"is A (attention) or M (Mamba), then d (dense), e (experts) or nothing; or S (shared attention)")
+            why = f"{bad[0]!r} is not a layer" if bad else "no layers"
+            raise ValueError(f"layers={self.layers!r}: {why}; each word is A (attention) or M (Mamba), then d (dense), "
+                             f"e (experts) or nothing; or S (the shared attention block)")
         for name in ("vocab_size", "block_size", "d_model", "n_head", "n_kv_head", "d_state", "d_conv", "expand",
                      "n_expert", "top_k"):
             if getattr(self, name) <= 0:
@@ -260,8 +262,8 @@ class MoE(nn.Module):
         B, T, C = x.shape
         E, k = self.cfg.n_expert, self.cfg.top_k
         x = x.reshape(B * T, C)  # (B*T, C): routing is per token
-        with torch.autocast(x.device.type, enabled=False):  # float32 even under bf16 autocast,
-            logits = F.linear(x.float(), self.router.weight.float())  # (B*T, E)  # so rounding cannot flip a choice
+        with torch.autocast(x.device.type, enabled=False):  # float32 under autocast: rounding must not flip a choice
+            logits = F.linear(x.float(), self.router.weight.float())  # (B*T, E)
         probs = logits.softmax(dim=-1)  # (B*T, E)
         weight, expert = probs.topk(k, dim=-1)  # (B*T, k) each: k distinct experts per token
         weight = weight / weight.sum(dim=-1, keepdim=True)
@@ -376,8 +378,8 @@ class Model(nn.Module):
     # ------------------------------------------------------------------------- generation
 
     def new_cache(self, batch_size, max_len=None, device=None, dtype=None):
-        p = self.wte.weight
-        return HybridCache(self.config, batch_size, max_len or self.config.block_size, device or p.device, dtype or p.dtype)
+        cfg, p = self.config, self.wte.weight
+        return HybridCache(cfg, batch_size, max_len or cfg.block_size, device or p.device, dtype or p.dtype)
 
     def cache_bytes(self, cache):
         return cache.k.nbytes + cache.v.nbytes + cache.conv.nbytes + cache.ssm.nbytes
@@ -416,7 +418,7 @@ class Model(nn.Module):
         attention use, the scores and weighted sum (12 * H * D * context), per Mamba layer the scan
         (27 * I * N)."""
         cfg = self.config
-        weights = lambda module: sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
+        weights = lambda mod: sum(m.weight.numel() for m in mod.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
         n = self.lm_head.weight.numel()
         for block in self.blocks:
             n += weights(block)
@@ -440,15 +442,18 @@ class Model(nn.Module):
                 f"top-{cfg.top_k} of {cfg.n_expert} experts of {cfg.d_expert}, dense swiglu {cfg.d_ff}")
 
     def stats(self):
-        """Routing in the last forward, mean over MoE layers: moe_vio max load / mean load - 1 (0 when
+        """Routing in the last forward, mean over the MoE layers: moe_vio max load / mean load - 1 (0 when
         balanced), moe_ent load entropy / ln E (1 = uniform), moe_dead experts that got no token, moe_top1
-        mean top-1 router probability."""
+        the top-1 router probability."""
         last = [m.last for m in self.modules() if isinstance(m, MoE) and m.last is not None]
-        loads = torch.stack([load for load, _ in last]) if last else torch.ones(0, self.config.n_expert)  # (layers, E)
-        entropy = -(loads * loads.clamp_min(1e-12).log()).sum(-1) / math.log(loads.size(1))  # (layers,)
-        return {} if not last else {
-            "moe_vio": (loads.max(-1).values * loads.size(1) - 1).mean().item(), "moe_ent": entropy.mean().item(),
-            "moe_dead": (loads == 0).sum(-1).float().mean().item(), "moe_top1": sum(t.item() for _, t in last) / len(last)}
+        if not last:
+            return {}
+        load = torch.stack([f for f, _ in last])  # (MoE layers, E)
+        E = load.size(1)
+        entropy = -(load * load.clamp_min(1e-12).log()).sum(-1) / math.log(E)  # (MoE layers,)
+        return {"moe_vio": (load.max(-1).values * E - 1).mean().item(), "moe_ent": entropy.mean().item(),
+                "moe_dead": (load == 0).sum(-1).float().mean().item(),
+                "moe_top1": torch.stack([p for _, p in last]).mean().item()}
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
