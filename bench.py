@@ -308,11 +308,12 @@ def bench_hybrid(args):
     time per new token of each at one context, side by side."""
     contexts, timed_ctx = (1024, 4096, 16384), 2048
     torch.manual_seed(0)
-    shape = dict(vocab_size=512, d_model=256, n_layer=8, block_size=max(contexts))
+    shape = dict(vocab_size=512, d_model=256, block_size=max(contexts))
     attn = dict(n_head=8, n_kv_head=2)
-    models = {"transformer": model_transformer.Model(model_transformer.Config(**shape, **attn)).eval(),
-              "hybrid": model_hybrid.Model(model_hybrid.Config(**shape, **attn)).eval(),
-              "mamba": model_mamba.Model(model_mamba.Config(**shape)).eval()}
+    models = {"transformer": model_transformer.Model(model_transformer.Config(**shape, **attn, n_layer=8)).eval(),
+              "hybrid": model_hybrid.Model(model_hybrid.Config(**shape, **attn, layers="Md Me Md Me Ad Me Md Me",
+                                                               n_expert=16)).eval(),
+              "mamba": model_mamba.Model(model_mamba.Config(**shape, n_layer=8)).eval()}
     print(f"\ngeneration cache, batch 1, float32, d_model 256, 8 layers; attention GQA 8 query / 2 K/V heads"
           f"\nhybrid: {models['hybrid'].summary()}")
     print("| context | Transformer KV MiB | hybrid KV MiB | hybrid SSM state MiB | Mamba state MiB "
@@ -323,7 +324,7 @@ def bench_hybrid(args):
         caches = {name: m.new_cache(1, max_len=ctx) for name, m in models.items()}
         full = models["transformer"].cache_bytes(caches["transformer"])
         h = caches["hybrid"]
-        kv, total = h.kv.k.nbytes + h.kv.v.nbytes, models["hybrid"].cache_bytes(h)
+        kv, total = h.k.nbytes + h.v.nbytes, models["hybrid"].cache_bytes(h)
         ratios.append(kv / full)
         print(f"| {ctx} | {mib(full)} | {mib(kv)} | {mib(total - kv)} | {mib(models['mamba'].cache_bytes(caches['mamba']))} "
               f"| 1/{full / kv:.2f} | 1/{full / total:.2f} |")

@@ -36,10 +36,10 @@ DATASETS = ["pydoc", *train.SYNTHETIC]
 MODES = {  # the Transformer's size and the shared training budget of every run
     "quick": dict(d_model=64, n_layer=2, block_size=64, batch_size=16, max_iters=1200, eval_interval=100,
                   eval_iters=10, lr=2e-3, min_lr=2e-4, warmup_iters=50, decode_steps=64, jobs=2,
-                  model_args="hybrid.n_layer=4,hybrid.attn_every=4,hybrid.attn_offset=2"),  # Md Me Ad Me
+                  model_args="hybrid.layers=Md Me Ad Me"),
     "full": dict(d_model=256, n_layer=4, block_size=256, batch_size=32, max_iters=3000, eval_interval=250,
                  eval_iters=20, lr=1e-3, min_lr=1e-4, warmup_iters=200, decode_steps=128, jobs=1,
-                 model_args="hybrid.n_layer=8"),  # Jamba's block: Md Me Md Me Ad Me Md Me
+                 model_args="hybrid.layers=Md Me Md Me Ad Me Md Me,hybrid.n_expert=16"),  # Jamba's block
 }
 OPTIONS = {
     "quick": (False, "the small mode (2 CPU cores, ~10 minutes); otherwise the fuller one (a GPU)"),
@@ -48,7 +48,7 @@ OPTIONS = {
     "out_dir": ("compare", "where the runs, the table and the picture go"),
     "data_dir": ("data", "train.py's --data_dir"),
     "device": ("auto", "train.py's --device; also where decoding is measured"),
-    "model_args": ("", "extra Config fields per model, e.g. hybrid.n_layer=4,hybrid.attn_every=4 (added to the mode's)"),
+    "model_args": ("", "extra Config fields per model, e.g. hybrid.layers=Md Me Ad Me,moe.top_k=1 (added to the mode's)"),
     "max_iters": (0, "training steps of every run (0: the mode's)"),
     "jobs": (0, "training runs at once (0: the mode's choice; on a CPU each gets OMP_NUM_THREADS=cores/jobs unless set)"),
     "context": (4096, "context length at which decoding speed and cache memory are measured"),
@@ -62,17 +62,19 @@ COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 def matched_size(module, fixed, vocab_size, block_size, target, d_ref, n_ref):
     """(d_model, n_layer, active params) of `module` nearest `target` active parameters. `fixed` are
-    the model's overrides from --model_args (an n_layer there is kept as it is)."""
+    the model's overrides from --model_args (an n_layer there is kept as it is; a model whose depth
+    comes from its layer pattern, the hybrid, keeps its pattern)."""
     found = []
+    fields = {f.name for f in dataclasses.fields(module.Config)}
     layers = [fixed["n_layer"]] if "n_layer" in fixed else range(max(1, n_ref // 2), 2 * n_ref + 1)
-    for n_layer in layers:
+    for n_layer in layers if "n_layer" in fields else [None]:
         for d_model in range(max(8, d_ref // 4), 2 * d_ref + 1, 4):
             try:
-                cfg = module.Config(**{**fixed, "vocab_size": vocab_size, "block_size": block_size,
-                                       "d_model": d_model, "n_layer": n_layer})
+                cfg = module.Config(**{**fixed, "vocab_size": vocab_size, "block_size": block_size, "d_model": d_model,
+                                       **({"n_layer": n_layer} if n_layer else {})})
             except ValueError:  # e.g. a width the head count does not divide
                 continue
-            found.append((d_model, n_layer, module.Model(cfg).num_params(active=True)))
+            found.append((d_model, cfg.n_layer, module.Model(cfg).num_params(active=True)))
     if not found:
         raise train.UsageError(f"no d_model in [{d_ref // 4}, {2 * d_ref}] and n_layer in {list(layers)} makes a valid "
                                f"{module.__name__} (see --model_args)")
@@ -83,7 +85,7 @@ def matched_size(module, fixed, vocab_size, block_size, target, d_ref, n_ref):
 
 
 def model_args(text, models):
-    """'hybrid.n_layer=4,hybrid.attn_every=4' -> {'hybrid': {'n_layer': 4, 'attn_every': 4}}, typed by
+    """'hybrid.layers=Md Ae,moe.top_k=1' -> {'hybrid': {'layers': 'Md Ae'}, 'moe': {'top_k': 1}}, typed by
     each model's Config; entries for models that are not registered are skipped."""
     out = {m: {} for m in models}
     for item in filter(None, text.split(",")):
@@ -179,7 +181,7 @@ def tables(results, configs, stats, decode, datasets, models, text, context):
             f"@{context} | cache @{context} |", "|---|---|---|---|---|---|---|---|"]
     for m in models:
         s, r, d = stats[(text, m)], results.get((text, m)), decode.get(m)
-        rows.append(f"| {m} | {configs[m]['d_model']} x {configs[m]['n_layer']} | {s['params'] / 1e6:.3f}M | {s['active'] / 1e6:.3f}M | "
+        rows.append(f"| {m} | {configs[m]['d_model']} x {s['n_layer']} | {s['params'] / 1e6:.3f}M | {s['active'] / 1e6:.3f}M | "
                     f"{s['flops'] / 1e6:.2f} | {fmt(r and r['tok_s'], ',.0f')} | "
                     f"{fmt(d and d[0], ',.0f')} | {'n/a' if not d else f'{d[1] / 2**20:.2f} MiB'} |")
     head = ["model"] + [f"{ds} val loss" for ds in datasets] + [f"{ds} acc" for ds in datasets if ds in train.SYNTHETIC]
@@ -290,11 +292,12 @@ def main(argv):
                 configs[m] = {"d_model": mode["d_model"], "n_layer": mode["n_layer"], **extra[m]}
             else:
                 d, n, _ = matched_size(module, extra[m], vocabs[text], T, target, mode["d_model"], mode["n_layer"])
-                configs[m] = {**extra[m], "d_model": d, "n_layer": n}
+                deep = "n_layer" in {f.name for f in dataclasses.fields(module.Config)}  # not the hybrid's: its pattern
+                configs[m] = {**extra[m], "d_model": d, **({"n_layer": n} if deep else {})}
             for ds in datasets:
                 model = module.Model(module.Config(**configs[m], vocab_size=vocabs[ds], block_size=T))
                 stats[(ds, m)] = dict(params=model.num_params(), active=model.num_params(active=True),
-                                      flops=model.flops_per_token())
+                                      flops=model.flops_per_token(), n_layer=model.config.n_layer)
             st = stats[(text, m)]
             print(f"  {m:12s} {', '.join(f'{k}={v}' for k, v in configs[m].items())}: {st['params']:,} params, "
                   f"{st['active']:,} active ({st['active'] / target - 1:+.1%} vs {ref} on {text})")

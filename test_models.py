@@ -1070,72 +1070,91 @@ def test_train_py_prints_expert_statistics(tmp_path, data_dir):
 
 # ---- model_hybrid
 
-HYBRID_VARIANTS = [  # 4 layers "Md Me Ad Me": both mixers, both feed-forwards, MoE after a Mamba layer
-    dict(),
-    dict(pos="rope", n_kv_head=1, inner_norm=False, expert_path="loop", flash=False),
-    dict(pos="alibi", attn_offset=1, moe_offset=0, router="sigmoid", ffn="gelu"),
+HYBRID_VARIANTS = [  # both mixers, both feed-forwards, MoE after either mixer, bare layers, the shared block
+    dict(),  # "Md Me Ad Me"
+    dict(layers="Ae Md M Ad", n_kv_head=1, inner_norm=False, scan="ref"),
+    dict(layers="M S Me S", n_kv_head=4),
 ]
 
 
 def tiny_hybrid(**kw):
     torch.manual_seed(0)
-    cfg = model_hybrid.Config(**{**dict(vocab_size=61, block_size=40, d_model=32, n_layer=4, n_head=4, d_state=8,
-                                        attn_every=4, attn_offset=2, n_expert=4), **kw})
+    cfg = model_hybrid.Config(**{**dict(vocab_size=61, block_size=40, d_model=32, layers="Md Me Ad Me", n_head=4,
+                                        d_state=8, n_expert=4), **kw})
     return model_hybrid.Model(cfg).eval()
 
 
 def test_hybrid_layer_pattern():
-    cfg = model_hybrid.Config(n_layer=16)  # Jamba's defaults: attention 1 in 8 at offset 4, MoE every other layer
-    assert cfg.attn_layers == [4, 12] and cfg.moe_layers == list(range(1, 16, 2))
-    assert cfg.pattern == " ".join(["Md Me Md Me Ad Me Md Me"] * 2)
-    m = tiny_hybrid(n_layer=6, attn_every=3, attn_offset=0, moe_every=3, moe_offset=2)
-    assert m.config.pattern == "Ad Md Me Ad Md Me" and m.config.pattern in m.summary()
-    kinds = [(type(b.mixer).__name__, type(b.ffn).__name__) for b in m.blocks]
-    assert kinds == [("Attention", "SwiGLU"), ("Mixer", "SwiGLU"), ("Mixer", "MoE")] * 2
-    assert m.cache_index == [0, 0, 1, 1, 2, 3]  # place among the attention layers, or among the Mamba layers
+    cfg = model_hybrid.Config()  # Jamba's block: attention in one layer of eight, MoE in every other
+    assert (cfg.layers, cfg.n_layer, cfg.n_attn) == ("Md Me Md Me Ad Me Md Me", 8, 1)
+    m = tiny_hybrid(layers=" Ad  Md Me S M Ae ")
+    assert m.config.layers == "Ad Md Me S M Ae" and m.config.n_layer == 6 and m.config.layers in m.summary()
+    kinds = [(b.kind, type(getattr(b, "mixer", None)).__name__, type(b.ffn).__name__) for b in m.blocks]
+    assert kinds == [("A", "Attention", "SwiGLU"), ("M", "MambaLayer", "SwiGLU"), ("M", "MambaLayer", "MoE"),
+                     ("S", "NoneType", "NoneType"), ("M", "MambaLayer", "NoneType"), ("A", "Attention", "MoE")]
+    assert m.cache_index == [0, 0, 1, 1, 2, 2]  # place among the attention uses (A, S), or among the Mamba layers
     cache = m.new_cache(3)
-    assert cache.kv.k.shape[:2] == (2, 3) and cache.ssm.ssm.shape[:2] == (4, 3)
-    assert tiny_hybrid(attn_every=1, attn_offset=0).config.pattern == "Ad Ae Ad Ae"  # all attention
-    assert tiny_hybrid(attn_every=5, attn_offset=4, moe_every=5, moe_offset=4).config.pattern == "Md Md Md Md"  # all Mamba
-    for kw, msg in [(dict(attn_every=8, attn_offset=8), "attn_offset < attn_every"), (dict(moe_every=0), "moe_every must be"),
-                    (dict(pos="learned"), "pos must be one of"), (dict(top_k=9), "top_k must be between")]:
+    assert cache.k.shape[:2] == (3, 3) and cache.ssm.shape[:2] == (3, 3) and cache.conv.shape[:2] == (3, 3)
+    for kw, msg in [(dict(layers="Md Xq"), "'Xq' is not a layer"), (dict(layers="Sd"), "'Sd' is not a layer"),
+                    (dict(layers=" "), "no layers"), (dict(top_k=9), "top_k must be between"),
+                    (dict(n_head=6), "divisible"), (dict(scan="fast"), "scan must be one of")]:
         with pytest.raises(ValueError, match=msg):
             model_hybrid.Config(**kw)
 
 
-def test_hybrid_blocks_are_copies_of_their_models():
-    """The guide: shared blocks stay identical, so a diff of the files shows what the hybrid changes."""
+def test_hybrid_blocks_match_their_sources():
+    """The guide: copied blocks stay identical (text), and where the hybrid's copy is cut down (no
+    ALiBi, one router, experts as modules), the same weights give the same outputs."""
     src = inspect.getsource
-    for mod, names in [(model_transformer, ["RMSNorm", "alibi_slopes", "apply_rope", "KVCache", "Attention", "MLP",
-                                            "SwiGLU", "sample_next"]),
-                       (model_moe, ["segment_mm", "MoE"]), (model_mamba, ["MambaCache"])]:
-        for name in names:
-            assert src(getattr(model_hybrid, name)) == src(getattr(mod, name)), name
-    for name in ("layer_stats", "stats", "num_params", "optim_groups", "_init_weights"):
-        assert src(getattr(model_hybrid.Model, name)) == src(getattr(model_moe.Model, name)), name
-    # the Mamba block is model_mamba's plus the three lines of each RMSNorm on dt, B and C
-    mixer = src(model_hybrid.Mixer).splitlines()
-    added = [i for i, l in enumerate(mixer) if "inner_norm" in l]
-    assert len(added) == 2
-    mixer = mixer[:added[1]] + mixer[added[1] + 2:]
-    mixer = mixer[:added[0]] + mixer[added[0] + 3:]
-    assert mixer == src(model_mamba.Mixer).splitlines()
+    for name in ("RMSNorm", "SwiGLU", "sample_next"):
+        assert src(getattr(model_hybrid, name)) == src(getattr(model_transformer, name)), name
+    for name in ("_init_weights", "optim_groups"):
+        assert src(getattr(model_hybrid.Model, name)) == src(getattr(model_transformer.Model, name)), name
+    torch.manual_seed(0)
+    x = torch.randn(2, 11, 32)
+    # attention, with and without a KV cache
+    tcfg = model_transformer.Config(d_model=32, n_head=4, n_kv_head=2, pos="none", block_size=40)
+    ref, attn = model_transformer.Attention(tcfg), model_hybrid.Attention(tiny_hybrid().config, 32)
+    attn.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(attn(x, None, 0), ref(x, None, None, 0), atol=0, rtol=0)
+    kv_ref, kv = model_transformer.KVCache(1, 2, 2, 40, 8, "cpu", torch.float32), tiny_hybrid().new_cache(2)
+    for a, b in ((0, 5), (5, 6), (6, 11)):
+        torch.testing.assert_close(attn(x[:, a:b], kv, 0), ref(x[:, a:b], None, kv_ref, 0), atol=0, rtol=0)
+        kv.len = kv_ref.len = b
+    # the Mamba layer (without Jamba's inner norm) is model_mamba's, full sequence and step by step
+    mcfg = model_mamba.Config(d_model=32, d_state=8)
+    ref, mamba = model_mamba.Mixer(mcfg), model_hybrid.MambaLayer(tiny_hybrid(inner_norm=False).config)
+    mamba.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(mamba(x, None, 0), ref(x, None, 0), atol=0, rtol=0)
+    c_ref, c = (model_mamba.MambaCache(1, 2, 64, 4, 8, "cpu", torch.float32) for _ in range(2))
+    for t in range(3):
+        torch.testing.assert_close(mamba(x[:, t:t + 1], c, 0), ref(x[:, t:t + 1], c_ref, 0), atol=0, rtol=0)
+    # the MoE is model_moe's softmax top-k dropless router with SwiGLU experts
+    ecfg = model_moe.Config(d_model=32, n_head=4, n_expert=4, top_k=2, d_expert=24)
+    ref, moe = model_moe.MoE(ecfg), model_hybrid.MoE(tiny_hybrid(n_expert=4, top_k=2, d_expert=24).config)
+    nn.init.normal_(ref.router.weight, std=0.5)  # a trained router's spread, not the init's near-ties
+    with torch.no_grad():
+        moe.router.weight.copy_(ref.router.weight)
+        for e, expert in enumerate(moe.experts):
+            expert.gate_up.weight.copy_(ref.w_in[e].t())
+            expert.out_proj.weight.copy_(ref.w_out[e].t())
+    torch.testing.assert_close(moe(x), ref(x))
+    torch.testing.assert_close(torch.stack(moe.losses), torch.stack(ref.losses))
+    torch.testing.assert_close(moe.last[0], ref.last["load"])
 
 
-@pytest.mark.parametrize("other, kw", [(model_transformer, dict(moe_every=5, moe_offset=4)), (model_moe, dict(moe_every=1, moe_offset=0))],
-                         ids=["transformer", "moe"])
-def test_hybrid_all_attention_is_the_transformer(other, kw):
-    """Every layer attention: the hybrid is model_transformer (dense) or model_moe (all MoE) without positions."""
-    hybrid = tiny_hybrid(attn_every=1, attn_offset=0, **kw)
+def test_hybrid_all_attention_is_the_transformer():
+    """Every layer attention with a dense feed-forward: the hybrid is model_transformer without positions."""
+    hybrid = tiny_hybrid(layers="Ad Ad Ad Ad")
     torch.manual_seed(1)
-    moe = dict(n_expert=4) if other is model_moe else {}
-    ref = other.Model(other.Config(vocab_size=61, block_size=40, d_model=32, n_layer=4, n_head=4, pos="none", **moe)).eval()
+    ref = model_transformer.Model(model_transformer.Config(vocab_size=61, block_size=40, d_model=32, n_layer=4,
+                                                           n_head=4, pos="none")).eval()
     hybrid.load_state_dict({k.replace(".attn.", ".mixer."): v for k, v in ref.state_dict().items()})
     idx, targets = torch.randint(0, 61, (2, 23)), torch.randint(0, 61, (2, 23))
     (a, la), (b, lb) = hybrid(idx, targets), ref(idx, targets)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     torch.testing.assert_close(la, lb, atol=0, rtol=0)
-    assert hybrid.num_params() == ref.num_params() and hybrid.num_params(active=True) == ref.num_params(active=True)
+    assert hybrid.num_params() == ref.num_params() == hybrid.num_params(active=True)
     assert hybrid.flops_per_token() == ref.flops_per_token()
 
 
@@ -1146,21 +1165,22 @@ def test_hybrid_causal(variant):
     changed = idx.clone()
     changed[:, 17:] = torch.randint(0, 61, (2, 13))
     a, b = m(idx)[0], m(changed)[0]
-    # nothing before t may see token t; within float32 rounding, as for model_moe: later tokens change
-    # the row counts of the experts' matmuls, and with several threads their rounding
+    # nothing before t may see token t; within float32 rounding: later tokens change the row counts of the
+    # experts' matmuls, and with them the rounding
     torch.testing.assert_close(a[:, :17], b[:, :17], atol=1e-6, rtol=1e-5)
     assert not torch.allclose(a[:, 17:], b[:, 17:])
 
 
 @pytest.mark.parametrize("variant", HYBRID_VARIANTS, ids=ID)
 def test_hybrid_cached_generation_equals_full_forward(variant):
-    cache = check_cached_generation(tiny_hybrid(**variant))  # 34 tokens < block_size
-    assert cache.len == cache.kv.len == cache.ssm.len == 33
-    assert cache.kv.k.shape[0] == 1 and cache.ssm.ssm.shape[0] == 3  # K/V for the one attention layer only
+    m = tiny_hybrid(**variant)
+    cache = check_cached_generation(m)  # 34 tokens < block_size
+    assert cache.len == 33 and cache.k.shape[0] == m.config.n_attn  # K/V for the attention uses only
+    assert cache.ssm.shape[0] == m.config.n_layer - m.config.n_attn
 
 
 def test_hybrid_chunked_prefill_equals_token_by_token():
-    m = tiny_hybrid(pos="rope")
+    m = tiny_hybrid(layers="Md S Me Ad S")
     idx = torch.randint(0, 61, (2, 30))
     cache = m.new_cache(2)  # chunks shorter than d_conv = 4, single tokens, and a long one
     chunks = [m(idx[:, a:b], cache=cache)[0] for a, b in ((0, 2), (2, 3), (3, 6), (6, 7), (7, 30))]
@@ -1168,15 +1188,35 @@ def test_hybrid_chunked_prefill_equals_token_by_token():
     steps = [m(idx[:, t:t + 1], cache=cache1)[0] for t in range(30)]
     torch.testing.assert_close(torch.cat(chunks, 1), torch.cat(steps, 1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(chunks, 1), m(idx)[0], atol=1e-5, rtol=1e-5)
-    for a, b in [(cache.ssm.ssm, cache1.ssm.ssm), (cache.ssm.conv, cache1.ssm.conv), (cache.kv.k, cache1.kv.k),
-                 (cache.kv.v, cache1.kv.v)]:
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for name in ("ssm", "conv", "k", "v"):
+        torch.testing.assert_close(getattr(cache, name), getattr(cache1, name), atol=1e-5, rtol=1e-5)
 
 
 def test_hybrid_generation_slides_past_block_size():
-    m = tiny_hybrid(block_size=16)
+    m = tiny_hybrid(block_size=16, layers="Md S Ae")
     out = list(m.generate(torch.randint(0, 61, (1, 20)), 40, temperature=1.0, top_k=5, top_p=0.9))
     assert len(out) == 40 and all(t.shape == (1, 1) and 0 <= t.item() < 61 for t in out)
+
+
+def test_hybrid_shared_block_is_one_set_of_weights():
+    """Zamba: the S block's weights are one set, counted once, trained by every use."""
+    m = tiny_hybrid(layers="M M S M M S M S")
+    uses = [b for b in m.blocks if b.kind == "S"]
+    assert uses[0].shared is uses[1].shared is uses[2].shared and uses[0].out_proj is not uses[1].out_proj
+    shared = sum(p.numel() for p in uses[0].shared.parameters())
+    assert shared == 2 * 32 * (4 + 2 * 2) * 8 + 32 * 32 + 3 * 32 * m.config.d_ff + 2 * 32 + 32  # attn, SwiGLU, norms
+    one_use_less = tiny_hybrid(layers="M M S M M S M")  # the third use adds only its own C x C projection
+    assert m.num_params() - one_use_less.num_params() == 32 * 32
+    assert len(m.state_dict()) > len(list(m.parameters()))  # each use names the shared weights; one tensor
+    # the gradient reaches the shared weights from every use: with the other uses' projections zeroed, each alone
+    idx = torch.randint(0, 61, (2, 20))
+    qkv = uses[0].shared.attn.qkv.weight
+    for i in range(len(uses) + 1):
+        with torch.no_grad():
+            for j, use in enumerate(uses):
+                use.out_proj.weight.normal_(std=0.02) if j == i else use.out_proj.weight.zero_()
+        grad, = torch.autograd.grad(m(idx, idx)[1], qkv)
+        assert (grad.abs().sum() > 0) == (i < len(uses))  # zero only when no use reaches the output
 
 
 def test_hybrid_inner_norm_makes_dt_b_c_scale_free():
@@ -1184,13 +1224,13 @@ def test_hybrid_inner_norm_makes_dt_b_c_scale_free():
     norm_eps: at init dt, B and C have a mean square near 5e-4, where the default 1e-5 still counts.)"""
     x = torch.randn(2, 20, 32)
     for inner_norm in (True, False):
-        mixer = tiny_hybrid(inner_norm=inner_norm, norm_eps=1e-12).blocks[0].mixer
+        mamba = tiny_hybrid(inner_norm=inner_norm, norm_eps=1e-12).blocks[0].mixer
         with torch.no_grad():
-            mixer.D.zero_()  # no skip connection: the output is the scan's alone
-        before = mixer(x, None, 0)
+            mamba.D.zero_()  # no skip connection: the output is the scan's alone
+        before = mamba(x, None, 0)
         with torch.no_grad():
-            mixer.x_proj.weight.mul_(10.0)
-        after = mixer(x, None, 0)
+            mamba.x_proj.weight.mul_(10.0)
+        after = mamba(x, None, 0)
         if inner_norm:
             torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-4)
         else:
@@ -1198,14 +1238,11 @@ def test_hybrid_inner_norm_makes_dt_b_c_scale_free():
 
 
 def test_hybrid_init_and_optimizer_groups():
-    m = tiny_hybrid(n_layer=8, d_model=96, d_state=16, attn_every=8, attn_offset=4, n_expert=8)
+    m = tiny_hybrid(d_model=96, d_state=16, layers="Md Me Md Me Ad Me Md S")
     cfg = m.config
-    for block in m.blocks:
-        if block.attention:
-            continue
-        mx = block.mixer  # the Mamba init survives the model's generic init
+    for mx in [b.mixer for b in m.blocks if b.kind == "M"]:  # the Mamba init survives the model's generic init
         dt = F.softplus(mx.dt_proj.bias)  # the step size at init, for a zero input
-        assert dt.min() >= cfg.dt_min * 0.999 and dt.max() <= cfg.dt_max * 1.001 and dt.max() / dt.min() > 10
+        assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001 and dt.max() / dt.min() > 10
         bound = cfg.dt_rank ** -0.5
         assert bound / 2 < mx.dt_proj.weight.abs().max() <= bound  # uniform in +-1/sqrt(R), not N(0, 0.02)
         torch.testing.assert_close(-torch.exp(mx.A_log), -torch.arange(1, 17.0).repeat(cfg.d_inner, 1))  # S4D-real
@@ -1218,30 +1255,45 @@ def test_hybrid_init_and_optimizer_groups():
     names = {p: n.split(".", 2)[-1] if n.startswith("blocks.") else n for n, p in m.named_parameters()}  # without "blocks.i."
     assert {names[p] for p in keep["params"]} == {
         "norm1.weight", "norm2.weight", "norm_f.weight", "mixer.A_log", "mixer.D", "mixer.dt_proj.bias", "mixer.conv1d.bias",
-        "mixer.dt_norm.weight", "mixer.B_norm.weight", "mixer.C_norm.weight"}
+        "mixer.dt_norm.weight", "mixer.B_norm.weight", "mixer.C_norm.weight", "shared.norm1.weight", "shared.norm2.weight"}
     assert {names[p] for p in decay["params"]} == {
         "wte.weight", "mixer.in_proj.weight", "mixer.conv1d.weight", "mixer.x_proj.weight", "mixer.dt_proj.weight",
         "mixer.out_proj.weight", "mixer.qkv.weight", "ffn.gate_up.weight", "ffn.out_proj.weight", "ffn.router.weight",
-        "ffn.w_in", "ffn.w_out"}
+        "ffn.experts.0.gate_up.weight", "ffn.experts.0.out_proj.weight", "ffn.experts.1.gate_up.weight",
+        "ffn.experts.1.out_proj.weight", "ffn.experts.2.gate_up.weight", "ffn.experts.2.out_proj.weight",
+        "ffn.experts.3.gate_up.weight", "ffn.experts.3.out_proj.weight", "out_proj.weight", "shared.attn.qkv.weight",
+        "shared.attn.out_proj.weight", "shared.ffn.gate_up.weight", "shared.ffn.out_proj.weight"}
     assert len(decay["params"]) + len(keep["params"]) == len(list(m.parameters()))  # tied weight counted once
 
 
 def test_hybrid_loss_and_accounting():
-    m = tiny_hybrid(balance_coef=0.1, z_coef=0.01)
+    m = tiny_hybrid(balance_coef=0.1, z_coef=0.01)  # "Md Me Ad Me", 4 experts, top-2
     idx, targets = torch.randint(0, 61, (2, 20)), torch.randint(0, 61, (2, 20))
     _, loss = m(idx, targets)
     aux = m.aux
     assert set(aux) == {"ce", "balance", "z"} and abs(aux["ce"].item() - math.log(61)) < 0.1
     torch.testing.assert_close(loss.detach(), aux["ce"] + 0.1 * aux["balance"] + 0.01 * aux["z"])
-    assert len(m.layer_stats()) == 2 and 0 < m.stats()["moe_ent"] <= 1  # the two MoE layers
-    cfg = m.config
-    expert = 3 * cfg.d_model * cfg.d_expert
-    assert m.num_params() - m.num_params(active=True) == 2 * (4 - 2) * expert
-    mamba = tiny_hybrid(attn_every=5, attn_offset=4)  # same layers, all Mamba: the attention term goes
-    mixer_weights = lambda model: sum(p.numel() for b in model.blocks for n, p in b.mixer.named_parameters()
-                                      if n.endswith("weight") and p.dim() >= 2)
-    diff = 6 * (mixer_weights(m) - mixer_weights(mamba)) + 12 * 4 * 8 * 40 - 27 * cfg.d_inner * cfg.d_state
-    assert m.flops_per_token() - mamba.flops_per_token() == diff
+    s = m.stats()
+    assert set(s) == {"moe_vio", "moe_ent", "moe_dead", "moe_top1"} and 0 < s["moe_ent"] <= 1 and s["moe_vio"] >= 0
+    # experts of d_ff / top_k: the two a token uses cost one dense feed-forward; only the router is added
+    cfg, dense = m.config, tiny_hybrid(layers="Md Md Ad Md")
+    assert cfg.d_expert * cfg.top_k == cfg.d_ff
+    router, expert = cfg.d_model * cfg.n_expert, 3 * cfg.d_model * cfg.d_expert
+    assert m.num_params(active=True) == dense.num_params() + 2 * router
+    assert m.num_params() == dense.num_params() + 2 * router + 2 * (cfg.n_expert - cfg.top_k) * expert
+    assert m.flops_per_token() == dense.flops_per_token() + 6 * 2 * router
+    # Jamba's full-width experts: top-2 costs two dense feed-forwards
+    wide = tiny_hybrid(d_expert=cfg.d_ff)
+    assert wide.flops_per_token() == dense.flops_per_token() + 6 * 2 * (router + 3 * cfg.d_model * cfg.d_ff)
+    # the other terms: per attention use 12 * H * D * context, per Mamba layer 27 * I * N, a shared block per use
+    mamba = tiny_hybrid(layers="Md Md Md Md")
+    attn_w = sum(p.numel() for p in dense.blocks[2].mixer.parameters())
+    mamba_w = sum(p.numel() for n, p in mamba.blocks[2].mixer.named_parameters() if n.endswith("weight") and p.dim() >= 2)
+    assert dense.flops_per_token() - mamba.flops_per_token() == 6 * (attn_w - mamba_w) + 12 * 4 * 8 * 40 - 27 * 64 * 8
+    twice = tiny_hybrid(layers="Md S Md S")
+    shared_w = sum(p.numel() for n, p in twice.blocks[1].shared.named_parameters() if p.dim() >= 2)
+    assert twice.flops_per_token() - tiny_hybrid(layers="Md Md").flops_per_token() == (
+        2 * (6 * (shared_w + 32 * 32) + 12 * 4 * 8 * 40))
 
 
 def test_hybrid_tiny_batch_overfits():
@@ -1250,8 +1302,8 @@ def test_hybrid_tiny_batch_overfits():
 
 
 def test_train_and_sample_with_the_hybrid(tmp_path, data_dir):
-    r = run("train.py", *TINY, "--model=hybrid", "--n_layer=2", "--attn_every=2", "--attn_offset=1", "--n_expert=4",
-            "--max_iters=6", "--eval_interval=3", "--log_interval=3", f"--out_dir={tmp_path}", f"--data_dir={data_dir}")
+    r = run("train.py", *TINY[1:], "--model=hybrid", "--layers=Md Ae", "--n_expert=4", "--max_iters=6",
+            "--eval_interval=3", "--log_interval=3", f"--out_dir={tmp_path}", f"--data_dir={data_dir}")
     assert r.returncode == 0, r.stderr
     assert "architecture: layers Md Ae (A attention, M Mamba" in r.stdout
     evals = [l for l in r.stdout.splitlines() if l.startswith("eval ")]
@@ -1259,6 +1311,8 @@ def test_train_and_sample_with_the_hybrid(tmp_path, data_dir):
     s = run("sample.py", f"--ckpt={tmp_path}/ckpt_last.pt", "--prompt=def ", "--max_new_tokens=20")
     assert s.returncode == 0, s.stderr
     assert "(hybrid, cpu)" in s.stderr
+    bad = run("train.py", "--model=hybrid", "--layers=Md Xq", f"--out_dir={tmp_path}", f"--data_dir={data_dir}")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "'Xq' is not a layer" in bad.stderr
 
 
 # ---- synthetic tasks
