@@ -21,6 +21,7 @@ import model_hybrid
 import model_mamba
 import model_moe
 import model_transformer
+import data
 import train
 
 REPO = Path(__file__).resolve().parent
@@ -1144,11 +1145,11 @@ def synthetic_oracle(task, x, o):
     return pred
 
 
-@pytest.mark.parametrize("task", train.SYNTHETIC)
+@pytest.mark.parametrize("task", data.SYNTHETIC)
 def test_synthetic_generators_are_deterministic_with_disjoint_streams(task):
     kw, T = SMALL_TASKS[task]
-    data = train.SynthData(synthetic_opts(task, **kw))
-    draw = lambda split, seed: data.batch(split, 16, T, torch.Generator().manual_seed(seed))
+    synth = data.SynthData(synthetic_opts(task, **kw))
+    draw = lambda split, seed: synth.batch(split, 16, T, torch.Generator().manual_seed(seed))
     for split in ("train", "val"):
         (x1, y1), (x2, y2), (x3, _) = draw(split, 5), draw(split, 5), draw(split, 6)
         assert torch.equal(x1, x2) and torch.equal(y1, y2)  # a seed fixes the batch
@@ -1156,40 +1157,40 @@ def test_synthetic_generators_are_deterministic_with_disjoint_streams(task):
     assert not torch.equal(draw("train", 5)[0], draw("val", 5)[0])  # validation is not the training stream
 
 
-@pytest.mark.parametrize("task", train.SYNTHETIC)
+@pytest.mark.parametrize("task", data.SYNTHETIC)
 def test_synthetic_oracle_scores_100_percent_and_only_answers_are_scored(task):
     kw, T = SMALL_TASKS[task]
     o = synthetic_opts(task, **kw)
-    data = train.SynthData(o)
+    synth = data.SynthData(o)
     answers = {"selective_copy": o["copy_tokens"], "induction": 1, "mqar": o["mqar_queries"]}[task]
     shortest = {"selective_copy": 6, "induction": 4, "mqar": 11}[task]
-    data.check(shortest)
-    with pytest.raises(train.UsageError, match="needs block_size >="):
-        data.check(shortest - 1)
+    synth.check(shortest)
+    with pytest.raises(data.UsageError, match="needs block_size >="):
+        synth.check(shortest - 1)
     for length in (shortest, T, T + 1, 4 * T + 3):
-        x, y = data.batch("train", 64, length, torch.Generator().manual_seed(length))
-        assert x.shape == y.shape == (64, length) and 0 <= x.min() and x.max() < data.vocab_size
+        x, y = synth.batch("train", 64, length, torch.Generator().manual_seed(length))
+        assert x.shape == y.shape == (64, length) and 0 <= x.min() and x.max() < synth.vocab_size
         assert torch.equal(y[:, :-1][y[:, :-1] != -1], x[:, 1:][y[:, :-1] != -1])  # targets are the next tokens
         assert ((y != -1).sum(1) == answers).all()
         assert torch.equal(synthetic_oracle(task, x, o), y)
 
 
-@pytest.mark.parametrize("task", train.SYNTHETIC)
+@pytest.mark.parametrize("task", data.SYNTHETIC)
 def test_synthetic_tasks_are_learned_above_chance(task):
     kw, T = SMALL_TASKS[task]
-    data = train.SynthData(synthetic_opts(task, **kw))
+    synth = data.SynthData(synthetic_opts(task, **kw))
     torch.manual_seed(0)
-    m = model_transformer.Model(model_transformer.Config(vocab_size=data.vocab_size, block_size=T, d_model=32,
+    m = model_transformer.Model(model_transformer.Config(vocab_size=synth.vocab_size, block_size=T, d_model=32,
                                                          n_layer=2, n_head=2, n_kv_head=1))
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
     for _ in range(300):
-        x, y = data.batch("train", 64, T, gen)
+        x, y = synth.batch("train", 64, T, gen)
         _, loss = m(x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    x, y = data.batch("val", 512, T, gen)
+    x, y = synth.batch("val", 512, T, gen)
     with torch.no_grad():
         acc = (m(x)[0].argmax(-1) == y)[y != -1].float().mean().item()
     assert acc > 2 / kw["task_vocab"], acc  # twice chance
@@ -1217,7 +1218,7 @@ def test_synthetic_bad_options(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == "error: selective_copy needs block_size >= 2 * copy_tokens = 80, got 64"
     for kw, message in [(dict(task_vocab=1), "task_vocab must be >= 2"), (dict(mqar_queries=0), "positive"),
                         (dict(dataset="mqar", mqar_pairs=20), "needs as many distinct keys"), (dict(extrapolate=-1), "extrapolate")]:
-        with pytest.raises(train.UsageError, match=message):
+        with pytest.raises(data.UsageError, match=message):
             train.parse_args([f"--{k}={v}" for k, v in kw.items()])
 
 
