@@ -429,12 +429,13 @@ def load_checkpoint(path):
 
 def model_from_checkpoint(ckpt):
     module = MODELS[ckpt["model_name"]]
-    fields = {f.name for f in dataclasses.fields(module.Config)}
-    config = ckpt["model_config"] if isinstance(ckpt["model_config"], dict) else {}
-    odd = sorted(fields ^ config.keys())  # a default standing in for a missing field could be another model
-    if odd:
+    fields, config = {f.name for f in dataclasses.fields(module.Config)}, ckpt["model_config"]
+    if not isinstance(config, dict):
+        raise UsageError(f"checkpoint's model_config is a {type(config).__name__}, not a dict of Config fields")
+    unknown, lacking = sorted(config.keys() - fields), sorted(fields - config.keys())  # a default might be another model
+    if unknown or lacking:
         raise UsageError(f"checkpoint does not match model_{ckpt['model_name']}.py (made by another version?): "
-                         f"Config fields {', '.join(odd)} are on one side only")
+                         f"unknown Config fields [{', '.join(unknown)}], missing [{', '.join(lacking)}]")
     try:
         model = module.Model(module.Config(**config))
         model.load_state_dict(ckpt["model"])

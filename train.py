@@ -81,8 +81,10 @@ def parse_args(argv):
     for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
         if opts[name] <= 0:
             raise UsageError(f"{name} must be positive, got {opts[name]}")
-    if opts["max_iters"] < 0 or opts["lr"] <= 0 or opts["min_lr"] < 0 or opts["warmup_iters"] < 0:
+    if not (opts["max_iters"] >= 0 and opts["lr"] > 0 and opts["min_lr"] >= 0 and opts["warmup_iters"] >= 0):  # NaN fails too
         raise UsageError("max_iters, min_lr and warmup_iters must be >= 0 and lr > 0")
+    if not (0 <= opts["beta1"] < 1 and 0 <= opts["beta2"] < 1 and opts["weight_decay"] >= 0 and opts["grad_clip"] >= 0):
+        raise UsageError("beta1 and beta2 must be in [0, 1), weight_decay and grad_clip >= 0")
     if opts["task_vocab"] < 2 or min(opts["copy_tokens"], opts["mqar_pairs"], opts["mqar_queries"]) <= 0:
         raise UsageError("task_vocab must be >= 2; copy_tokens, mqar_pairs and mqar_queries positive")
     if opts["dataset"] == "mqar" and opts["mqar_pairs"] > opts["task_vocab"]:
@@ -159,14 +161,16 @@ def record(path, row):
         f.write(json.dumps(row) + "\n")
 
 
-def new_model(module, overrides, vocab_size):
-    vocab = overrides.get("vocab_size", vocab_size)
-    if vocab < vocab_size:
-        raise UsageError(f"vocab_size {vocab} is smaller than the tokenizer's {vocab_size}")
+def new_model(module, overrides, data):
+    vocab = overrides.get("vocab_size", data.vocab_size)
+    if vocab < data.vocab_size:
+        raise UsageError(f"vocab_size {vocab} is smaller than the tokenizer's {data.vocab_size}")
     try:
-        return module.Model(module.Config(**{**overrides, "vocab_size": vocab}))
+        cfg = module.Config(**{**overrides, "vocab_size": vocab})
     except ValueError as e:
         raise UsageError(str(e)) from None
+    data.check(cfg.block_size)  # before the weights exist: a block_size the data cannot fill fails fast
+    return module.Model(cfg)
 
 
 def checkpoint_to_resume(path, opts, overrides):
@@ -270,7 +274,7 @@ def train(opts, overrides, module):
     data = SynthData(opts) if opts["dataset"] in SYNTHETIC else TextData(opts)
     if ckpt is not None and ckpt["tokenizer"] != data.tokenizer_spec:
         raise UsageError(f"{last_path} was trained with another tokenizer than dataset {opts['dataset']} has")
-    model = model_from_checkpoint(ckpt)[0] if ckpt is not None else new_model(module, overrides, data.vocab_size)
+    model = model_from_checkpoint(ckpt)[0] if ckpt is not None else new_model(module, overrides, data)
     cfg = model.config
     data.check(cfg.block_size)
     raw_model = model.to(device)
