@@ -40,7 +40,7 @@ OPTIONS = {
     "resume": (False, "continue exactly from out_dir/ckpt_last.pt"),
     "batch_size": (12, "sequences per micro-batch (per process)"),
     "grad_accum": (1, "micro-batches per optimizer step"),
-    "max_iters": (2000, "optimizer steps"),
+    "max_iters": (1000, "optimizer steps"),
     "lr": (1e-3, "peak learning rate"),
     "min_lr": (1e-4, "learning rate at the end of the cosine decay"),
     "warmup_iters": (100, "linear warmup steps"),
@@ -311,8 +311,8 @@ def train(opts, overrides, module):
         out_dir.mkdir(parents=True, exist_ok=True)
         kept = []
         if ckpt is not None and metrics_path.is_file():  # drop what the interrupted run logged after its checkpoint
-            kept = [l for l in metrics_path.read_text().splitlines()
-                    if json.loads(l)["iter"] < start_iter or (json.loads(l)["iter"] == start_iter and "val_loss" in l)]
+            rows = [l for l in metrics_path.read_text().splitlines() if l.endswith("}")]  # not a line cut by a kill
+            kept = [l for l in rows if json.loads(l)["iter"] < start_iter or (json.loads(l)["iter"] == start_iter and "val_loss" in l)]
         metrics_path.write_text("".join(l + "\n" for l in kept))
 
     model.train()
