@@ -36,7 +36,7 @@ OPTIONS = {
                 "selective_copy | induction | mqar (synthetic: generated from the seed, block_size tokens long)"),
     "tokenizer": ("", "char | a tiktoken encoding name (gpt2, ...) | path/to/ranks.tiktoken; '' = dataset's own"),
     "data_dir": ("data", "where datasets are prepared and cached"),
-    "out_dir": ("out", "checkpoints (ckpt_last.pt, ckpt_best.pt) and metrics.jsonl"),
+    "out_dir": ("out", "checkpoints (ckpt_last.pt, ckpt_best.pt), metrics.jsonl and loss.svg"),
     "resume": (False, "continue exactly from out_dir/ckpt_last.pt"),
     "batch_size": (12, "sequences per micro-batch (per process)"),
     "grad_accum": (1, "micro-batches per optimizer step"),
