@@ -1,6 +1,6 @@
 """
 The architectures side by side: one training script, the same data, the same number of training
-tokens and about the same number of (active) parameters for every model in train.MODELS.
+tokens and about the same number of (active) parameters for every model in data.MODELS.
 
     python compare.py --quick                 # about 10 minutes on 2 CPU cores
     python compare.py                         # the fuller run, meant for a GPU
@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
+import data
 import train
 
-DATASETS = ["pydoc", *train.SYNTHETIC]
+DATASETS = ["pydoc", *data.SYNTHETIC]
 MODES = {  # the Transformer's size and the shared training budget of every run
     "quick": dict(d_model=64, n_layer=2, block_size=64, batch_size=16, max_iters=1200, eval_interval=100,
                   eval_iters=10, lr=2e-3, min_lr=2e-4, warmup_iters=50, decode_steps=64, jobs=2,
@@ -43,7 +44,7 @@ MODES = {  # the Transformer's size and the shared training budget of every run
 }
 OPTIONS = {
     "quick": (False, "the small mode (2 CPU cores, ~10 minutes); otherwise the fuller one (a GPU)"),
-    "models": (",".join(train.MODELS), "comma-separated models to compare"),
+    "models": (",".join(data.MODELS), "comma-separated models to compare"),
     "datasets": (",".join(DATASETS), "comma-separated datasets (train.py's --dataset)"),
     "out_dir": ("compare", "where the runs, the table and the picture go"),
     "data_dir": ("data", "train.py's --data_dir"),
@@ -76,7 +77,7 @@ def matched_size(module, fixed, vocab_size, block_size, target, d_ref, n_ref):
                 continue
             found.append((d_model, cfg.n_layer, module.Model(cfg).num_params(active=True)))
     if not found:
-        raise train.UsageError(f"no d_model in [{d_ref // 4}, {2 * d_ref}] and n_layer in {list(layers)} makes a valid "
+        raise data.UsageError(f"no d_model in [{d_ref // 4}, {2 * d_ref}] and n_layer in {list(layers)} makes a valid "
                                f"{module.__name__} (see --model_args)")
     close = [f for f in found if abs(f[2] - target) <= 0.05 * target]
     if close:  # the width nearest the reference's, then the depth, then the count
@@ -92,20 +93,19 @@ def model_args(text, models):
         name, dot, rest = item.partition(".")
         field, eq, value = rest.partition("=")
         if not dot or not eq:
-            raise train.UsageError(f"--model_args entries look like model.field=value, got {item!r}")
-        if name not in train.MODELS:
+            raise data.UsageError(f"--model_args entries look like model.field=value, got {item!r}")
+        if name not in data.MODELS:
             continue
-        kinds = {f.name: f.type for f in dataclasses.fields(train.MODELS[name].Config)}
+        kinds = {f.name: f.type for f in dataclasses.fields(data.MODELS[name].Config)}
         if field not in kinds:
-            raise train.UsageError(f"model_{name}.py Config has no field {field!r}")
+            raise data.UsageError(f"model_{name}.py Config has no field {field!r}")
         if name in out:
-            out[name][field] = train.parse_value(field, value, kinds[field])
+            out[name][field] = data.parse_value(field, value, kinds[field])
     return out
 
 
 def vocab_of(dataset, opts):
-    data = train.SynthData(opts) if dataset in train.SYNTHETIC else train.TextData(opts)
-    return data.vocab_size
+    return (data.SynthData(opts) if dataset in data.SYNTHETIC else data.TextData(opts)).vocab_size
 
 
 # ----------------------------------------------------------------------------- runs
@@ -184,13 +184,13 @@ def tables(results, configs, stats, decode, datasets, models, text, context):
         rows.append(f"| {m} | {configs[m]['d_model']} x {s['n_layer']} | {s['params'] / 1e6:.3f}M | {s['active'] / 1e6:.3f}M | "
                     f"{s['flops'] / 1e6:.2f} | {fmt(r and r['tok_s'], ',.0f')} | "
                     f"{fmt(d and d[0], ',.0f')} | {'n/a' if not d else f'{d[1] / 2**20:.2f} MiB'} |")
-    head = ["model"] + [f"{ds} val loss" for ds in datasets] + [f"{ds} acc" for ds in datasets if ds in train.SYNTHETIC]
+    head = ["model"] + [f"{ds} val loss" for ds in datasets] + [f"{ds} acc" for ds in datasets if ds in data.SYNTHETIC]
     head += ["induction acc @4x"] if "induction" in datasets else []
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in models:
         cells = [m]
         cells += [fmt((results.get((ds, m)) or {}).get("val_loss"), ".3f") for ds in datasets]
-        cells += [fmt((results.get((ds, m)) or {}).get("val_acc"), ".3f") for ds in datasets if ds in train.SYNTHETIC]
+        cells += [fmt((results.get((ds, m)) or {}).get("val_acc"), ".3f") for ds in datasets if ds in data.SYNTHETIC]
         if "induction" in datasets:
             r = results.get(("induction", m)) or {}
             long = next((v for k, v in r.items() if k.startswith("val_acc_")), None)
@@ -248,22 +248,22 @@ def main(argv):
             print(f"  {f'--{name}={default}':<40} {text}")
         return
     try:
-        given = train.typed(train.read_args(argv), {k: type(v) for k, (v, _) in OPTIONS.items()}, script="compare.py")
+        given = data.typed(data.read_args(argv), {k: type(v) for k, (v, _) in OPTIONS.items()}, script="compare.py")
         opts = {k: given.get(k, v) for k, (v, _) in OPTIONS.items()}
         models, datasets = opts["models"].split(","), opts["datasets"].split(",")
         for m in models:
-            if m not in train.MODELS:
-                raise train.UsageError(f"unknown model {m!r}; train.MODELS has {', '.join(train.MODELS)}")
+            if m not in data.MODELS:
+                raise data.UsageError(f"unknown model {m!r}; choose from {', '.join(data.MODELS)}")
         for ds in datasets:
             if ds not in DATASETS:
-                raise train.UsageError(f"unknown dataset {ds!r}; choose from {', '.join(DATASETS)}")
+                raise data.UsageError(f"unknown dataset {ds!r}; choose from {', '.join(DATASETS)}")
         if opts["jobs"] < 0 or opts["max_iters"] < 0 or opts["context"] <= 0:
-            raise train.UsageError("jobs and max_iters must be >= 0, context positive")
-    except train.UsageError as e:
-        train.die(str(e))
+            raise data.UsageError("jobs and max_iters must be >= 0, context positive")
+    except data.UsageError as e:
+        data.die(str(e))
     mode_name = "quick" if opts["quick"] else "full"
     mode = {**MODES[mode_name], **({"max_iters": opts["max_iters"]} if opts["max_iters"] else {})}
-    device, _ = train.pick_device({"device": opts["device"], "dtype": "float32"})
+    device, _ = data.pick_device({"device": opts["device"], "dtype": "float32"})
     jobs = opts["jobs"] or (mode["jobs"] if device == "cpu" else 1)
     threads = 0  # leave OMP_NUM_THREADS alone: on a GPU, or when the caller set it
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -278,16 +278,16 @@ def main(argv):
     # n_layer sets the target, every other model gets the grid point nearest it
     base = {k: v for k, (v, _) in train.OPTIONS.items()}
     text, T = datasets[0], mode["block_size"]
-    ref = "transformer" if "transformer" in train.MODELS else models[0]
+    ref = "transformer" if "transformer" in data.MODELS else models[0]
     configs, stats = {}, {}
     try:
         extra = model_args(mode["model_args"] + "," + opts["model_args"], [ref, *models])
         vocabs = {ds: vocab_of(ds, {**base, "dataset": ds, "data_dir": opts["data_dir"]}) for ds in datasets}
-        ref_module = train.MODELS[ref]
+        ref_module = data.MODELS[ref]
         target = ref_module.Model(ref_module.Config(**{"d_model": mode["d_model"], "n_layer": mode["n_layer"], **extra[ref]},
                                                     vocab_size=vocabs[text], block_size=T)).num_params(active=True)
         for m in models:
-            module = train.MODELS[m]
+            module = data.MODELS[m]
             if m == ref:
                 configs[m] = {"d_model": mode["d_model"], "n_layer": mode["n_layer"], **extra[m]}
             else:
@@ -301,8 +301,8 @@ def main(argv):
             st = stats[(text, m)]
             print(f"  {m:12s} {', '.join(f'{k}={v}' for k, v in configs[m].items())}: {st['params']:,} params, "
                   f"{st['active']:,} active ({st['active'] / target - 1:+.1%} vs {ref} on {text})")
-    except train.UsageError as e:
-        train.die(str(e))
+    except data.UsageError as e:
+        data.die(str(e))
 
     # training: every (dataset, model) pair, `jobs` at a time
     runs = {(ds, m): out / ds / m for ds in datasets for m in models}
@@ -321,7 +321,7 @@ def main(argv):
     decode = {}
     for m in models:
         try:
-            decode[m] = measure_decode(train.MODELS[m], configs[m], vocabs[text], opts["context"], mode["decode_steps"],
+            decode[m] = measure_decode(data.MODELS[m], configs[m], vocabs[text], opts["context"], mode["decode_steps"],
                                        device)
             print(f"  decode {m} at {opts['context']} tokens: {decode[m][0]:,.0f} tokens/s, "
                   f"cache {decode[m][1] / 2**20:.2f} MiB", flush=True)

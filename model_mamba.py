@@ -55,16 +55,12 @@ class Config:
     norm_eps: float = 1e-5
     scan: str = "auto"  # auto (Triton on CUDA, chunked elsewhere) | chunked | triton | ref
 
-    def __post_init__(self):
-        for name in ("vocab_size", "block_size", "d_model", "n_layer", "d_state", "d_conv", "expand"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.dt_rank < 0:
-            raise ValueError(f"dt_rank must be positive (or 0 for the default), got {self.dt_rank}")
-        if not 0 < self.dt_min <= self.dt_max:
-            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+    def __post_init__(self):  # impossible values fail here, in one line, before any weight is made
+        for name in ("vocab_size", "block_size", "d_model", "n_layer", "d_state", "d_conv", "expand", "dt_init_floor", "norm_eps"):
+            if getattr(self, name) <= 0: raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dt_rank < 0: raise ValueError(f"dt_rank must be positive (or 0 for the default), got {self.dt_rank}")
+        if not 0 < self.dt_min <= self.dt_max: raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+        if not 0 <= self.dropout < 1: raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.scan not in ("auto", "chunked", "triton", "ref"):
             raise ValueError(f"scan must be one of auto|chunked|triton|ref, got {self.scan!r}")
         self.d_inner = self.expand * self.d_model

@@ -54,27 +54,23 @@ class Config:
     flash: bool = True  # kernels.attention; False runs the explicit formula
     norm_eps: float = 1e-5
 
-    def __post_init__(self):
-        for name in ("vocab_size", "block_size", "d_model", "n_layer", "n_head", "n_kv_head"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    def __post_init__(self):  # impossible values fail here, in one line, before any weight is made
+        sizes = ("vocab_size", "block_size", "d_model", "n_layer", "n_head", "n_kv_head", "rope_theta", "norm_eps")
+        choices = {"pos": "rope|alibi|learned|sinusoidal|none", "ffn": "swiglu|gelu", "norm": "rmsnorm|layernorm"}
+        for name in sizes:
+            if getattr(self, name) <= 0: raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed.split("|"):
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-        for name, choices in (("pos", ("rope", "alibi", "learned", "sinusoidal", "none")),
-                              ("ffn", ("swiglu", "gelu")), ("norm", ("rmsnorm", "layernorm"))):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {'|'.join(choices)}, got {getattr(self, name)!r}")
         self.head_dim = self.d_model // self.n_head
-        if self.pos == "rope" and self.head_dim % 2:
-            raise ValueError(f"rope needs an even head dim, got d_model/n_head = {self.head_dim}")
-        if self.pos == "sinusoidal" and self.d_model % 2:
-            raise ValueError(f"sinusoidal positions need an even d_model, got {self.d_model}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.d_ff < 0:
-            raise ValueError(f"d_ff must be positive (or 0 for the default), got {self.d_ff}")
+        if (self.pos == "rope" and self.head_dim % 2) or (self.pos == "sinusoidal" and self.d_model % 2):
+            raise ValueError(f"{self.pos} positions need an even head dim / d_model, got {self.head_dim} / {self.d_model}")
+        if not (0 <= self.dropout < 1 and self.d_ff >= 0):
+            raise ValueError(f"need 0 <= dropout < 1 and d_ff >= 0 (0: default), got {self.dropout} and {self.d_ff}")
         if self.d_ff == 0:  # SwiGLU has three matrices to GELU's two: 3 * C * F = 2 * C * 4C
             self.d_ff = 4 * self.d_model if self.ffn == "gelu" else 8 * math.ceil(8 * self.d_model / 3 / 8)
 

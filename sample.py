@@ -12,11 +12,10 @@ time against the model's cache (keys and values for attention, a fixed-size stat
 import codecs
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from train import Tokenizer, UsageError, die, load_checkpoint, model_from_checkpoint, pick_device, read_args, typed
+from data import UsageError, die, load_checkpoint, model_from_checkpoint, pick_device, read_args, read_text, typed
 
 OPTIONS = {
     "ckpt": ("out/ckpt_best.pt", "checkpoint to sample from"),
@@ -28,7 +27,7 @@ OPTIONS = {
     "top_k": (200, "sample among the k likeliest tokens (0 = all)"),
     "top_p": (1.0, "nucleus sampling: the smallest set of tokens with this much probability"),
     "seed": (1337, "random seed"),
-    "device": ("auto", "auto | cpu | cuda | mps"),
+    "device": ("auto", "auto | cpu | cuda | cuda:N | mps"),
 }
 
 
@@ -45,18 +44,13 @@ def main(argv):
             raise UsageError("num_samples must be positive; max_new_tokens, temperature and top_k >= 0")
         if not 0 < opts["top_p"] <= 1:
             raise UsageError(f"top_p must be in (0, 1], got {opts['top_p']}")
-        prompt = opts["prompt"]
-        if opts["prompt_file"]:
-            if not Path(opts["prompt_file"]).is_file():
-                raise UsageError(f"no prompt file {opts['prompt_file']}")
-            prompt = Path(opts["prompt_file"]).read_text()
+        prompt = read_text(opts["prompt_file"], "prompt file") if opts["prompt_file"] else opts["prompt"]
+        device, _ = pick_device({"device": opts["device"], "dtype": "float32"})
         ckpt = load_checkpoint(opts["ckpt"])
-        model = model_from_checkpoint(ckpt)
-        tok = Tokenizer(ckpt["tokenizer"])
+        model, tok = model_from_checkpoint(ckpt)
         ids = tok.encode(prompt or "\n")
     except UsageError as e:
         die(str(e))
-    device, _ = pick_device({"device": opts["device"], "dtype": "float32"})
     model.to(device).eval()
     torch.manual_seed(opts["seed"])
     prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import model_hybrid
 import model_mamba
 import model_moe
 import model_transformer
+import data
 import train
 
 REPO = Path(__file__).resolve().parent
@@ -513,11 +515,17 @@ def test_train_and_sample_end_to_end(tmp_path, data_dir):
             f"--out_dir={out}", f"--data_dir={data_dir}")
     assert r.returncode == 0, r.stderr
     for text in ("parameters", "MFLOPs per token", "tokens per parameter (Chinchilla-optimal: ~20)",
-                 "eval 30 | train", "ms/iter", "tok/s", "eta"):
+                 "eval 30 | train", "ms/iter", "tok/s", "eta", "| grad_norm "):
         assert text in r.stdout
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows if "val_loss" in r] == [0, 15, 30]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 30 and all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in steps)
+    svg = ET.parse(out / "loss.svg").getroot()  # valid XML, one line per series, each named
+    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 2 and [len(l.get("points").split()) for l in lines] == [30, 3]
+    assert {"train", "val"} <= {t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")}
     s = run("sample.py", f"--ckpt={out}/ckpt_best.pt", "--prompt=def ", "--max_new_tokens=20", "--num_samples=2")
     assert s.returncode == 0, s.stderr
     assert s.stdout.count("def ") >= 2 and "tokens/s" in s.stderr
@@ -575,7 +583,57 @@ def test_shakespeare_without_network_says_where_to_put_the_file(tmp_path):
     assert (tmp_path / "shakespeare_char" / "meta.json").is_file()
 
 
+@pytest.fixture(scope="session")
+def hostile(tmp_path_factory):
+    """Files a careless or hostile user might hand to train.py and sample.py."""
+    d = tmp_path_factory.mktemp("hostile")
+    (d / "empty.txt").write_text("")
+    (d / "binary.txt").write_bytes(bytes(range(256)) * 20)
+    (d / "folder").mkdir()
+    (d / "short.txt").write_text("hello world\n")
+    (d / "file").write_text("not a directory")
+    (d / "syntax.py").write_text("n_layer = (\n")
+    (d / "raises.py").write_text("n_layer = 1 / 0\n")
+    (d / "unknown.py").write_text("colour = 'blue'\n")
+    (d / "wrongtype.py").write_text("n_layer = 'two'\n")
+    (d / "garbage.tiktoken").write_text("this is not\na ranks file\n")
+    (d / "binary.tiktoken").write_bytes(bytes(range(256)))
+    (d / "text.txt").write_text("the cat sat on the mat\n" * 300)
+    return d
+
+
+def assert_one_line_error(r, message):
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--dataset=H/empty.txt"], "is empty"),
+    (["--dataset=H/binary.txt"], "is not UTF-8 text"),
+    (["--dataset=H/folder"], "is a directory"),
+    (["--dataset=H/short.txt"], "block_size 256 is longer than the validation split (2 tokens)"),
+    (["--dataset=H/text.txt", "--tokenizer=H/garbage.tiktoken"], "is not a tiktoken ranks file"),
+    (["--dataset=H/text.txt", "--tokenizer=H/binary.tiktoken"], "tokenizer file H/binary.tiktoken is not UTF-8"),
+    (["--dataset=H/text.txt", "--tokenizer=H/none.tiktoken"], "no tiktoken ranks file"),
+    (["--device=cuda"] if not torch.cuda.is_available() else ["--device=tpu"], "device"),
+    (["--device=cuda:7"], "device cuda:7"),
+    (["--device=mps"] if not torch.backends.mps.is_available() else ["--device=mps:1"], "mps"),
+    (["--device=gpu"], "device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+    (["--dtype=float16"], "dtype must be auto, float32 or bfloat16, got 'float16'"),
+    (["--dtype=garbage"], "dtype must be auto"),
+    (["--out_dir=H/file"], "out_dir H/file is a file"),
+    (["--data_dir=H/file"], "data_dir H/file is a file"),
+    (["H/syntax.py"], "preset H/syntax.py fails: SyntaxError"),
+    (["H/raises.py"], "preset H/raises.py fails: ZeroDivisionError"),
+    (["H/unknown.py"], "unknown option --colour"),
+    (["H/wrongtype.py"], "n_layer expects int, got 'two'"),
+    (["H/missing.py"], "no preset file H/missing.py"),
+    (["--lr=nan"], "lr > 0"),
+    (["--beta2=1.5"], "beta1 and beta2 must be in [0, 1)"),
+    (["--dropout=1"], "0 <= dropout < 1"),
+    (["--norm_eps=0"], "norm_eps must be positive"),
+    (["--model=moe", "--top_k=9"], "top_k must be between 1 and n_expert"),
+    (["--model=mamba", "--dt_min=1", "--dt_max=0.1"], "dt_min <= dt_max"),
     (["--n_head=6", "--n_kv_head=4"], "n_head (6) must be divisible by n_kv_head (4)"),
     (["--d_model=50", "--n_head=4"], "d_model (50) must be divisible by n_head (4)"),
     (["--n_layer=0"], "n_layer must be positive"),
@@ -588,24 +646,51 @@ def test_shakespeare_without_network_says_where_to_put_the_file(tmp_path):
     (["--tokenizer=nonsense"], "unknown tokenizer 'nonsense'"),
     (["--resume", "--out_dir=/nonexistent/dir"], "no checkpoint at /nonexistent/dir/ckpt_last.pt"),
 ])
-def test_bad_input_exits_2_with_one_line(args, message, data_dir):
-    r = run("train.py", *args, f"--data_dir={data_dir}")
-    assert r.returncode == 2 and message in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+def test_bad_input_exits_2_with_one_line(args, message, data_dir, hostile):
+    args = [a.replace("H/", f"{hostile}/") for a in args]
+    if not any(a.startswith("--data_dir") for a in args):
+        args.append(f"--data_dir={data_dir}")
+    assert_one_line_error(run("train.py", *args), message.replace("H/", f"{hostile}/"))
 
 
-def test_bad_checkpoints_get_clear_errors(tmp_path, data_dir):
+def test_bad_checkpoints_get_clear_errors(tmp_path, data_dir, hostile):
     out = tmp_path / "out"
     assert run("train.py", *TINY, "--max_iters=2", "--eval_interval=1", f"--out_dir={out}", f"--data_dir={data_dir}").returncode == 0
-    good = (out / "ckpt_last.pt").read_bytes()
+    saved = {p.name: p.read_bytes() for p in out.iterdir()}
+    good = saved["ckpt_last.pt"]
+    ckpt = torch.load(out / "ckpt_last.pt", weights_only=True)
     (tmp_path / "trunc.pt").write_bytes(good[: len(good) // 2])
-    r = run("sample.py", f"--ckpt={tmp_path / 'trunc.pt'}")
-    assert r.returncode == 2 and "not a readable checkpoint" in r.stderr
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    r = run("sample.py", f"--ckpt={tmp_path / 'other.pt'}")
-    assert r.returncode == 2 and "not a checkpoint of this project" in r.stderr
-    r = run("train.py", *TINY, "--n_layer=2", "--resume", f"--out_dir={out}", f"--data_dir={data_dir}")
-    assert r.returncode == 2 and "--n_layer=2 differs from the checkpoint's n_layer=1" in r.stderr
+    torch.save({**ckpt, "model_name": "rnn"}, tmp_path / "rnn.pt")
+    torch.save({**ckpt, "model_config": {**ckpt["model_config"], "warp": 9}}, tmp_path / "newer.pt")  # another version
+    torch.save({**ckpt, "model_config": {k: v for k, v in ckpt["model_config"].items() if k != "pos"}}, tmp_path / "older.pt")
+    torch.save({**ckpt, "model_config": "n_layer=1"}, tmp_path / "flat.pt")
+    torch.save({**ckpt, "model": {k: v for k, v in ckpt["model"].items() if ".0." not in k}}, tmp_path / "keys.pt")
+    torch.save({**ckpt, "tokenizer": {"kind": "char"}}, tmp_path / "tok.pt")
+    for name, message in [("trunc", "not a readable checkpoint"), ("other", "not a checkpoint of this project"),
+                          ("rnn", "holds a 'rnn' model"), ("newer", "unknown Config fields [warp]"),
+                          ("older", "missing [pos]"), ("flat", "model_config is a str"), ("keys", "Missing key(s)"),
+                          ("tok", "does not match model_transformer.py"), ("missing", "no checkpoint at")]:
+        assert_one_line_error(run("sample.py", f"--ckpt={tmp_path / name}.pt"), message)
+    ok = f"--ckpt={out / 'ckpt_last.pt'}"
+    assert_one_line_error(run("sample.py", ok, "--device=cuda:7"), "device cuda:7")
+    assert_one_line_error(run("sample.py", ok, f"--prompt_file={hostile / 'binary.txt'}"), "is not UTF-8 text")
+    assert_one_line_error(run("sample.py", ok, f"--prompt_file={hostile / 'folder'}"), "is not a file")
+    assert_one_line_error(run("sample.py", ok, "--top_p=0"), "top_p must be in (0, 1]")
+    # a failing --resume leaves everything that was saved as it was
+    resume = ["train.py", *TINY, "--resume", f"--out_dir={out}", f"--data_dir={data_dir}"]
+    assert_one_line_error(run(*resume, "--n_layer=2"), "--n_layer=2 differs from the checkpoint's n_layer=1")
+    assert_one_line_error(run(*resume, "--model=moe"), "holds a transformer model, not moe")
+    assert_one_line_error(run(*resume, f"--dataset={hostile / 'text.txt'}"), "trained with another tokenizer")
+    assert_one_line_error(run(*resume, f"--dataset={hostile / 'binary.txt'}"), "is not UTF-8 text")
+    assert_one_line_error(run(*resume, "--device=cuda:7"), "device cuda:7")
+    assert_one_line_error(run(*resume, "--block_size=100000"), "differs from the checkpoint's block_size=32")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == saved
+    stripped = tmp_path / "stripped"
+    stripped.mkdir()
+    torch.save({k: v for k, v in ckpt.items() if k != "optimizer"}, stripped / "ckpt_last.pt")
+    assert_one_line_error(run("train.py", *TINY, "--resume", f"--out_dir={stripped}", f"--data_dir={data_dir}"),
+                          "cannot be resumed (no optimizer)")
     # a non-finite loss stops the run and leaves the good checkpoint untouched
     r = run("train.py", *TINY, "--max_iters=40", "--resume", "--lr=1e30", "--grad_clip=0", f"--out_dir={out}",
             f"--data_dir={data_dir}")
@@ -1355,11 +1440,11 @@ def synthetic_oracle(task, x, o):
     return pred
 
 
-@pytest.mark.parametrize("task", train.SYNTHETIC)
+@pytest.mark.parametrize("task", data.SYNTHETIC)
 def test_synthetic_generators_are_deterministic_with_disjoint_streams(task):
     kw, T = SMALL_TASKS[task]
-    data = train.SynthData(synthetic_opts(task, **kw))
-    draw = lambda split, seed: data.batch(split, 16, T, torch.Generator().manual_seed(seed))
+    synth = data.SynthData(synthetic_opts(task, **kw))
+    draw = lambda split, seed: synth.batch(split, 16, T, torch.Generator().manual_seed(seed))
     for split in ("train", "val"):
         (x1, y1), (x2, y2), (x3, _) = draw(split, 5), draw(split, 5), draw(split, 6)
         assert torch.equal(x1, x2) and torch.equal(y1, y2)  # a seed fixes the batch
@@ -1367,40 +1452,40 @@ def test_synthetic_generators_are_deterministic_with_disjoint_streams(task):
     assert not torch.equal(draw("train", 5)[0], draw("val", 5)[0])  # validation is not the training stream
 
 
-@pytest.mark.parametrize("task", train.SYNTHETIC)
+@pytest.mark.parametrize("task", data.SYNTHETIC)
 def test_synthetic_oracle_scores_100_percent_and_only_answers_are_scored(task):
     kw, T = SMALL_TASKS[task]
     o = synthetic_opts(task, **kw)
-    data = train.SynthData(o)
+    synth = data.SynthData(o)
     answers = {"selective_copy": o["copy_tokens"], "induction": 1, "mqar": o["mqar_queries"]}[task]
     shortest = {"selective_copy": 6, "induction": 4, "mqar": 11}[task]
-    data.check(shortest)
-    with pytest.raises(train.UsageError, match="needs block_size >="):
-        data.check(shortest - 1)
+    synth.check(shortest)
+    with pytest.raises(data.UsageError, match="needs block_size >="):
+        synth.check(shortest - 1)
     for length in (shortest, T, T + 1, 4 * T + 3):
-        x, y = data.batch("train", 64, length, torch.Generator().manual_seed(length))
-        assert x.shape == y.shape == (64, length) and 0 <= x.min() and x.max() < data.vocab_size
+        x, y = synth.batch("train", 64, length, torch.Generator().manual_seed(length))
+        assert x.shape == y.shape == (64, length) and 0 <= x.min() and x.max() < synth.vocab_size
         assert torch.equal(y[:, :-1][y[:, :-1] != -1], x[:, 1:][y[:, :-1] != -1])  # targets are the next tokens
         assert ((y != -1).sum(1) == answers).all()
         assert torch.equal(synthetic_oracle(task, x, o), y)
 
 
-@pytest.mark.parametrize("task", train.SYNTHETIC)
+@pytest.mark.parametrize("task", data.SYNTHETIC)
 def test_synthetic_tasks_are_learned_above_chance(task):
     kw, T = SMALL_TASKS[task]
-    data = train.SynthData(synthetic_opts(task, **kw))
+    synth = data.SynthData(synthetic_opts(task, **kw))
     torch.manual_seed(0)
-    m = model_transformer.Model(model_transformer.Config(vocab_size=data.vocab_size, block_size=T, d_model=32,
+    m = model_transformer.Model(model_transformer.Config(vocab_size=synth.vocab_size, block_size=T, d_model=32,
                                                          n_layer=2, n_head=2, n_kv_head=1))
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
     for _ in range(300):
-        x, y = data.batch("train", 64, T, gen)
+        x, y = synth.batch("train", 64, T, gen)
         _, loss = m(x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    x, y = data.batch("val", 512, T, gen)
+    x, y = synth.batch("val", 512, T, gen)
     with torch.no_grad():
         acc = (m(x)[0].argmax(-1) == y)[y != -1].float().mean().item()
     assert acc > 2 / kw["task_vocab"], acc  # twice chance
@@ -1428,7 +1513,7 @@ def test_synthetic_bad_options(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == "error: selective_copy needs block_size >= 2 * copy_tokens = 80, got 64"
     for kw, message in [(dict(task_vocab=1), "task_vocab must be >= 2"), (dict(mqar_queries=0), "positive"),
                         (dict(dataset="mqar", mqar_pairs=20), "needs as many distinct keys"), (dict(extrapolate=-1), "extrapolate")]:
-        with pytest.raises(train.UsageError, match=message):
+        with pytest.raises(data.UsageError, match=message):
             train.parse_args([f"--{k}={v}" for k, v in kw.items()])
 
 

@@ -1,0 +1,447 @@
+"""
+What train.py and sample.py share: tokenizers, datasets, checkpoint files and the few command-line
+helpers both need. Nothing here knows how a model works inside.
+
+    Tokenizer, bpe_spec       characters, words (synthetic tasks) or tiktoken byte-pair encoding
+    TextData                  the built-in pydoc corpus, tiny Shakespeare, any text file: token caches
+    SynthData                 selective_copy, induction, mqar, generated from a random generator
+    load_checkpoint, ...      weights_only loading, atomic writes
+"""
+import base64
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import model_hybrid
+import model_mamba
+import model_moe
+import model_transformer
+
+MODELS = {"transformer": model_transformer, "moe": model_moe, "mamba": model_mamba, "hybrid": model_hybrid}
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+def die(msg, code=2):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def one_line(e):
+    """An exception as one line of text, for messages that quote it."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[-1].strip() if lines else ''}"
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_value(name, text, kind):
+    """'--n_layer=4' -> 4, checked against the type of the default."""
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+    else:
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise UsageError(f"--{name} expects {kind.__name__}, got {text!r}")
+
+
+def read_args(argv):
+    """Presets (*.py files of assignments) and --name=value overrides, in order: [(name, value)].
+    Values from the command line are still text; values from presets are python objects."""
+    raw = []
+    for arg in argv:
+        if arg.endswith(".py") and not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise UsageError(f"no preset file {arg}")
+            ns = {}
+            try:  # a preset is trusted python, like nanoGPT's configurator; its mistakes are still one line
+                exec(compile(read_text(arg, "preset"), arg, "exec"), {}, ns)
+            except Exception as e:
+                raise UsageError(f"preset {arg} fails: {one_line(e)}") from None
+            raw += [(k, v) for k, v in ns.items() if not k.startswith("_")]
+        elif arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            raw.append((name, value if eq else "true"))  # a bare --flag is true
+        else:
+            raise UsageError(f"unexpected argument {arg!r} (options look like --name=value)")
+    return raw
+
+
+def typed(raw, kinds, script="train.py"):
+    """Check every name against `kinds` {name: type} and convert command-line text to that type."""
+    out = {}
+    for name, value in raw:
+        if name not in kinds:
+            raise UsageError(f"unknown option --{name} (python {script} --help lists them)")
+        kind = kinds[name]
+        if isinstance(value, str) and kind is not str:
+            value = parse_value(name, value, kind)
+        elif not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+            raise UsageError(f"{name} expects {kind.__name__}, got {value!r}")
+        out[name] = kind(value)
+    return out
+
+
+def read_text(path, what):
+    """A UTF-8 text file, or one line saying why not."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path} is not a file")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def pick_device(opts):
+    """'auto' -> the best there is; anything named must exist on this machine."""
+    device = opts["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise UsageError(f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device=cpu")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise UsageError(f"device {device}: there are only {torch.cuda.device_count()} CUDA devices")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("device mps is not available here; use --device=cpu")
+    dtype = opts["dtype"]
+    if dtype == "auto":
+        dtype = "bfloat16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise UsageError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    return device, dtype
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+class Tokenizer:
+    """Characters, words (the synthetic tasks: one token per space-separated word) or byte-pair
+    encoding (tiktoken). `spec` is plain data (strings, ints), which is what travels inside the
+    dataset cache and the checkpoint: sample.py needs nothing else."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        if spec["kind"] == "words":
+            self.words = spec["words"]
+            self.stoi = {w: i for i, w in enumerate(self.words)}
+            self.vocab_size = len(self.words)
+        elif spec["kind"] == "char":
+            self.chars = spec["chars"]
+            self.stoi = {c: i for i, c in enumerate(self.chars)}
+            self.vocab_size = len(self.chars)
+        else:
+            import tiktoken
+            ranks = {base64.b64decode(tok): int(rank) for tok, rank in
+                     (line.split() for line in spec["ranks"].splitlines() if line)}
+            self.enc = tiktoken.Encoding(spec["name"], pat_str=spec["pat_str"], mergeable_ranks=ranks,
+                                         special_tokens=spec["special"])
+            self.vocab_size = self.enc.n_vocab
+
+    def encode(self, text):
+        if self.spec["kind"] == "words":
+            missing = sorted(set(text.split()) - self.stoi.keys())
+            if missing:
+                raise UsageError(f"text has words outside the vocabulary: {' '.join(missing)!r}")
+            return [self.stoi[w] for w in text.split()]
+        if self.spec["kind"] == "char":
+            missing = sorted(set(text) - self.stoi.keys())
+            if missing:
+                raise UsageError(f"text has characters outside the vocabulary: {''.join(missing)!r}")
+            return [self.stoi[c] for c in text]
+        return self.enc.encode_ordinary(text)
+
+    def decode_bytes(self, ids):
+        if self.spec["kind"] == "words":
+            return "".join(" " + self.words[i] for i in ids).encode()
+        if self.spec["kind"] == "char":
+            return "".join(self.chars[i] for i in ids).encode()
+        return self.enc.decode_bytes(ids)
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def bpe_spec(name_or_path, data_dir):
+    """A tiktoken encoding as plain data. Named encodings come from tiktoken (which downloads and
+    caches them), or from data_dir/NAME.tiktoken when that file is there; a path to a .tiktoken
+    ranks file is split with GPT-2's pattern and gets <|endoftext|> after the last rank."""
+    import tiktoken
+    local = Path(name_or_path) if name_or_path.endswith(".tiktoken") else Path(data_dir) / f"{name_or_path}.tiktoken"
+    if local.is_file():
+        from tiktoken_ext.openai_public import r50k_pat_str
+        text = read_text(local, "tokenizer file")
+        n = sum(1 for line in text.splitlines() if line)
+        spec = {"kind": "bpe", "name": local.stem, "pat_str": r50k_pat_str, "ranks": text,
+                "special": {"<|endoftext|>": n}}
+        try:
+            Tokenizer(spec)
+        except Exception as e:
+            raise UsageError(f"{local} is not a tiktoken ranks file (lines of base64 token, rank): {one_line(e)}") from None
+        return spec
+    if name_or_path.endswith(".tiktoken"):
+        raise UsageError(f"no tiktoken ranks file at {name_or_path}")
+    if name_or_path not in tiktoken.list_encoding_names():
+        raise UsageError(f"unknown tokenizer {name_or_path!r}: use char, a tiktoken encoding "
+                         f"({', '.join(tiktoken.list_encoding_names())}) or a .tiktoken file")
+    try:
+        enc = tiktoken.get_encoding(name_or_path)
+    except Exception as e:  # no network, most likely
+        raise UsageError(f"could not load tiktoken encoding {name_or_path!r} ({type(e).__name__}); "
+                         f"without a network, put its ranks file at {local}") from None
+    ranks = "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in enc._mergeable_ranks.items())
+    return {"kind": "bpe", "name": name_or_path, "pat_str": enc._pat_str, "ranks": ranks,
+            "special": dict(enc._special_tokens)}
+# ----------------------------------------------------------------------------- datasets
+
+
+def builtin_text():
+    """The help() topics that ship with CPython (pydoc_data): ~0.47M characters of English prose
+    about Python with code in it. Always there, so the first run needs no download."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def shakespeare_text(data_dir):
+    path = Path(data_dir) / "tinyshakespeare.txt"
+    if not path.is_file():
+        try:
+            with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:
+                text = r.read().decode("utf-8")
+        except Exception as e:
+            raise UsageError(f"could not download tiny Shakespeare ({type(e).__name__}); without a network, "
+                             f"save {SHAKESPEARE_URL} as {path}") from None
+        atomic_write(path, text.encode())
+    return read_text(path, "dataset")
+
+
+def atomic_write(path, data):
+    """Write to a temporary file beside `path`, then rename over it: a crash leaves the old file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        if isinstance(data, bytes):
+            f.write(data)
+        else:
+            torch.save(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_text(opts):
+    """Tokenize a corpus once and cache train/val token files under data_dir. Returns
+    (train tokens, val tokens, tokenizer spec). The split is the first 90% / last 10%."""
+    name, data_dir = opts["dataset"], Path(opts["data_dir"])
+    if name in ("pydoc", "shakespeare_char", "shakespeare"):
+        default_tok = "gpt2" if name == "shakespeare" else "char"
+        load = builtin_text if name == "pydoc" else lambda: shakespeare_text(data_dir)
+        key = f"{name}" if not opts["tokenizer"] else f"{name}-{Path(opts['tokenizer']).stem}"
+    elif os.path.isdir(name):
+        raise UsageError(f"dataset {name} is a directory; give a text file")
+    elif os.path.isfile(name):
+        default_tok, load = "char", lambda: read_text(name, "dataset")
+        digest = hashlib.sha1(Path(name).read_bytes()).hexdigest()[:10]
+        key = f"{Path(name).stem}-{Path(opts['tokenizer'] or 'char').stem}-{digest}"
+    else:
+        raise UsageError(f"unknown dataset {name!r}: pydoc, shakespeare_char, shakespeare or a path to a text file")
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UsageError(f"data_dir {data_dir} is a file, not a directory")
+    tok_name = opts["tokenizer"] or default_tok
+    cache = data_dir / key
+    if (cache / "meta.json").is_file():
+        meta = json.loads((cache / "meta.json").read_text())
+    else:
+        text = load()
+        if not text.strip():
+            raise UsageError(f"dataset {name} is empty")
+        spec = {"kind": "char", "chars": "".join(sorted(set(text)))} if tok_name == "char" else bpe_spec(tok_name, data_dir)
+        ids = Tokenizer(spec).encode(text)
+        dtype = np.uint16 if max(ids) < 2**16 else np.uint32
+        ids = np.array(ids, dtype=dtype)
+        n = int(0.9 * len(ids))
+        atomic_write(cache / "train.bin", ids[:n].tobytes())
+        atomic_write(cache / "val.bin", ids[n:].tobytes())
+        meta = {"tokenizer": spec, "dtype": np.dtype(dtype).name, "text_chars": len(text)}
+        atomic_write(cache / "meta.json", json.dumps(meta).encode())  # last: marks the cache complete
+    read = lambda split: torch.from_numpy(np.fromfile(cache / f"{split}.bin", dtype=meta["dtype"]).astype(np.int64))
+    return read("train"), read("val"), meta["tokenizer"]
+
+
+class TextData:
+    """Random windows of a token stream: x is tokens[i:i+T], y is tokens[i+1:i+T+1]."""
+    extrapolate = 0  # no evaluation at longer lengths
+
+    def __init__(self, opts):
+        self.train, self.val, self.tokenizer_spec = prepare_text(opts)
+        self.vocab_size = Tokenizer(self.tokenizer_spec).vocab_size
+        self.describe = (f"{opts['dataset']} ({self.tokenizer_spec['kind']}, vocab {self.vocab_size}): "
+                         f"{len(self.train):,} train / {len(self.val):,} val tokens")
+
+    def check(self, block_size):
+        for split, tokens in (("validation", self.val), ("training", self.train)):
+            if block_size + 1 > len(tokens):
+                raise UsageError(f"block_size {block_size} is longer than the {split} split ({len(tokens)} tokens): "
+                                 f"use a smaller --block_size or more text")
+
+    def batch(self, split, batch_size, block_size, gen):
+        data = self.train if split == "train" else self.val
+        start = torch.randint(len(data) - block_size, (batch_size,), generator=gen)  # (B,)
+        window = data[start[:, None] + torch.arange(block_size + 1)]  # (B, T+1)
+        return window[:, :-1], window[:, 1:]
+
+
+SYNTHETIC = ("selective_copy", "induction", "mqar")
+VAL_SEED = 2**40  # validation batches come from generators seeded from here up; training uses --seed + rank
+
+
+class SynthData:
+    """Synthetic recall tasks, generated on the fly from the random generator it is given: no files,
+    no network. A sequence is block_size + 1 tokens; x is all but the last, y all but the first, and
+    y is -1 (ignored by the loss and the accuracy) except where the next token is an answer.
+
+    selective_copy  copy_tokens data symbols at random places in a run of noise '.', then '>' and
+                    the same symbols in order (the Mamba paper's selective copying, section 4.1.1):
+                        . 3 . . 7 . . . 1 . > 3 7 1                      answers: 3 7 1
+    induction       random symbols in which a key appears once, followed by some value; at the end
+                    '!' and the key again: the answer is that value (induction heads, Olsson et al.
+                    2022; the H3 paper's associative recall). Also scored at extrapolate x block_size.
+                        4 2 8 5 9 0 3 ... 6 ! 8 5                        answer: 5
+    mqar            mqar_pairs key-value pairs, then noise in which mqar_queries keys are asked
+                    again, each followed by its value (multi-query associative recall, Zoology,
+                    Arora et al. 2023): k3 v1 k0 v7 k5 v2 . . k0 v7 . . k3 v1 . answers: v7 v1
+    Chance accuracy is 1 / task_vocab for all three."""
+
+    def __init__(self, opts):
+        self.task, V = opts["dataset"], opts["task_vocab"]
+        self.opts = opts
+        symbols = [str(i) for i in range(V)]
+        words = {"selective_copy": [".", ">"] + symbols, "induction": ["!"] + symbols,
+                 "mqar": ["."] + [f"k{i}" for i in range(V)] + [f"v{i}" for i in range(V)]}[self.task]
+        self.tokenizer_spec = {"kind": "words", "words": words}
+        self.vocab_size = len(words)
+        self.extrapolate = opts["extrapolate"] if self.task == "induction" else 0
+        self.describe = (f"{self.task} (synthetic, words, vocab {self.vocab_size}): generated from the seed, "
+                         f"scored on the answers only; chance accuracy {1 / V:.3f}")
+
+    def check(self, block_size):
+        o = self.opts
+        need = {"selective_copy": (2 * o["copy_tokens"], "2 * copy_tokens"), "induction": (4, "4"),
+                "mqar": (2 * o["mqar_pairs"] + 2 * o["mqar_queries"] - 1, "2 * (mqar_pairs + mqar_queries) - 1")}
+        least, formula = need[self.task]
+        if block_size < least:
+            raise UsageError(f"{self.task} needs block_size >= {formula} = {least}, got {block_size}")
+
+    def batch(self, split, batch_size, block_size, gen):
+        if split == "val":  # a generator of its own, seeded apart from the training stream
+            gen = torch.Generator().manual_seed(VAL_SEED + int(torch.randint(2**31, (), generator=gen)))
+        B, L, V, o = batch_size, block_size + 1, self.opts["task_vocab"], self.opts
+        seq = torch.zeros(B, L, dtype=torch.long)  # (B, L): token 0 is the noise '.' (induction: '!')
+        answer = torch.zeros(B, L, dtype=torch.bool)  # (B, L): which tokens are answers
+        if self.task == "selective_copy":  # symbols are tokens 2 .. V+1
+            n = o["copy_tokens"]
+            body = L - 1 - n
+            data = 2 + torch.randint(V, (B, n), generator=gen)  # (B, n)
+            where = torch.rand(B, body, generator=gen).argsort(dim=1)[:, :n].sort(dim=1).values  # (B, n) distinct, in order
+            seq[:, :body].scatter_(1, where, data)
+            seq[:, body] = 1  # '>': now repeat them
+            seq[:, body + 1:] = data
+            answer[:, body + 1:] = True
+        elif self.task == "induction":  # symbols are tokens 1 .. V
+            body = L - 3
+            key = torch.randint(V, (B, 1), generator=gen)  # (B, 1)
+            value = (key + torch.randint(1, V, (B, 1), generator=gen)) % V  # (B, 1), never the key itself
+            filler = torch.randint(V - 1, (B, body), generator=gen)  # (B, body)
+            filler += filler >= key  # uniform over the other symbols: the key occurs only where we put it
+            where = torch.randint(body - 1, (B, 1), generator=gen)  # (B, 1)
+            filler.scatter_(1, where, key).scatter_(1, where + 1, value)
+            seq[:, :body] = 1 + filler
+            seq[:, body + 1], seq[:, body + 2] = 1 + key[:, 0], 1 + value[:, 0]  # '!' (token 0) at body
+            answer[:, -1] = True
+        else:  # mqar: keys are tokens 1 .. V, values V+1 .. 2V
+            P, Q = o["mqar_pairs"], o["mqar_queries"]
+            keys = 1 + torch.rand(B, V, generator=gen).argsort(dim=1)[:, :P]  # (B, P) distinct
+            values = 1 + V + torch.randint(V, (B, P), generator=gen)  # (B, P)
+            seq[:, 0:2 * P:2], seq[:, 1:2 * P:2] = keys, values
+            asked = torch.randint(P, (B, Q), generator=gen)  # (B, Q): which pair each query asks for
+            where = 2 * P + 2 * torch.rand(B, (L - 2 * P) // 2, generator=gen).argsort(dim=1)[:, :Q]  # (B, Q)
+            seq.scatter_(1, where, keys.gather(1, asked)).scatter_(1, where + 1, values.gather(1, asked))
+            answer.scatter_(1, where + 1, True)
+        return seq[:, :-1], seq[:, 1:].masked_fill(~answer[:, 1:], -1)  # (B, T) each
+
+
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def atomic_write(path, data):
+    """Write to a temporary file beside `path`, then rename over it: a crash leaves the old file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        if isinstance(data, bytes):
+            f.write(data)
+        else:
+            torch.save(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """weights_only=True: a checkpoint holds tensors and plain data, so loading one cannot run code."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt?): {type(e).__name__}") from None
+    missing = {"model", "model_name", "model_config", "tokenizer"} - set(ckpt if isinstance(ckpt, dict) else {})
+    if missing:
+        raise UsageError(f"{path} is not a checkpoint of this project (missing {', '.join(sorted(missing))})")
+    if ckpt["model_name"] not in MODELS:
+        raise UsageError(f"{path} holds a {ckpt['model_name']!r} model, which this version does not have")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    module = MODELS[ckpt["model_name"]]
+    fields, config = {f.name for f in dataclasses.fields(module.Config)}, ckpt["model_config"]
+    if not isinstance(config, dict):
+        raise UsageError(f"checkpoint's model_config is a {type(config).__name__}, not a dict of Config fields")
+    unknown, lacking = sorted(config.keys() - fields), sorted(fields - config.keys())  # a default might be another model
+    if unknown or lacking:
+        raise UsageError(f"checkpoint does not match model_{ckpt['model_name']}.py (made by another version?): "
+                         f"unknown Config fields [{', '.join(unknown)}], missing [{', '.join(lacking)}]")
+    try:
+        model = module.Model(module.Config(**config))
+        model.load_state_dict(ckpt["model"])
+        tok = Tokenizer(ckpt["tokenizer"])
+    except Exception as e:
+        raise UsageError(f"checkpoint does not match model_{ckpt['model_name']}.py: {one_line(e)}") from None
+    if tok.vocab_size > model.config.vocab_size:
+        raise UsageError(f"checkpoint's tokenizer has {tok.vocab_size} tokens, its model only {model.config.vocab_size}")
+    return model, tok
