@@ -665,19 +665,19 @@ def train(opts, overrides, module):
         if not math.isfinite(loss_val):
             die(f"loss is {loss_val} at iter {it}; stopping. {last_path} still holds the last good state "
                 f"(try a lower --lr or --grad_clip)", code=1)
-        if opts["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opts["grad_clip"])
+        # the total gradient norm before clipping (an infinite limit only measures it)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opts["grad_clip"] or float("inf")).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         train_time += time.time() - t_step
-        record({"iter": it, "loss": loss_val, "lr": lr})
+        record({"iter": it, "loss": loss_val, "lr": lr, "grad_norm": grad_norm})
         if (it + 1) % opts["log_interval"] == 0 or it == start_iter:
             now = time.time()
             steps = opts["log_interval"] if it != start_iter else 1
             dt = (now - t_last) / steps
             t_last = now
             mfu = f" | mfu {flops * tokens_per_iter / dt / peak / world:.1%}" if peak else ""
-            log(f"iter {it + 1} | loss {loss_val:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
+            log(f"iter {it + 1} | loss {loss_val:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3g} | {dt * 1000:.1f} ms/iter | "
                 f"{tokens_per_iter / dt:,.0f} tok/s{mfu} | eta {fmt_time(dt * (opts['max_iters'] - it - 1))}")
     log(f"done: best val loss {best_val:.4f}, {fmt_time(time.time() - t_start)}; checkpoints in {out_dir}")
     if ddp:
