@@ -208,6 +208,419 @@ def esc(s):
 
 EXPERIMENTS = {}  # name: function; the first line of its docstring is its --help line
 
+
+# ---- ladder, positions, norms, attention: the Transformer's switches, GPT-2 to modern
+# Shared by these four: runs are labelled NAME-sSEED; seeds start at 0; quick mode is one seed of a
+# tiny model for a handful of steps (it checks the code path, not the claim).
+
+QUICK_SHAPE = ["--d_model=32", "--n_layer=1", "--n_head=4", "--block_size=32", "--batch_size=4", "--max_iters=6",
+               "--eval_interval=6", "--eval_iters=1", "--warmup_iters=2", "--log_interval=6"]
+SHAKESPEARE = ["config/shakespeare_char.py"]
+GPT2 = ["config/shakespeare_char.py", "config/gpt2_style.py"]
+
+
+def seeded(lab, configs):
+    """configs: [(key, args)] -> lab.train over every seed; returns {key: [Run per seed]}."""
+    seeds = 1 if lab.quick else lab.seeds
+    runs = lab.train([(f"{key}-s{s}", [*args, f"--seed={s}", *(QUICK_SHAPE if lab.quick else [])])
+                      for key, args in configs for s in range(seeds)])
+    return {key: [runs[f"{key}-s{s}"] for s in range(seeds)] for key, _ in configs}
+
+
+def final_val(runs):
+    """Final val loss of each seed; a failed run is nan (shown, never dropped)."""
+    return [r.final.get("val_loss", float("nan")) if r.ok else float("nan") for r in runs]
+
+
+def failed(runs):
+    bad = [f"seed {i}: exit {r.rc}" for i, r in enumerate(runs) if not r.ok]
+    return f" (FAILED {', '.join(bad)})" if bad else ""
+
+
+def model_of(args, quick):
+    """The model train.py builds from these arguments (vocab 65: tiny Shakespeare's characters)."""
+    from train import parse_args
+    args = [str(REPO / a) if a.endswith(".py") else a for a in args]  # presets are relative to the repository
+    _, overrides, module = parse_args([*args, *(QUICK_SHAPE if quick else [])])
+    return module.Model(module.Config(**{**overrides, "vocab_size": 65}))
+
+
+def cpu_ms_per_step(models, quick, batch_size=12):
+    """Training step (forward, backward, AdamW) of each model side by side in this process, rounds
+    interleaved, CPU time of this process: the shared machine disturbs that far less than wall time."""
+    from bench import timed_rounds, train_step
+    steps = {k: train_step(m, batch_size, m.config.block_size, 65) for k, m in models.items()}
+    secs = timed_rounds(steps, rounds=2 if quick else 5, steps=1 if quick else 5, clock=time.process_time)
+    return {k: 1000 * s for k, s in secs.items()}
+
+
+def kv_bytes_per_token(model):
+    return model.cache_bytes(model.new_cache(1, max_len=1))  # one position, all layers, float32
+
+
+def ladder(lab):
+    """GPT-2 to a modern LLaMA-style block, one change at a time, on tiny Shakespeare (characters)."""
+    steps = [("relu", "ReLU FFN (original Transformer)", GPT2 + ["--ffn=relu"]),
+             ("gpt2", "GPT-2 style (learned, LayerNorm, GELU, MHA)", GPT2),
+             ("rope", "+ RoPE", GPT2 + ["--pos=rope"]),
+             ("rmsnorm", "+ RoPE + RMSNorm", GPT2 + ["--pos=rope", "--norm=rmsnorm"]),
+             ("swiglu", "+ RoPE + RMSNorm + SwiGLU", GPT2 + ["--pos=rope", "--norm=rmsnorm", "--ffn=swiglu"]),
+             ("gqa", "+ ... + GQA 4:2 (the modern default)", SHAKESPEARE + ["--n_kv_head=2"]),
+             ("mqa", "+ ... + MQA 4:1", SHAKESPEARE + ["--n_kv_head=1"]),
+             ("only-rmsnorm", "GPT-2 style + RMSNorm only", GPT2 + ["--norm=rmsnorm"]),
+             ("only-swiglu", "GPT-2 style + SwiGLU only", GPT2 + ["--ffn=swiglu"]),
+             ("only-gqa", "GPT-2 style + GQA 4:2 only", GPT2 + ["--n_kv_head=2"])]
+    if lab.quick:  # four rows: each train.py process costs seconds of start-up alone
+        steps = [s for s in steps if s[0] in ("relu", "gpt2", "gqa", "mqa")]
+    evals = ["--eval_interval=500"]  # five evaluations instead of nine: the budget goes to training steps
+    runs = seeded(lab, [(key, args + evals) for key, _, args in steps])
+    models = {key: model_of(args, lab.quick) for key, _, args in steps}
+    ms = cpu_ms_per_step(models, lab.quick)
+    base = sum(final_val(runs["gpt2"])) / len(runs["gpt2"])
+    rows, bars = [], []
+    for key, label, _ in steps:
+        v = final_val(runs[key])
+        mean = sum(v) / len(v)
+        spread = (max(v) - min(v)) / 2 if len(v) > 1 else 0.0
+        rows.append([label + failed(runs[key]), mean_spread(v), f"{mean - base:+.3f}", f"{models[key].num_params():,}",
+                     f"{ms[key]:.1f}", f"{kv_bytes_per_token(models[key]):,}"])
+        bars.append((label, mean, spread))
+    m = models["gpt2"].config
+    shape = f"{m.n_layer} layers, {m.n_head} heads, width {m.d_model}, context {m.block_size}"
+    n_iter = runs["gpt2"][0].final.get("iter", "?")
+    body = f"""
+Does each change from GPT-2 (Radford et al. 2019) to the LLaMA recipe (Touvron et al. 2023) lower the
+loss at a fixed budget, and what does it cost? The changes: rotary positions (RoPE, Su et al. 2021), RMSNorm
+(Zhang & Sennrich 2019), the SwiGLU feed-forward (Shazeer 2020, which reports lower perplexity than ReLU
+and GELU at equal parameters), and grouped-query / multi-query attention (Ainslie et al. 2023; Shazeer 2019),
+which shrink the KV cache at a small quality cost. The first row is the original Transformer's ReLU
+feed-forward (Vaswani et al. 2017). Cumulative rows add one change each; the last three rows add one
+change alone to GPT-2 style (RoPE alone is the "+ RoPE" row; MQA alone is left out to fit the budget).
+
+Tiny Shakespeare, characters, {shape}, batch 12, {n_iter} iterations (nanoGPT's CPU recipe,
+config/shakespeare_char.py; GPT-2 style adds config/gpt2_style.py), {len(runs['gpt2'])} seed(s) per row.
+Val loss: the final evaluation (20 batches), mean ± half the range over seeds. CPU ms/step: one training step
+(batch 12) of every model measured side by side in this process, rounds interleaved, in CPU process time
+(the machine may be shared: compare rows, not machines). KV cache: float32 bytes per token of context, all
+layers.
+
+{table(["model", "val loss", "vs GPT-2 style", "parameters", "CPU ms/step", "KV cache bytes/token"], rows)}
+
+What this shows: the loss of each step at this one small budget, and the measured cost per step; the KV
+cache column is arithmetic (2 x layers x K/V heads x head dim x 4 bytes). What it does not show: whether an
+ordering holds at scale or longer training, or differences smaller than the spread between seeds.
+
+<!-- lead: interpretation -->
+"""
+    lab.page("The ladder: GPT-2 to modern, one change at a time", body,
+             svg_bars(f"final val loss, {shape}, {n_iter} iterations (whisker: half the range over seeds)",
+                      "val loss", bars))
+
+
+EXPERIMENTS["ladder"] = ladder
+
+
+@torch.no_grad()
+def position_losses(ckpt_path, factor, scaling, windows):
+    """Mean loss at each position 0 .. factor*T-1 of `windows` (N, 4T+1) val windows, for the model of a
+    checkpoint stretched to factor x its block_size (RoPE angles rescaled by `scaling`). None when the
+    weights cannot run that long (learned positions have no rows past T)."""
+    import torch.nn.functional as F
+    from train import load_checkpoint, model_from_checkpoint
+    ckpt = load_checkpoint(ckpt_path)
+    trained = model_from_checkpoint(ckpt)
+    cfg = dict(ckpt["model_config"], block_size=factor * trained.config.block_size)
+    if scaling != "none":
+        cfg.update(rope_scaling=scaling, rope_factor=float(factor))
+    module = sys.modules[type(trained).__module__]
+    try:
+        model = module.Model(module.Config(**cfg))
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, RuntimeError):
+        return None
+    model.eval()
+    L = factor * trained.config.block_size
+    x, y = windows[:, :L], windows[:, 1:L + 1]  # (N, L) each
+    total = torch.zeros(L)
+    for i in range(0, x.size(0), 8):  # 8 windows per forward: bounded memory at 4T
+        logits, _ = model(x[i:i + 8])
+        total += F.cross_entropy(logits.transpose(1, 2), y[i:i + 8], reduction="none").sum(0)  # (L,)
+    return total / x.size(0)
+
+
+def positions(lab):
+    """Position schemes trained at context T, evaluated at 1x, 2x, 4x T (loss beyond T apart); RoPE PI/NTK."""
+    schemes = [("learned", "learned (GPT-2)"), ("sinusoidal", "sinusoidal (Vaswani et al.)"), ("rope", "RoPE"),
+               ("alibi", "ALiBi"), ("none", "none (NoPE)")]
+    if lab.quick:
+        schemes = [s for s in schemes if s[0] in ("learned", "rope", "alibi")]
+    train_args = SHAKESPEARE + ["--max_iters=1200", "--eval_interval=400", "--n_kv_head=4"]
+    runs = seeded(lab, [(key, train_args + [f"--pos={key}"]) for key, _ in schemes])
+    from train import TextData
+    val = TextData({"dataset": "shakespeare_char", "data_dir": lab.data_dir, "tokenizer": ""}).val
+    T = model_of(train_args, lab.quick).config.block_size
+    n_windows = 16 if lab.quick else 128
+    gen = torch.Generator().manual_seed(0)  # the same windows for every model
+    start = torch.randint(len(val) - 4 * T - 1, (n_windows,), generator=gen)
+    windows = val[start[:, None] + torch.arange(4 * T + 1)]  # (N, 4T+1)
+    rows_def = [(key, label, "none") for key, label in schemes]
+    at = next(i for i, (key, _, _) in enumerate(rows_def) if key == "rope") + 1  # PI and NTK right after RoPE
+    rows_def[at:at] = [("rope", "RoPE + position interpolation (PI)", "pi"), ("rope", "RoPE + NTK-aware scaling", "ntk")]
+    rows, curves = [], {}
+    for key, label, scaling in rows_def:
+        per_factor = {}
+        for f in (1, 2, 4):
+            got = [position_losses(r.dir / "ckpt_last.pt", f, scaling, windows) for r in runs[key] if r.ok]
+            per_factor[f] = None if not got or got[0] is None else torch.stack(got)  # (seeds, fT)
+        cells = [label + failed(runs[key])]
+        for f in (1, 2, 4):
+            p = per_factor[f]
+            if p is None:
+                cells += ["cannot run past T: no learned embedding for those positions" if key == "learned" else "n/a", "-"]
+                continue
+            if f == 1:
+                cells.append(mean_spread(p[:, :T].mean(1).tolist()))
+            else:
+                cells += [mean_spread(p[:, :T].mean(1).tolist()), mean_spread(p[:, T:].mean(1).tolist())]
+        rows.append(cells)
+        longest = next((per_factor[f] for f in (4, 2, 1) if per_factor[f] is not None), None)
+        if longest is not None:
+            bucket = max(1, T // 8)
+            mean = longest.mean(0)
+            curves[label] = [((i + 0.5) * bucket, mean[i:i + bucket].mean().item()) for i in range(0, mean.numel(), bucket)]
+    header = ["positions", f"1x: 0..{T - 1}", f"2x: 0..{T - 1}", f"2x: {T}..{2 * T - 1}", f"4x: 0..{T - 1}",
+              f"4x: {T}..{4 * T - 1}"]
+    body = f"""
+How well does each position scheme work at the trained context T = {T}, and past it? Press et al. (2021,
+ALiBi) report that sinusoidal and rotary positions degrade quickly beyond the training length while ALiBi
+extrapolates; learned absolute positions (GPT-2) have no embedding past T at all. Models without positional
+information (NoPE) still learn order from the causal mask (Haviv et al. 2022; Kazemnejad et al. 2023, who also
+report better length generalisation than the explicit schemes). For RoPE, position interpolation (Chen et al.
+2023) and NTK-aware base scaling (bloc97 2023; YaRN, Peng et al. 2023) stretch the rotation angles at
+evaluation time without retraining; Chen et al. fine-tune after interpolating, which is not done here.
+
+Each scheme trained on tiny Shakespeare (characters; config/shakespeare_char.py with MHA and the flag in the
+row), {len(runs['rope'])} seed(s). The trained checkpoint (last step) is then evaluated in this process at 1x, 2x
+and 4x T on the same {n_windows} validation windows: mean loss on the first T positions and, separately, on the
+positions beyond T (so they are not diluted by the first T). PI and NTK rows reuse the RoPE checkpoints, with
+the angles rescaled by the evaluation factor (1x is plain RoPE). Mean ± half the range over seeds.
+
+{table(header, rows)}
+
+What this shows: the loss per position range of each scheme at and beyond the trained length, on one small
+character-level model. What it does not show: long-context ability (a character model needs little far context),
+or PI/NTK after the short fine-tuning their papers use.
+
+<!-- lead: interpretation -->
+"""
+    lab.page("Positions: trained at T, evaluated at 1x, 2x, 4x T", body,
+             svg_lines([dict(title=f"loss against position (longest evaluation; trained at T = {T})", xlabel="position",
+                             ylabel="val loss", series=curves)], width=720, height=340, cols=1))
+
+
+EXPERIMENTS["positions"] = positions
+
+
+def norm_speed(quick):
+    """Forward + backward of the norm alone at a few (tokens, width) shapes, side by side in CPU time;
+    and how far the written-out RMSNorm formula is from F.rms_norm (float32)."""
+    from bench import timed_rounds
+    shapes = [(64, 128), (256, 512)] if quick else [(768, 128), (2048, 512), (4096, 1024)]
+    rows = []
+    for N, C in shapes:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(N, C, generator=gen).requires_grad_()
+        w = (1 + 0.1 * torch.randn(C, generator=gen)).requires_grad_()
+        g = torch.randn(N, C, generator=gen)
+        paths = {"LayerNorm": lambda: torch.nn.functional.layer_norm(x, (C,), w, None, 1e-5),
+                 "F.rms_norm": lambda: torch.nn.functional.rms_norm(x, (C,), w, 1e-5),
+                 "x * rsqrt(mean(x^2) + eps) * w": lambda: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w}
+        secs = timed_rounds({k: (lambda f=f: torch.autograd.grad(f(), (x, w), g)) for k, f in paths.items()},
+                            rounds=3 if quick else 7, steps=2 if quick else 20, clock=time.process_time)
+        diff = (paths["F.rms_norm"]() - paths["x * rsqrt(mean(x^2) + eps) * w"]()).abs().max().item()
+        rows.append([f"{N} x {C}", *(f"{1e6 * secs[k]:.0f}" for k in paths),
+                     f"{secs['LayerNorm'] / secs['F.rms_norm']:.2f}", f"{diff:.1e}"])
+    return table(["tokens x width", "LayerNorm µs", "F.rms_norm µs", "written out µs", "LayerNorm / F.rms_norm time",
+                  "max abs difference, F.rms_norm vs written out"], rows)
+
+
+def norms(lab):
+    """Pre-norm vs post-norm at depth 2/6/12, with and without warmup (grad norms); LayerNorm vs RMSNorm."""
+    depths = (2,) if lab.quick else (2, 6, 12)
+    lr = "3e-3"  # 3x train.py's default, chosen before any run: high enough for warmup to matter (Xiong et al.)
+    base = SHAKESPEARE + ["--d_model=64", "--n_head=4", "--n_kv_head=4", "--norm=layernorm", f"--lr={lr}",
+                          "--max_iters=600", "--eval_interval=200", "--min_lr=3e-4"]
+    grid = [(f"{'pre' if pre else 'post'}-d{d}-{'warm' if warm else 'nowarm'}", d, pre, warm,
+             base + [f"--n_layer={d}", f"--prenorm={pre}", f"--warmup_iters={100 if warm else 0}"])
+            for d in depths for pre in (True, False) for warm in (True, False) if not lab.quick or pre == warm]
+    mid = depths[len(depths) // 2]
+    rms_key = f"rmsnorm-d{mid}"
+    configs = [(key, args) for key, *_, args in grid] + \
+              [(rms_key, base + [f"--n_layer={mid}", "--prenorm=True", "--warmup_iters=100", "--norm=rmsnorm"])]
+    runs = seeded(lab, configs)
+    rows, panels = [], []
+    for d in depths:
+        series = {}
+        for key, dd, pre, warm, _ in grid:
+            if dd != d:
+                continue
+            gn = [[s["grad_norm"] for s in r.steps if "grad_norm" in s] for r in runs[key]]
+            early = [max(g[:50]) if g else float("nan") for g in gn]
+            rows.append([d, "pre" if pre else "post", "100 steps" if warm else "none",
+                         mean_spread(final_val(runs[key])) + failed(runs[key]),
+                         mean_spread(early, ".2f"), mean_spread([sorted(g)[len(g) // 2] if g else float("nan") for g in gn], ".2f")])
+            if gn[0]:
+                w = max(1, len(gn[0]) // 60)  # a mean over windows of w steps, seed 0: readable curves
+                series[f"{'pre' if pre else 'post'}-norm, {'warmup' if warm else 'no warmup'}"] = \
+                    [(i + w / 2, sum(gn[0][i:i + w]) / len(gn[0][i:i + w])) for i in range(0, len(gn[0]), w)]
+        panels.append(dict(title=f"{d} layers", xlabel="step", ylabel="grad norm before clipping", series=series, logy=True))
+    ln_key = f"pre-d{mid}-warm"
+    loss_rows = [["LayerNorm", mean_spread(final_val(runs[ln_key])) + failed(runs[ln_key])],
+                 ["RMSNorm", mean_spread(final_val(runs[rms_key])) + failed(runs[rms_key])]]
+    body = f"""
+Xiong et al. (2020, "On Layer Normalization in the Transformer Architecture") show that the original
+post-norm Transformer (Vaswani et al. 2017) has large gradients near the output at initialisation and needs a
+learning-rate warmup, more so as depth grows, while pre-norm (GPT-2) trains without one. Here: both placements
+at depth {', '.join(map(str, depths))}, with a 100-step warmup and without, at one learning rate ({lr}, 3x the default,
+fixed before running), gradient clipping at 1.0 as in every run of train.py (the recorded norm is the one
+before clipping). Tiny Shakespeare, characters, width 64, 4 heads, context 64, batch 12, 600 steps, LayerNorm,
+{len(runs[ln_key])} seed(s).
+
+{table(["layers", "norm", "warmup", "final val loss", "largest grad norm, first 50 steps", "median grad norm"], rows)}
+
+LayerNorm against RMSNorm (Zhang & Sennrich 2019: same quality, 7-64% faster in their RNN and Transformer
+runs), pre-norm, {mid} layers, warmup, same setup:
+
+{table(["norm", "final val loss"], loss_rows)}
+
+Speed of the norm alone (forward + backward, float32, one thread, CPU time of this process, median of
+interleaved rounds; the model's RMSNorm calls F.rms_norm):
+
+{norm_speed(lab.quick)}
+
+What this shows: final losses and gradient norms of each placement at this learning rate and depth, and the
+measured cost of each norm on this CPU (where torch has a fused LayerNorm kernel and F.rms_norm is composed of
+elementwise ops: a per-op comparison, not a claim about fused GPU kernels). What it does not show: other
+learning rates, or depths beyond 12.
+
+<!-- lead: interpretation -->
+"""
+    lab.page("Norms: pre- vs post-norm with depth and warmup; LayerNorm vs RMSNorm", body, svg_lines(panels, cols=3))
+
+
+EXPERIMENTS["norms"] = norms
+
+
+@torch.no_grad()
+def decode_ms(kv_heads, contexts, quick):
+    """Next-token time against a KV cache of each context, batch 1, 8 query heads of 32, 4 layers,
+    side by side in CPU time; random weights (time does not depend on them)."""
+    from bench import timed_rounds
+    import model_transformer
+    fns = {}
+    for K in kv_heads:
+        torch.manual_seed(0)
+        m = model_transformer.Model(model_transformer.Config(vocab_size=65, d_model=256, n_layer=4, n_head=8, n_kv_head=K,
+                                                             block_size=max(contexts) + 1)).eval()
+        for ctx in contexts:
+            cache = m.new_cache(1, max_len=ctx + 1)
+            m(torch.randint(0, 65, (1, ctx)), cache=cache)  # prefill
+
+            def step(m=m, cache=cache):
+                m(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+                cache.len -= 1  # stay at ctx: every call times the same step
+            fns[K, ctx] = step
+    secs = timed_rounds(fns, rounds=2 if quick else 5, steps=2 if quick else 10, clock=time.process_time)
+    return {k: 1000 * s for k, s in secs.items()}
+
+
+def attention_memory(quick):
+    """Peak extra resident memory and time of causal attention fwd+bwd (B=1, fp32): the explicit formula
+    (kernels.attention_ref) against the tiled path (kernels.attention on the CPU: torch's SDPA flash
+    kernel), sweeping T, then the head dim D, then the number of heads H. Uses bench.peak_rss_mib."""
+    import kernels
+    from bench import peak_rss_mib, timed_rounds
+    paths = {"explicit": lambda q, k, v: kernels.attention_ref(q, k, v, causal=True),
+             "tiled": lambda q, k, v: kernels.attention(q, k, v, causal=True, impl="torch")}
+    if quick:
+        sweeps = [("T", [(4, 128, 32), (4, 256, 32)]), ("D", [(4, 256, 16), (4, 256, 64)]), ("H", [(1, 256, 32), (4, 256, 32)])]
+    else:
+        sweeps = [("T", [(4, T, 64) for T in (512, 1024, 2048)]), ("D", [(4, 1024, D) for D in (16, 64, 256)]),
+                  ("H", [(H, 1024, 64) for H in (1, 4, 16)])]
+    for fn in paths.values():  # warm-up: one-time allocations are not the method's
+        q, k, v = (torch.randn(1, 2, 64, 16, requires_grad=True) for _ in range(3))
+        fn(q, k, v).sum().backward()
+    rows = []
+    for what, shapes in sweeps:
+        for H, T, D in shapes:
+            gen = torch.Generator().manual_seed(0)
+            q, k, v, do = (torch.randn(1, H, T, D, generator=gen) for _ in range(4))
+            q, k, v = (x.requires_grad_() for x in (q, k, v))
+            step = {name: (lambda fn=fn: torch.autograd.grad(fn(q, k, v), (q, k, v), do)) for name, fn in paths.items()}
+            mib = {name: min(peak_rss_mib(s)[0] for _ in range(2)) for name, s in step.items()}  # lower of two
+            secs = timed_rounds(step, rounds=2 if quick else 3, steps=1, clock=time.process_time)
+            with torch.no_grad():
+                diff = (paths["explicit"](q, k, v) - paths["tiled"](q, k, v)).abs().max().item()
+            rows.append([what, H, T, D, f"{H * T * T * 4 / 2**20:.1f}", f"{mib['explicit']:.0f}", f"{mib['tiled']:.0f}",
+                         f"{1e3 * secs['explicit']:.0f}", f"{1e3 * secs['tiled']:.0f}", f"{diff:.1e}"])
+    return table(["sweep", "H", "T", "D", "one (H,T,T) fp32 matrix MiB", "explicit peak MiB", "tiled peak MiB",
+                  "explicit CPU ms", "tiled CPU ms", "max abs difference of outputs"], rows)
+
+
+def attention(lab):
+    """MHA / GQA / MQA: KV cache, decode speed, loss; FlashAttention memory against T, D, H; speed, exactness."""
+    heads = [(4, "MHA 4:4"), (2, "GQA 4:2"), (1, "MQA 4:1")]
+    train_args = SHAKESPEARE + ["--max_iters=1000", "--eval_interval=250"]
+    runs = seeded(lab, [(f"kv{K}", train_args + [f"--n_kv_head={K}"]) for K, _ in heads])
+    contexts = (256, 1024) if lab.quick else (1024, 4096)
+    ms = decode_ms([K * 2 for K, _ in heads], contexts, lab.quick)  # 8 query heads: 8, 4, 2 K/V heads
+    rows = []
+    for K, label in heads:
+        m = model_of(train_args + [f"--n_kv_head={K}"], lab.quick)
+        rows.append([label + failed(runs[f"kv{K}"]), mean_spread(final_val(runs[f"kv{K}"])), f"{m.num_params():,}",
+                     f"{kv_bytes_per_token(m):,}"])
+    decode_rows = [[f"{8}:{2 * K} ({label.split()[0]})", *(f"{ms[2 * K, c]:.2f}" for c in contexts)] for K, label in heads]
+    mem = attention_memory(lab.quick)
+    body = f"""
+Multi-query attention (Shazeer 2019) and grouped-query attention (Ainslie et al. 2023) let groups of query
+heads share one key/value head: the KV cache shrinks by n_head / n_kv_head and decoding, which reads the whole
+cache for every new token, gets faster; Ainslie et al. report GQA close to MHA in quality and MQA a little
+worse. FlashAttention (Dao et al. 2022) computes the same attention tile by tile without storing the T x T
+matrix of scores, so its memory grows linearly in T; the explicit formula stores (H, T, T) scores and
+probabilities, which grow with heads x T², not with the head dim (the course text's O(n²·d) is wrong on this).
+
+Trained at the default modern recipe on tiny Shakespeare (characters, config/shakespeare_char.py), equal query
+heads (4), {runs['kv4'][0].final.get('iter', '?')} iterations, {len(runs['kv4'])} seed(s); KV cache in float32 bytes per
+token of context (all layers):
+
+{table(["attention", "val loss", "parameters", "KV cache bytes/token"], rows)}
+
+Decode: time for the next token against a KV cache of the given context, batch 1, d_model 256, 4 layers,
+8 query heads, random weights, all variants side by side in this process (CPU time, median of interleaved
+rounds):
+
+{table(["query : K/V heads", *[f"ms/token at {c}" for c in contexts]], decode_rows)}
+
+Attention alone, causal, forward + backward, B = 1, float32: peak resident memory above the memory before the
+call (Linux VmHWM; bench.peak_rss_mib, lower of two runs), CPU time (median of interleaved rounds), and the
+largest difference between the two outputs. One sweep at a time: T, then D, then H.
+
+{mem}
+
+What this shows: the KV cache and decode cost of each variant (bytes are arithmetic, times are measured side by
+side), their loss at one small budget, and on this CPU how attention memory and time scale with T, D and H for
+the explicit formula and the tiled kernel. What it does not show: GPU kernels (see bench.py attention), or
+quality at scale, where the head count matters more.
+
+<!-- lead: interpretation -->
+"""
+    panels = [dict(title="decode: next token after a context", xlabel="context (tokens)", ylabel="CPU ms/token",
+                   series={f"8:{2 * K} K/V heads": [(c, ms[2 * K, c]) for c in contexts] for K, _ in heads}, logx=True)]
+    lab.page("Attention: MHA, GQA, MQA and FlashAttention", body, svg_lines(panels, cols=1))
+
+
+EXPERIMENTS["attention"] = attention
+
 # ----------------------------------------------------------------------------- main
 
 DEFAULT_SEEDS = 2
