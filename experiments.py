@@ -213,7 +213,9 @@ EXPERIMENTS = {}  # name: function; the first line of its docstring is its --hel
 # Shared by these four: runs are labelled NAME-sSEED; seeds start at 0; quick mode is one seed of a
 # tiny model for a handful of steps (it checks the code path, not the claim).
 
-QUICK_SHAPE = ["--d_model=32", "--n_layer=1", "--n_head=4", "--block_size=32", "--batch_size=4", "--max_iters=6",
+# quick mode trains on the built-in corpus (its windows are as good as any for a code-path check), so the test
+# suite needs no download
+QUICK_SHAPE = ["--dataset=pydoc", "--d_model=32", "--n_layer=1", "--n_head=4", "--block_size=32", "--batch_size=4", "--max_iters=6",
                "--eval_interval=6", "--eval_iters=1", "--warmup_iters=2", "--log_interval=6"]
 SHAKESPEARE = ["config/shakespeare_char.py"]
 GPT2 = ["config/shakespeare_char.py", "config/gpt2_style.py"]
@@ -357,7 +359,7 @@ def positions(lab):
     train_args = SHAKESPEARE + ["--max_iters=1200", "--eval_interval=400", "--n_kv_head=4"]
     runs = seeded(lab, [(key, train_args + [f"--pos={key}"]) for key, _ in schemes])
     from train import TextData
-    val = TextData({"dataset": "shakespeare_char", "data_dir": lab.data_dir, "tokenizer": ""}).val
+    val = TextData({"dataset": "pydoc" if lab.quick else "shakespeare_char", "data_dir": lab.data_dir, "tokenizer": ""}).val
     T = model_of(train_args, lab.quick).config.block_size
     n_windows = 16 if lab.quick else 128
     gen = torch.Generator().manual_seed(0)  # the same windows for every model

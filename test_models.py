@@ -1234,3 +1234,97 @@ def test_synthetic_compare_py_writes_table_and_picture(tmp_path):
     assert svg.count("<polyline") == 2 and ">pydoc<" in svg and ">induction<" in svg
     bad = run("compare.py", "--models=rnn", f"--out_dir={tmp_path}")
     assert bad.returncode == 2 and "unknown model 'rnn'" in bad.stderr
+
+
+# ---- model features measured by experiments.py: ReLU FFN, sinusoidal scale, RoPE scaling
+
+
+def test_relu_ffn_is_the_original_transformers():
+    m = tiny_transformer(ffn="relu", pos="learned", norm="layernorm")
+    mlp = m.blocks[0].ffn
+    assert isinstance(mlp, model_transformer.MLP) and m.config.d_ff == 4 * m.config.d_model
+    x = torch.randn(2, 5, 48)
+    torch.testing.assert_close(mlp(x), mlp.out_proj(F.relu(mlp.fc(x))), atol=0, rtol=0)
+    assert m.num_params() == tiny_transformer(ffn="gelu", pos="learned", norm="layernorm").num_params()
+    moe = model_moe.Model(model_moe.Config(vocab_size=61, block_size=40, d_model=48, n_layer=2, n_head=4, ffn="relu",
+                                           n_expert=4))
+    h = torch.randn(7, moe.config.d_expert)
+    torch.testing.assert_close(moe.blocks[0].ffn.act(h), F.relu(h), atol=0, rtol=0)
+
+
+def test_sinusoidal_table_is_on_the_token_embeddings_scale():
+    """Amplitude 1 against embeddings of std 0.02 drowns the tokens: the table is scaled to their RMS."""
+    m = tiny_transformer(pos="sinusoidal")
+    table_rms = m.sinusoids.pow(2).mean().sqrt().item()
+    token_rms = m.wte.weight.pow(2).mean().sqrt().item()
+    assert 0.8 < table_rms / token_rms < 1.25
+    torch.testing.assert_close(m.sinusoids / m.sinusoids[1:2].norm(), model_transformer.sinusoids(40, 48)
+                               / model_transformer.sinusoids(40, 48)[1:2].norm())  # the same table, only scaled
+
+
+def test_rope_scaling_none_is_plain_rope_and_pi_divides_positions():
+    D, theta, s = 12, 10000.0, 4.0
+    plain = tiny_transformer(n_head=4)  # head dim 48 / 4 = 12
+    pos = torch.arange(40)
+    angle = pos[:, None].double() * theta ** (-torch.arange(0, D, 2).double() / D)  # the formula of Su et al.
+    cos, sin = plain.rope(pos)
+    torch.testing.assert_close(cos[:, 0].double(), angle.cos(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(sin[:, 0].double(), angle.sin(), atol=1e-5, rtol=0)
+    pi = tiny_transformer(rope_scaling="pi", rope_factor=s)
+    for got, want in zip(pi.rope(pos), plain.rope(pos / s)):  # PI at factor s = RoPE at positions / s
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    ntk = tiny_transformer(rope_scaling="ntk", rope_factor=s)
+    assert ntk.inv_freq[0] == plain.inv_freq[0]  # the fastest rotation as trained
+    torch.testing.assert_close(ntk.inv_freq[-1], plain.inv_freq[-1] / s)  # the slowest s times slower
+    idx = torch.randint(0, 61, (2, 40))
+    for scaling in ("pi", "ntk"):  # factor 1 changes nothing
+        same = tiny_transformer(rope_scaling=scaling, rope_factor=1.0)
+        torch.testing.assert_close(same(idx)[0], plain(idx)[0], atol=0, rtol=0)
+    for kw in (dict(rope_scaling="yarn"), dict(rope_factor=0.0)):
+        with pytest.raises(ValueError):
+            model_transformer.Config(**kw)
+
+
+@pytest.mark.parametrize("module", [model_transformer, model_moe], ids=["transformer", "moe"])
+def test_rope_scaled_model_runs_at_4x_the_trained_length(module):
+    torch.manual_seed(0)
+    shape = dict(vocab_size=61, d_model=32, n_layer=2, n_head=4, **(dict(n_expert=4) if module is model_moe else {}))
+    trained = module.Model(module.Config(**shape, block_size=16)).eval()
+    idx = torch.randint(0, 61, (2, 64))
+    first = trained(idx[:, :16])[0]
+    for scaling in ("none", "pi", "ntk"):
+        long = module.Model(module.Config(**shape, block_size=64, rope_scaling=scaling, rope_factor=4.0)).eval()
+        long.load_state_dict(trained.state_dict())  # no new weights: scaling is applied at evaluation
+        logits, loss = long(idx, idx)
+        assert logits.shape == (2, 64, 61) and torch.isfinite(loss)
+        if scaling == "none":  # causal, same angles: the first 16 positions are the trained model's
+            torch.testing.assert_close(logits[:, :16], first)
+
+
+def test_moe_copies_the_new_transformer_features():
+    src = inspect.getsource
+    assert src(model_moe.MLP) == src(model_transformer.MLP)
+    assert src(model_moe.Model.rope) == src(model_transformer.Model.rope)
+
+
+# ---- experiments.py: each experiment's quick mode writes a page with its table and a parseable SVG
+
+
+@pytest.mark.parametrize("name, rows", [
+    ("ladder", ["ReLU FFN (original Transformer)", "GPT-2 style (learned, LayerNorm, GELU, MHA)",
+                "+ ... + GQA 4:2 (the modern default)", "+ ... + MQA 4:1"]),
+    ("positions", ["learned (GPT-2)", "RoPE", "RoPE + position interpolation (PI)", "RoPE + NTK-aware scaling", "ALiBi"]),
+    ("norms", ["2 | pre | 100 steps", "2 | post | none", "LayerNorm", "RMSNorm", "64 x 128", "256 x 512"]),
+    ("attention", ["MHA 4:4", "GQA 4:2", "MQA 4:1", "8:8 (MHA)", "8:2 (MQA)", "T | 4 | 256", "D | 4 | 256 | 64", "H | 1 |"]),
+])
+def test_experiment_quick_page(name, rows, tmp_path, data_dir):
+    import xml.etree.ElementTree as ET
+    r = run("experiments.py", name, "--quick", f"--out={tmp_path}", f"--data_dir={data_dir}", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    page = (tmp_path / f"{name}.md").read_text()
+    assert ET.parse(tmp_path / f"{name}.svg").getroot().tag.endswith("svg")
+    cells = [line for line in page.splitlines() if line.startswith("| ")]
+    for row in rows:
+        assert any(line.startswith(f"| {row}") for line in cells), (row, cells)
+    assert "FAILED" not in page and f"python experiments.py {name} --quick" in page
+    assert all("nan" not in line for line in cells), cells
