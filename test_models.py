@@ -1313,6 +1313,7 @@ def test_moe_copies_the_new_transformer_features():
 @pytest.mark.parametrize("name, rows", [
     ("ladder", ["ReLU FFN (original Transformer)", "GPT-2 style (learned, LayerNorm, GELU, MHA)",
                 "+ ... + GQA 4:2 (the modern default)", "+ ... + MQA 4:1"]),
+    ("ladder_alone", ["GPT-2 style (learned, LayerNorm, GELU, MHA)", "+ SwiGLU only", "+ MQA 4:1 only"]),
     ("positions", ["learned (GPT-2)", "RoPE", "RoPE + position interpolation (PI)", "RoPE + NTK-aware scaling", "ALiBi"]),
     ("norms", ["2 | pre | 100 steps", "2 | post | none", "LayerNorm", "RMSNorm", "64 x 128", "256 x 512"]),
     ("attention", ["MHA 4:4", "GQA 4:2", "MQA 4:1", "8:8 (MHA)", "8:2 (MQA)", "T | 4 | 256", "D | 4 | 256 | 64", "H | 1 |"]),
