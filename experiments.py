@@ -229,6 +229,11 @@ def seeded(lab, configs):
     return {key: [runs[f"{key}-s{s}"] for s in range(seeds)] for key, _ in configs}
 
 
+def quick_note(lab):
+    return ("\n**Quick mode**: a code-path check on the built-in corpus (`--dataset=pydoc`), a tiny model and a few "
+            "steps, one seed: these numbers say nothing about the claim.\n" if lab.quick else "")
+
+
 def final_val(runs):
     """Final val loss of each seed; a failed run is nan (shown, never dropped)."""
     return [r.final.get("val_loss", float("nan")) if r.ok else float("nan") for r in runs]
@@ -309,7 +314,7 @@ def ladder_page(lab, steps, title, order):
     m = models["gpt2"].config
     shape = f"{m.n_layer} layers, {m.n_head} heads, width {m.d_model}, context {m.block_size}"
     n_iter = runs["gpt2"][0].final.get("iter", "?")
-    body = f"""
+    body = quick_note(lab) + f"""
 Does each change from GPT-2 (Radford et al. 2019) to the LLaMA recipe (Touvron et al. 2023) lower the
 loss at a fixed budget, and what does it cost? The changes: rotary positions (RoPE, Su et al. 2021), RMSNorm
 (Zhang & Sennrich 2019), the SwiGLU feed-forward (Shazeer 2020, which reports lower perplexity than ReLU
@@ -410,7 +415,7 @@ def positions(lab):
             curves[label] = [((i + 0.5) * bucket, mean[i:i + bucket].mean().item()) for i in range(0, mean.numel(), bucket)]
     header = ["positions", f"1x: 0..{T - 1}", f"2x: 0..{T - 1}", f"2x: {T}..{2 * T - 1}", f"4x: 0..{T - 1}",
               f"4x: {T}..{4 * T - 1}"]
-    body = f"""
+    body = quick_note(lab) + f"""
 How well does each position scheme work at the trained context T = {T}, and past it? Press et al. (2021,
 ALiBi) report that sinusoidal and rotary positions degrade quickly beyond the training length while ALiBi
 extrapolates; learned absolute positions (GPT-2) have no embedding past T at all. Models without positional
@@ -497,7 +502,7 @@ def norms(lab):
     ln_key = f"pre-d{mid}-warm"
     loss_rows = [["LayerNorm", mean_spread(final_val(runs[ln_key])) + failed(runs[ln_key])],
                  ["RMSNorm", mean_spread(final_val(runs[rms_key])) + failed(runs[rms_key])]]
-    body = f"""
+    body = quick_note(lab) + f"""
 Xiong et al. (2020, "On Layer Normalization in the Transformer Architecture") show that the original
 post-norm Transformer (Vaswani et al. 2017) has large gradients near the output at initialisation and needs a
 learning-rate warmup, more so as depth grows, while pre-norm (GPT-2) trains without one. Here: both placements
@@ -601,7 +606,7 @@ def attention(lab):
                      f"{kv_bytes_per_token(m):,}"])
     decode_rows = [[f"{8}:{2 * K} ({label.split()[0]})", *(f"{ms[2 * K, c]:.2f}" for c in contexts)] for K, label in heads]
     mem = attention_memory(lab.quick)
-    body = f"""
+    body = quick_note(lab) + f"""
 Multi-query attention (Shazeer 2019) and grouped-query attention (Ainslie et al. 2023) let groups of query
 heads share one key/value head: the KV cache shrinks by n_head / n_kv_head and decoding, which reads the whole
 cache for every new token, gets faster; Ainslie et al. report GQA close to MHA in quality and MQA a little
