@@ -255,6 +255,7 @@ def model_of(args, quick):
 def cpu_ms_per_step(models, quick, batch_size=12):
     """Training step (forward, backward, AdamW) of each model side by side in this process, rounds
     interleaved, CPU time of this process: the shared machine disturbs that far less than wall time."""
+    torch.set_num_threads(1)  # one thread, like the training runs: side-by-side times on one core
     from bench import timed_rounds, train_step
     steps = {k: train_step(m, batch_size, m.config.block_size, 65) for k, m in models.items()}
     secs = timed_rounds(steps, rounds=2 if quick else 5, steps=1 if quick else 5, clock=time.process_time)
@@ -449,6 +450,7 @@ EXPERIMENTS["positions"] = positions
 def norm_speed(quick):
     """Forward + backward of the norm alone at a few (tokens, width) shapes, side by side in CPU time;
     and how far the written-out RMSNorm formula is from F.rms_norm (float32)."""
+    torch.set_num_threads(1)  # one thread, like the training runs: side-by-side times on one core
     from bench import timed_rounds
     shapes = [(64, 128), (256, 512)] if quick else [(768, 128), (2048, 512), (4096, 1024)]
     rows = []
@@ -540,6 +542,7 @@ EXPERIMENTS["norms"] = norms
 def decode_ms(kv_heads, contexts, quick):
     """Next-token time against a KV cache of each context, batch 1, 8 query heads of 32, 4 layers,
     side by side in CPU time; random weights (time does not depend on them)."""
+    torch.set_num_threads(1)  # one thread, like the training runs: side-by-side times on one core
     from bench import timed_rounds
     import model_transformer
     fns = {}
@@ -563,6 +566,7 @@ def attention_memory(quick):
     """Peak extra resident memory and time of causal attention fwd+bwd (B=1, fp32): the explicit formula
     (kernels.attention_ref) against the tiled path (kernels.attention on the CPU: torch's SDPA flash
     kernel), sweeping T, then the head dim D, then the number of heads H. Uses bench.peak_rss_mib."""
+    torch.set_num_threads(1)  # one thread, like the training runs: side-by-side times on one core
     import kernels
     from bench import peak_rss_mib, timed_rounds
     paths = {"explicit": lambda q, k, v: kernels.attention_ref(q, k, v, causal=True),
