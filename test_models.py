@@ -1113,7 +1113,7 @@ def synthetic_opts(task, **kw):
 
 SMALL_TASKS = {  # small instances: (options, block_size)
     "selective_copy": (dict(task_vocab=5, copy_tokens=3), 14),
-    "induction": (dict(task_vocab=6), 8),
+    "induction": (dict(task_vocab=6, induction_queries=2), 12),
     "mqar": (dict(task_vocab=5, mqar_pairs=3, mqar_queries=3), 14),
 }
 
@@ -1131,9 +1131,13 @@ def synthetic_oracle(task, x, o):
             for j, t in enumerate(data[:len(row) - go]):
                 p[go + j] = t
         elif task == "induction":
-            key, bang = row[-1], len(row) - 2
-            assert row[bang] == 0 and row[:bang].count(key) == 1  # '!', and the key occurs once before it
-            p[-1] = row[row.index(key) + 1]
+            Q = o["induction_queries"]
+            body = len(row) + 1 - 3 * Q
+            assert [row[t] for t in range(body, len(row), 3)] == [0] * Q  # '!' before each question
+            for t in range(body + 1, len(row), 3):
+                key = row[t]
+                assert row[:body].count(key) == 1  # the key occurs once before the questions
+                p[t] = row[row.index(key) + 1]
         else:
             P = o["mqar_pairs"]
             pairs = dict(zip(row[0:2 * P:2], row[1:2 * P:2]))
@@ -1161,8 +1165,8 @@ def test_synthetic_oracle_scores_100_percent_and_only_answers_are_scored(task):
     kw, T = SMALL_TASKS[task]
     o = synthetic_opts(task, **kw)
     data = train.SynthData(o)
-    answers = {"selective_copy": o["copy_tokens"], "induction": 1, "mqar": o["mqar_queries"]}[task]
-    shortest = {"selective_copy": 6, "induction": 4, "mqar": 11}[task]
+    answers = {"selective_copy": o["copy_tokens"], "induction": o["induction_queries"], "mqar": o["mqar_queries"]}[task]
+    shortest = {"selective_copy": 6, "induction": 9, "mqar": 11}[task]
     data.check(shortest)
     with pytest.raises(train.UsageError, match="needs block_size >="):
         data.check(shortest - 1)
@@ -1174,9 +1178,35 @@ def test_synthetic_oracle_scores_100_percent_and_only_answers_are_scored(task):
         assert torch.equal(synthetic_oracle(task, x, o), y)
 
 
+def no_recall_guess(task, row, o):
+    """The no-recall rule of each task, from one sequence by hand (ties: the smallest symbol)."""
+    if task == "induction":
+        keys = {row[t + 1] for t in range(len(row) - 1) if row[t] == 0}
+        return min(set(range(1, o["task_vocab"] + 1)) - keys)
+    data = row[1:2 * o["mqar_pairs"]:2] if task == "mqar" else [t for t in row[:row.index(1)] if t != 0]
+    return max(sorted(set(data)), key=data.count)
+
+
+@pytest.mark.parametrize("task", train.SYNTHETIC)
+def test_synthetic_baseline_equals_the_rule_computed_by_hand(task):
+    kw, T = SMALL_TASKS[task]
+    o = synthetic_opts(task, **kw)
+    data = train.SynthData(o)
+    x, y = data.batch("val", 200, T, torch.Generator().manual_seed(3))
+    by_hand = torch.tensor([no_recall_guess(task, row, o) for row in x.tolist()])
+    assert torch.equal(data.guess(x), by_hand)
+    right = sum(by_hand[b].item() == t for b, row in enumerate(y.tolist()) for t in row if t != -1)
+    if task == "induction":  # the value is uniform over the non-keys: any fixed non-key is right that often
+        assert abs(right / (y != -1).sum().item() - 1 / (kw["task_vocab"] - kw["induction_queries"])) < 0.05
+    big_x, big_y = train.SynthData(synthetic_opts(task)).batch("val", 2000, 64, torch.Generator().manual_seed(4))
+    if task != "induction":  # the bag rule at 8 of 16 symbols: E[largest count] / 8 = 0.258
+        g = train.SynthData(synthetic_opts(task)).guess(big_x)
+        assert abs((g[:, None] == big_y)[big_y != -1].float().mean().item() - 0.258) < 0.015
+
+
 @pytest.mark.parametrize("task", train.SYNTHETIC)
 def test_synthetic_tasks_are_learned_above_chance(task):
-    kw, T = SMALL_TASKS[task]
+    kw, T = SMALL_TASKS[task] if task != "induction" else (dict(task_vocab=6, induction_queries=1), 8)  # one key: quick
     data = train.SynthData(synthetic_opts(task, **kw))
     torch.manual_seed(0)
     m = model_transformer.Model(model_transformer.Config(vocab_size=data.vocab_size, block_size=T, d_model=32,
@@ -1196,13 +1226,15 @@ def test_synthetic_tasks_are_learned_above_chance(task):
 
 
 def test_synthetic_train_py_reports_accuracy_extrapolation_and_samples_words(tmp_path):
-    args = [*TINY, "--dataset=induction", "--task_vocab=6", "--block_size=8", "--max_iters=4", "--eval_interval=2"]
+    args = [*TINY, "--dataset=induction", "--task_vocab=6", "--induction_queries=1", "--block_size=8", "--max_iters=4",
+            "--eval_interval=2"]
     r = run("train.py", *args, f"--out_dir={tmp_path / 'rope'}")
     assert r.returncode == 0, r.stderr
-    assert "chance accuracy 0.167" in r.stdout and "| val_acc " in r.stdout and "| val_acc_4x " in r.stdout
+    assert "chance 0.167" in r.stdout and "| val_acc " in r.stdout and "| val_acc_4x " in r.stdout
     rows = [json.loads(l) for l in (tmp_path / "rope" / "metrics.jsonl").read_text().splitlines()]
     evals = [row for row in rows if "val_loss" in row]
     assert len(evals) == 3 and all(0 <= e["val_acc"] <= 1 and 0 <= e["val_acc_4x"] <= 1 for e in evals)
+    assert all(e["val_baseline"] == evals[0]["val_baseline"] and 0 < e["val_baseline"] < 1 for e in evals)
     r = run("train.py", *args, "--pos=learned", f"--out_dir={tmp_path / 'learned'}")  # no rows for 4x positions
     assert r.returncode == 0, r.stderr
     assert "no val_acc_4x, the weights do not fit" in r.stdout and "val_acc_4x" not in (tmp_path / "learned" / "metrics.jsonl").read_text()
@@ -1216,7 +1248,8 @@ def test_synthetic_bad_options(tmp_path):
     r = run("train.py", "--dataset=selective_copy", "--copy_tokens=40", "--block_size=64", f"--out_dir={tmp_path}")
     assert r.returncode == 2 and r.stderr.strip() == "error: selective_copy needs block_size >= 2 * copy_tokens = 80, got 64"
     for kw, message in [(dict(task_vocab=1), "task_vocab must be >= 2"), (dict(mqar_queries=0), "positive"),
-                        (dict(dataset="mqar", mqar_pairs=20), "needs as many distinct keys"), (dict(extrapolate=-1), "extrapolate")]:
+                        (dict(dataset="mqar", mqar_pairs=20), "needs as many distinct keys"), (dict(extrapolate=-1), "extrapolate"),
+                        (dict(dataset="induction", induction_queries=16), "less than task_vocab")]:
         with pytest.raises(train.UsageError, match=message):
             train.parse_args([f"--{k}={v}" for k, v in kw.items()])
 
