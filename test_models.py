@@ -1254,16 +1254,75 @@ def test_synthetic_bad_options(tmp_path):
             train.parse_args([f"--{k}={v}" for k, v in kw.items()])
 
 
-def test_synthetic_compare_py_writes_table_and_picture(tmp_path):
-    r = run("compare.py", "--quick", "--models=transformer", "--datasets=pydoc,induction", "--max_iters=4", "--context=64",
-            "--jobs=1", f"--out_dir={tmp_path}", f"--data_dir={tmp_path / 'data'}", timeout=240)
+# ---- experiments
+
+
+def quick_experiment(name, tmp_path):
+    """experiments.py NAME --quick into tmp_path: the page, its picture (parsed) and the page's table rows."""
+    import xml.etree.ElementTree as ET
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "tinyshakespeare.txt").write_text(train.builtin_text()[:300_000])  # a stand-in: no network in tests
+    r = run("experiments.py", name, "--quick", "--seeds=1", f"--out={tmp_path}", f"--data_dir={data}", timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    report = (tmp_path / "results.md").read_text()
-    assert "| transformer | 64 x 2 |" in report and "decode tok/s @64" in report  # the cost table
-    row = next(l for l in report.splitlines() if l.startswith("| transformer |") and "x 2" not in l)
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert len(cells) == 5 and all(0 <= float(c) < 10 for c in cells[1:])  # 2 losses, induction acc, acc at 4x
-    svg = (tmp_path / "val_loss.svg").read_text()
-    assert svg.count("<polyline") == 2 and ">pydoc<" in svg and ">induction<" in svg
-    bad = run("compare.py", "--models=rnn", f"--out_dir={tmp_path}")
-    assert bad.returncode == 2 and "unknown model 'rnn'" in bad.stderr
+    page = (tmp_path / f"{name}.md").read_text()
+    assert ET.parse(tmp_path / f"{name}.svg").getroot().tag.endswith("svg")
+    assert f"![{name}]({name}.svg)" in page and "python train.py" in page
+    return page, [[c.strip() for c in l.strip("|").split("|")] for l in page.splitlines() if l.startswith("| ")]
+
+
+def test_experiment_recall_quick(tmp_path):
+    page, rows = quick_experiment("recall", tmp_path)
+    for label in ("transformer", "hybrid Md Ad", "no-recall baseline"):
+        assert sum(r[0] == label for r in rows) == 2  # the task table and the MQAR sweep
+    sweep = next(r for r in rows if r[0] == "no-recall baseline" and len(r) == 3)  # 2 and 4 pairs
+    assert float(sweep[1].split()[0]) > float(sweep[2].split()[0]) > 0.2  # fewer values: the bag rule does better
+    svg = (tmp_path / "recall.svg").read_text()
+    assert svg.count("<polyline") == 3 and "key-value pairs" in svg
+
+
+def test_experiment_moe_quick(tmp_path):
+    page, rows = quick_experiment("moe", tmp_path)
+    table = {r[0]: r for r in rows}
+    assert {"dense", "MoE 8 x top-1", "MoE 16 x top-2, half-width"} <= table.keys()
+    dense_active, moe_active = (int(table[k][2].replace(",", "")) for k in ("dense", "MoE 8 x top-1"))
+    assert abs(moe_active - dense_active) < 0.05 * dense_active  # equal active parameters (plus the router)
+    assert 0 < float(table["MoE 8 x top-1"][7].split()[0]) <= 1 and table["dense"][7] == ""  # load entropy
+    assert (tmp_path / "moe.svg").read_text().count("<polyline") == 3 + 2 + 2
+
+
+def test_experiment_scaling_quick(tmp_path):
+    page, rows = quick_experiment("scaling", tmp_path)
+    assert sum(r[0] in ("2e+08", "6e+08") and len(r) == 5 for r in rows) == 6  # 2 budgets x 3 sizes
+    assert sum(r[0] in ("2e+08", "6e+08") and len(r) == 5 and r[1] in ("parabola", "best point (no minimum)")
+               for r in rows) == 2
+    assert "Fit: N_opt ∝ C^" in page and "20 tokens per parameter" in page
+
+
+def test_experiment_architectures_quick(tmp_path):
+    page, rows = quick_experiment("architectures", tmp_path)
+    for m in ("transformer", "moe", "mamba", "hybrid"):
+        cost, learned = [r for r in rows if r[0] == m]
+        assert cost[7].endswith("MiB") and float(cost[6].replace(",", "")) > 0  # decode speed and cache
+        assert len(learned) == 4 and 0 <= float(learned[3].split()[0]) <= 1  # pydoc and mqar loss, mqar acc
+    assert "decode tok/s @256" in page
+    assert (tmp_path / "architectures.svg").read_text().count("<polyline") == 8
+
+
+def test_experiment_fits_recover_known_curves():
+    import experiments
+    xs = [1, 2, 3, 4, 5]
+    a, b, c = experiments.fit_parabola(xs, [2 * (x - 3.3) ** 2 + 1 for x in xs])
+    assert abs(-b / (2 * a) - 3.3) < 1e-9 and abs(a - 2) < 1e-9
+    gen = torch.Generator().manual_seed(0)
+    cs = [1e11 * 3 ** i for i in range(4)]
+    noise = (1 + 0.01 * torch.randn(4, generator=gen)).tolist()
+    exponent, k = experiments.fit_power_law(cs, [7 * c ** 0.5 * e for c, e in zip(cs, noise)])
+    assert abs(exponent - 0.5) < 0.02 and 5 < k < 10
+
+
+def test_experiments_bad_input(tmp_path):
+    bad = run("experiments.py", "nope", f"--out={tmp_path}")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown experiment 'nope'")
+    bad = run("experiments.py", "recall", "--seeds=0", f"--out={tmp_path}")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
