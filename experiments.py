@@ -334,7 +334,7 @@ def fit_power_law(xs, ys):
 def architectures(lab):
     """the four models at matched active parameters and equal tokens: text and recall tasks, costs, decoding at long context"""
     import train
-    datasets = ["pydoc", *train.SYNTHETIC] if not lab.quick else ["pydoc", "mqar"]
+    datasets = ["pydoc", *train.SYNTHETIC] if not lab.quick else ["mqar"]
     run = dict(block_size=64, batch_size=16, max_iters=1200, eval_interval=100, eval_iters=10, lr=2e-3, min_lr=2e-4,
                warmup_iters=50)
     context, steps = (4096, 64) if not lab.quick else (256, 16)
@@ -342,7 +342,7 @@ def architectures(lab):
         run.update(max_iters=4, eval_interval=2, eval_iters=2, warmup_iters=2)
     archs = {"transformer": ("transformer", {}), "moe": ("moe", {}), "mamba": ("mamba", {}),
              "hybrid": ("hybrid", hybrid_fields("Md Me Ad Me"))}  # Jamba's block at a quarter of the depth
-    text = datasets[0]
+    text, synthetic = datasets[0], [ds for ds in datasets if ds in train.SYNTHETIC]
     vocabs = {ds: vocab_of(ds, lab.data_dir) for ds in datasets}
     sized = matched_archs(archs, vocabs[text], run["block_size"], 64, 2)  # sizes chosen on the text, kept for all
     runs = [(f"{ds}-{label}", [f"--model={m}", f"--dataset={ds}", *config_args({**run, **cfg}),
@@ -359,7 +359,7 @@ def architectures(lab):
         cost.append([label, shape, f"{params / 1e6:.3f}M", f"{active / 1e6:.3f}M", f"{flops / 1e6:.2f}",
                      f"{tok_s:,.0f}", f"{dec:,.0f}", f"{cache / 2**20:.2f} MiB"])
         row = [label] + [mean_spread([results[f"{ds}-{label}"].final.get("val_loss", float("nan"))]) for ds in datasets]
-        for ds in datasets[1:]:
+        for ds in synthetic:
             f = results[f"{ds}-{label}"].final
             row.append(f"{mean_spread([f.get('val_acc', float('nan'))])} ({mean_spread([f.get('val_baseline', float('nan'))])})")
         if "induction" in datasets:
@@ -367,14 +367,14 @@ def architectures(lab):
         learned.append(row)
         for ds in datasets:
             curves.setdefault(ds, {})[label] = [(e["tokens"], e["val_loss"]) for e in results[f"{ds}-{label}"].evals]
-    head = ["model"] + [f"{ds} val loss" for ds in datasets] + [f"{ds} acc (no-recall)" for ds in datasets[1:]] \
+    head = ["model"] + [f"{ds} val loss" for ds in datasets] + [f"{ds} acc (no-recall)" for ds in synthetic] \
         + (["induction acc @4x"] if "induction" in datasets else [])
     tokens = run["max_iters"] * run["batch_size"] * run["block_size"]
     body = (f"Every run: {run['max_iters']} iters x {run['batch_size']} x {run['block_size']} = {tokens / 1e6:.2f}M "
             f"training tokens, lr {run['lr']}, the same options for every model (nothing tuned per architecture). "
             f"Sizes: the Transformer at d_model 64 x 2 layers sets the active-parameter target on `{text}`; every "
             f"other model gets the width (and depth) nearest it, kept for all datasets. The hybrid is Jamba's block "
-            f"at a quarter of the depth, {' '.join(archs['hybrid'][1] and ['Md Me Ad Me'] or [])}.\n\n"
+            f"at a quarter of the depth, Md Me Ad Me.\n\n"
             f"Costs on `{text}` (decoding: batch 1, median of {steps} one-token steps after a {context - steps}-token "
             f"prefill, float32, random weights, {torch.get_num_threads()} thread(s), in this process after training):\n\n"
             + table(["model", "d_model x n_layer", "params", "active", "MFLOPs/token", "train tok/s",
@@ -386,12 +386,12 @@ def architectures(lab):
     lab.page("The architectures side by side", body, svg_lines(panels))
 
 
-RECALL_ARCHS = {  # label: (model file, fixed Config fields); the first sets the parameter target
-    "transformer": ("transformer", {}),
-    "moe": ("moe", {}),
-    "mamba": ("mamba", {}),
-    "hybrid Md Ad": ("hybrid", hybrid_fields("Md Ad")),  # Jamba's point: one attention layer among Mamba layers
-    "shared Md S Md S": ("hybrid", hybrid_fields("Md S Md S")),  # Zamba: one attention block, its weights used twice
+RECALL_ARCHS = {  # label: (model file, hybrid layer pattern); the first sets the parameter target
+    "transformer": ("transformer", None),
+    "moe": ("moe", None),
+    "mamba": ("mamba", None),
+    "hybrid Md Ad": ("hybrid", "Md Ad"),  # Jamba's point: one attention layer after a Mamba layer
+    "shared Md S Md S": ("hybrid", "Md S Md S"),  # Zamba: one attention block whose weights serve twice
 }
 
 
@@ -401,7 +401,7 @@ def recall(lab):
                warmup_iters=50, task_vocab=16)
     pairs = [2, 4, 8, 16]  # MQAR difficulty at a fixed width (8 queries each)
     tasks = {"selective_copy": {}, "induction": {}, **{f"mqar{p}": dict(mqar_pairs=p) for p in pairs}}
-    archs = dict(RECALL_ARCHS)
+    archs = {label: (m, hybrid_fields(pattern) if pattern else {}) for label, (m, pattern) in RECALL_ARCHS.items()}
     if lab.quick:
         run.update(block_size=32, max_iters=6, eval_interval=3, eval_iters=1, warmup_iters=2)
         pairs = [2, 4]
@@ -425,7 +425,9 @@ def recall(lab):
             results[names[name]].append(r)
     acc = lambda task, arch, key="val_acc": [r.final.get(key, float("nan")) for r in results.get((task, arch), [])]
     cell = lambda task, arch, key="val_acc": mean_spread(acc(task, arch, key), ".2f") if results.get((task, arch)) else "not run"
-    base = lambda task: mean_spread([sum(v) / len(v) for v in [[v for a in sized for v in acc(task, a, "val_baseline")]] if v], ".2f")
+    mean = lambda values: sum(values) / len(values) if values else float("nan")
+    base_of = lambda task: mean([v for a in sized for v in acc(task, a, "val_baseline")])  # same rule, every run
+    base = lambda task: mean_spread([base_of(task)], ".2f")
     vocab_params = {label: params_of(m, cfg, vocab, run["block_size"]) for label, (m, cfg) in sized.items()}
     head, rows = ["model", "d_model", "params (active)"], []
     cols = [t for t in tasks if not t.startswith("mqar")] + ["mqar8" if 8 in pairs else f"mqar{pairs[-1]}"]
@@ -454,10 +456,8 @@ def recall(lab):
               f"attention among the Mamba layers.\n\n" + table(["model"] + [f"{p} pairs" for p in pairs], sweep)
             + (f"\n\nNot run: {', '.join(missing)} (this model_hybrid has no `layers` pattern with a shared "
                f"block S)." if missing else ""))
-    series = {label: [(p, sum(acc(f"mqar{p}", label)) / max(1, len(acc(f"mqar{p}", label)))) for p in pairs]
-              for label in sized}
-    series["no-recall baseline"] = [(p, sum(v for a in sized for v in acc(f"mqar{p}", a, "val_baseline"))
-                                     / max(1, sum(len(acc(f"mqar{p}", a)) for a in sized))) for p in pairs]
+    series = {label: [(p, mean(acc(f"mqar{p}", label))) for p in pairs] for label in sized}
+    series["no-recall baseline"] = [(p, base_of(f"mqar{p}")) for p in pairs]
     picture = svg_lines([dict(title="MQAR at a fixed width", xlabel="key-value pairs", ylabel="answer accuracy",
                               series=series, logx=True)], cols=1, width=520)
     lab.page("Recall: selective copying, induction, MQAR", body, picture)
@@ -469,7 +469,7 @@ def moe(lab):
     # parameters, so "equal active parameters" is about the blocks, where MoE adds its experts. With GPT-2
     # BPE (50K vocabulary) the tied embedding alone would be 3.2M parameters at d_model 64, dwarfing the
     # feed-forward layers MoE multiplies, on a 338K-token corpus that a model of that size memorises.
-    run = dict(dataset="shakespeare_char", block_size=128, batch_size=16, max_iters=1500, eval_interval=150,
+    run = dict(dataset="shakespeare_char", block_size=128, batch_size=16, max_iters=2000, eval_interval=200,
                eval_iters=10, lr=2e-3, min_lr=2e-4, warmup_iters=100, d_model=64, n_layer=4, n_head=4)
     if lab.quick:
         run.update(block_size=32, batch_size=4, max_iters=4, eval_interval=2, eval_iters=1, warmup_iters=1,
@@ -528,8 +528,8 @@ def moe(lab):
 def scaling(lab):
     """a Chinchilla iso-FLOP mini-sweep: U-curves of loss against size at three budgets, N_opt against C"""
     import numpy as np
-    sizes = [(16, 2), (24, 2), (32, 3), (48, 3), (64, 4)]  # (d_model, n_layer), about 2.2x apart in parameters
-    budgets = [1e11, 3e11, 9e11]  # training FLOPs
+    sizes = [(16, 2), (24, 2), (32, 3), (48, 3), (64, 4), (96, 4)]  # (d_model, n_layer): 7K to 0.4M parameters
+    budgets = [2e11, 6e11, 1.8e12]  # training FLOPs; at ~20 tokens per parameter their optima are ~40K to ~120K
     run = dict(dataset="shakespeare_char", block_size=64, batch_size=32, eval_iters=20, lr=2e-3, min_lr=2e-4)
     if lab.quick:
         sizes, budgets = sizes[:3], [2e8, 6e8]
@@ -554,12 +554,13 @@ def scaling(lab):
         curves[f"C = {c:.0e}"] = [(n, loss) for n, loss, _ in pts]
         good = [(n, loss) for n, loss, _ in pts if loss == loss]
         a, b, c0 = fit_parabola([math.log10(n) for n, _ in good], [l for _, l in good]) if len(good) >= 3 else (0, 0, 0)
-        if a > 0:  # a minimum: Chinchilla's approach 2, a parabola in log N through each iso-FLOP curve
+        inside = a > 0 and min(n for n, _ in good) <= 10 ** (-b / (2 * a)) <= max(n for n, _ in good)
+        if inside:  # Chinchilla's approach 2: a parabola in log N through each iso-FLOP curve, its vertex
             n_opt, how = 10 ** (-b / (2 * a)), "parabola"
             l_opt = c0 - b * b / (4 * a)  # the loss at the vertex
-        else:
+        else:  # no minimum among the sizes: the grid does not bracket this budget's optimum
             n_opt, l_opt = min(good, key=lambda p: p[1]) if good else (float("nan"), float("nan"))
-            how = "best point (no minimum)"
+            how = "best point (no minimum)" if a <= 0 else "best point (vertex outside the sizes)"
         logs = np.log([info[s][0] for s in sizes]), np.log([info[s][2] for s in sizes])
         f_opt = math.exp(np.interp(math.log(n_opt), *logs)) if n_opt == n_opt else float("nan")
         d_opt = c / f_opt  # tokens at the optimum: the budget over the interpolated FLOPs per token
@@ -581,11 +582,11 @@ def scaling(lab):
             f"attention scores, PaLM's convention). N counts every parameter, the embedding included (65 x d_model, "
             f"tied with the output layer). Loss: validation, at the end.\n\n"
             + table(["C (FLOPs)", "N (params)", "steps", "tokens / N", "val loss"], rows)
-            + "\n\nThe optimum per budget (a parabola in log10 N through the five losses; its vertex):\n\n"
+            + f"\n\nThe optimum per budget (a parabola in log10 N through the {len(sizes)} losses; its vertex):\n\n"
             + table(["C (FLOPs)", "from", "N_opt", "D_opt (tokens)", "D_opt / N_opt"], fits)
             + f"\n\nFit: {law}. Hoffmann et al. (2022) find N_opt ∝ C^0.50 and about 20 tokens per parameter at "
-              f"10^18 to 10^24 FLOPs. This fit stands on three budgets of five points each, at 10^11 to 10^12 "
-              f"FLOPs with models of thousands of parameters, on a 1M-character corpus that the small models "
+              f"10^18 to 10^24 FLOPs. This fit stands on {len(budgets)} budgets of {len(sizes)} points each, at "
+              f"{budgets[0]:.0e} to {budgets[-1]:.0e} FLOPs with models of thousands of parameters, on a 1M-character corpus that the small models "
               f"see many times over (repeated data is worth less than new data), with one learning rate for all "
               f"sizes; at this scale the embedding and the attention-score FLOPs are a large share of N and C, "
               f"so how N is counted moves the optimum. Read it as the method at work, not as a measurement of "
