@@ -1323,6 +1323,16 @@ def test_experiment_fits_recover_known_curves():
     assert abs(exponent - 0.5) < 0.02 and 5 < k < 10
 
 
+@pytest.mark.parametrize("pattern", ["Md Ad", "Md Me Ad Me", "Md Me Md Me Ad Me Md Me"])
+def test_experiment_hybrid_patterns_build_that_stack(pattern):
+    import experiments
+    fields = experiments.hybrid_fields(pattern)
+    if "layers" in fields:
+        assert fields == {"layers": pattern}
+    else:  # a model_hybrid with the periodic attn_/moe_ fields: they must give the same stack
+        assert model_hybrid.Config(**fields).pattern == pattern
+
+
 def test_experiments_bad_input(tmp_path):
     bad = run("experiments.py", "nope", f"--out={tmp_path}")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown experiment 'nope'")
