@@ -14,8 +14,13 @@ GPT-2, Radford et al. 2019). The switches:
   positions   learned absolute (GPT-2), sinusoidal absolute (Vaswani), RoPE (Su et al. 2021:
               rotate q and k by an angle proportional to position), ALiBi (Press et al. 2021:
               a per-head linear penalty on distance added to the scores), or none.
-  ffn         GELU MLP with 4x hidden size (GPT-2) or SwiGLU (Shazeer 2020; LLaMA), whose three
-              matrices get a hidden size of about 8/3 d_model so the parameter count matches.
+              RoPE reaches past the trained length without retraining by rescaling its angles
+              at evaluation: position interpolation (PI, Chen et al. 2023) divides positions by
+              rope_factor; NTK-aware scaling raises the base instead, so the fast (local) rotations
+              stay as trained and only the slow ones are stretched (bloc97 2023; YaRN, Peng et al. 2023).
+  ffn         ReLU MLP (the original Transformer), GELU MLP (GPT-2), both with 4x hidden size, or
+              SwiGLU (Shazeer 2020; LLaMA), whose three matrices get a hidden size of about 8/3
+              d_model so the parameter count matches.
   norm        LayerNorm or RMSNorm (Zhang & Sennrich 2019); pre-norm (GPT-2 onwards, norm
               inside the residual branch) or post-norm (the original paper, norm after the add).
 
@@ -43,20 +48,24 @@ class Config:
     n_head: int = 4
     n_kv_head: int = 2  # n_head: MHA, 1: MQA, between: GQA
     pos: str = "rope"  # rope | alibi | learned | sinusoidal | none
-    ffn: str = "swiglu"  # swiglu | gelu
+    ffn: str = "swiglu"  # swiglu | gelu | relu
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     prenorm: bool = True  # False: post-norm, as in the original Transformer
-    d_ff: int = 0  # feed-forward hidden size; 0 picks 4 * d_model (gelu) or the matching SwiGLU size
+    d_ff: int = 0  # feed-forward hidden size; 0 picks 4 * d_model (gelu, relu) or the matching SwiGLU size
     bias: bool = False  # biases in linear layers and LayerNorm (GPT-2 has them)
     dropout: float = 0.0  # on embeddings and residual branches (not attention probabilities: the kernels take none)
     tie_embeddings: bool = True  # the output head reuses the token embedding matrix
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | pi | ntk: stretch RoPE to rope_factor x the trained length
+    rope_factor: float = 1.0  # evaluation length / trained length (1: the angles as trained)
     flash: bool = True  # kernels.attention; False runs the explicit formula
     norm_eps: float = 1e-5
 
     def __post_init__(self):  # impossible values fail here, in one line, before any weight is made
-        sizes = ("vocab_size", "block_size", "d_model", "n_layer", "n_head", "n_kv_head", "rope_theta", "norm_eps")
-        choices = {"pos": "rope|alibi|learned|sinusoidal|none", "ffn": "swiglu|gelu", "norm": "rmsnorm|layernorm"}
+        sizes = ("vocab_size", "block_size", "d_model", "n_layer", "n_head", "n_kv_head", "rope_theta", "norm_eps",
+                 "rope_factor")
+        choices = {"pos": "rope|alibi|learned|sinusoidal|none", "ffn": "swiglu|gelu|relu", "norm": "rmsnorm|layernorm",
+                   "rope_scaling": "none|pi|ntk"}
         for name in sizes:
             if getattr(self, name) <= 0: raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name, allowed in choices.items():
@@ -72,7 +81,7 @@ class Config:
         if not (0 <= self.dropout < 1 and self.d_ff >= 0):
             raise ValueError(f"need 0 <= dropout < 1 and d_ff >= 0 (0: default), got {self.dropout} and {self.d_ff}")
         if self.d_ff == 0:  # SwiGLU has three matrices to GELU's two: 3 * C * F = 2 * C * 4C
-            self.d_ff = 4 * self.d_model if self.ffn == "gelu" else 8 * math.ceil(8 * self.d_model / 3 / 8)
+            self.d_ff = 4 * self.d_model if self.ffn != "swiglu" else 8 * math.ceil(8 * self.d_model / 3 / 8)
 
 
 # ----------------------------------------------------------------------------- small blocks
@@ -188,16 +197,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2's feed-forward: C -> F -> C with a GELU between."""
+    """GPT-2's feed-forward: C -> F -> C with a GELU between (ReLU in the original Transformer)."""
 
     def __init__(self, cfg):
         super().__init__()
+        self.act = F.relu if cfg.ffn == "relu" else F.gelu
         self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.out_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.drop(self.out_proj(F.gelu(self.fc(x))))
+        return self.drop(self.out_proj(self.act(self.fc(x))))
 
 
 class SwiGLU(nn.Module):
@@ -240,10 +250,16 @@ class Model(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.pos == "learned":
             self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
-        if cfg.pos == "sinusoidal":
-            self.register_buffer("sinusoids", sinusoids(cfg.block_size, cfg.d_model), persistent=False)
+        if cfg.pos == "sinusoidal":  # the table's entries have RMS 1/sqrt(2): added as is to token embeddings of
+            # std 0.02 (_init_weights), positions drown the tokens (val loss 3.22 against 2.21 with learned positions
+            # after `train.py --d_model=64 --n_layer=2 --block_size=32 --max_iters=600`). So the table is scaled to the
+            # embeddings' init RMS (2.23). Vaswani et al. multiply the embeddings by sqrt(d_model) instead (2.34 here).
+            self.register_buffer("sinusoids", sinusoids(cfg.block_size, cfg.d_model) * 0.02 * math.sqrt(2), persistent=False)
         if cfg.pos == "rope":
-            inv_freq = cfg.rope_theta ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+            D, theta = cfg.head_dim, cfg.rope_theta
+            if cfg.rope_scaling == "ntk":  # a larger base: the slowest pair turns rope_factor x slower, the fastest as trained
+                theta = theta * cfg.rope_factor ** (D / (D - 2))
+            inv_freq = theta ** (-torch.arange(0, D, 2, dtype=torch.float32) / D)
             self.register_buffer("inv_freq", inv_freq, persistent=False)  # (D/2,)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -277,10 +293,7 @@ class Model(nn.Module):
         if cfg.pos == "sinusoidal":
             x = x + self.sinusoids[pos]
         x = self.drop(x)
-        rope = None
-        if cfg.pos == "rope":
-            angle = (pos[:, None].float() * self.inv_freq)[:, None, :]  # (T, 1, D/2)
-            rope = (angle.cos(), angle.sin())
+        rope = self.rope(pos) if cfg.pos == "rope" else None
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer)
         if cache is not None:
@@ -291,6 +304,13 @@ class Model(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             self.aux = {"ce": loss.detach()}
         return logits, loss
+
+    def rope(self, pos):
+        """(cos, sin) of the rotation angles at positions pos (T,), each (T, 1, D/2). Position
+        interpolation squeezes rope_factor x more positions into the trained range of angles."""
+        pos = pos.float() / self.config.rope_factor if self.config.rope_scaling == "pi" else pos.float()
+        angle = (pos[:, None] * self.inv_freq)[:, None, :]  # (T, 1, D/2)
+        return angle.cos(), angle.sin()
 
     # ------------------------------------------------------------------------- generation
 

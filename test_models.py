@@ -1409,7 +1409,7 @@ def synthetic_opts(task, **kw):
 
 SMALL_TASKS = {  # small instances: (options, block_size)
     "selective_copy": (dict(task_vocab=5, copy_tokens=3), 14),
-    "induction": (dict(task_vocab=6), 8),
+    "induction": (dict(task_vocab=6, induction_queries=2), 12),
     "mqar": (dict(task_vocab=5, mqar_pairs=3, mqar_queries=3), 14),
 }
 
@@ -1427,9 +1427,13 @@ def synthetic_oracle(task, x, o):
             for j, t in enumerate(data[:len(row) - go]):
                 p[go + j] = t
         elif task == "induction":
-            key, bang = row[-1], len(row) - 2
-            assert row[bang] == 0 and row[:bang].count(key) == 1  # '!', and the key occurs once before it
-            p[-1] = row[row.index(key) + 1]
+            Q = o["induction_queries"]
+            body = len(row) + 1 - 3 * Q
+            assert [row[t] for t in range(body, len(row), 3)] == [0] * Q  # '!' before each question
+            for t in range(body + 1, len(row), 3):
+                key = row[t]
+                assert row[:body].count(key) == 1  # the key occurs once before the questions
+                p[t] = row[row.index(key) + 1]
         else:
             P = o["mqar_pairs"]
             pairs = dict(zip(row[0:2 * P:2], row[1:2 * P:2]))
@@ -1457,8 +1461,8 @@ def test_synthetic_oracle_scores_100_percent_and_only_answers_are_scored(task):
     kw, T = SMALL_TASKS[task]
     o = synthetic_opts(task, **kw)
     synth = data.SynthData(o)
-    answers = {"selective_copy": o["copy_tokens"], "induction": 1, "mqar": o["mqar_queries"]}[task]
-    shortest = {"selective_copy": 6, "induction": 4, "mqar": 11}[task]
+    answers = {"selective_copy": o["copy_tokens"], "induction": o["induction_queries"], "mqar": o["mqar_queries"]}[task]
+    shortest = {"selective_copy": 6, "induction": 9, "mqar": 11}[task]
     synth.check(shortest)
     with pytest.raises(data.UsageError, match="needs block_size >="):
         synth.check(shortest - 1)
@@ -1470,9 +1474,35 @@ def test_synthetic_oracle_scores_100_percent_and_only_answers_are_scored(task):
         assert torch.equal(synthetic_oracle(task, x, o), y)
 
 
+def no_recall_guess(task, row, o):
+    """The no-recall rule of each task, from one sequence by hand (ties: the smallest symbol)."""
+    if task == "induction":
+        keys = {row[t + 1] for t in range(len(row) - 1) if row[t] == 0}
+        return min(set(range(1, o["task_vocab"] + 1)) - keys)
+    vals = row[1:2 * o["mqar_pairs"]:2] if task == "mqar" else [t for t in row[:row.index(1)] if t != 0]
+    return max(sorted(set(vals)), key=vals.count)
+
+
+@pytest.mark.parametrize("task", data.SYNTHETIC)
+def test_synthetic_baseline_equals_the_rule_computed_by_hand(task):
+    kw, T = SMALL_TASKS[task]
+    o = synthetic_opts(task, **kw)
+    synth = data.SynthData(o)
+    x, y = synth.batch("val", 200, T, torch.Generator().manual_seed(3))
+    by_hand = torch.tensor([no_recall_guess(task, row, o) for row in x.tolist()])
+    assert torch.equal(synth.guess(x), by_hand)
+    right = sum(by_hand[b].item() == t for b, row in enumerate(y.tolist()) for t in row if t != -1)
+    if task == "induction":  # the value is uniform over the non-keys: any fixed non-key is right that often
+        assert abs(right / (y != -1).sum().item() - 1 / (kw["task_vocab"] - kw["induction_queries"])) < 0.05
+    big_x, big_y = data.SynthData(synthetic_opts(task)).batch("val", 2000, 64, torch.Generator().manual_seed(4))
+    if task != "induction":  # the bag rule at 8 of 16 symbols: E[largest count] / 8 = 0.258
+        g = data.SynthData(synthetic_opts(task)).guess(big_x)
+        assert abs((g[:, None] == big_y)[big_y != -1].float().mean().item() - 0.258) < 0.015
+
+
 @pytest.mark.parametrize("task", data.SYNTHETIC)
 def test_synthetic_tasks_are_learned_above_chance(task):
-    kw, T = SMALL_TASKS[task]
+    kw, T = SMALL_TASKS[task] if task != "induction" else (dict(task_vocab=6, induction_queries=1), 8)  # one key: quick
     synth = data.SynthData(synthetic_opts(task, **kw))
     torch.manual_seed(0)
     m = model_transformer.Model(model_transformer.Config(vocab_size=synth.vocab_size, block_size=T, d_model=32,
@@ -1492,13 +1522,15 @@ def test_synthetic_tasks_are_learned_above_chance(task):
 
 
 def test_synthetic_train_py_reports_accuracy_extrapolation_and_samples_words(tmp_path):
-    args = [*TINY, "--dataset=induction", "--task_vocab=6", "--block_size=8", "--max_iters=4", "--eval_interval=2"]
+    args = [*TINY, "--dataset=induction", "--task_vocab=6", "--induction_queries=1", "--block_size=8", "--max_iters=4",
+            "--eval_interval=2"]
     r = run("train.py", *args, f"--out_dir={tmp_path / 'rope'}")
     assert r.returncode == 0, r.stderr
-    assert "chance accuracy 0.167" in r.stdout and "| val_acc " in r.stdout and "| val_acc_4x " in r.stdout
+    assert "chance 0.167" in r.stdout and "| val_acc " in r.stdout and "| val_acc_4x " in r.stdout
     rows = [json.loads(l) for l in (tmp_path / "rope" / "metrics.jsonl").read_text().splitlines()]
     evals = [row for row in rows if "val_loss" in row]
     assert len(evals) == 3 and all(0 <= e["val_acc"] <= 1 and 0 <= e["val_acc_4x"] <= 1 for e in evals)
+    assert all(e["val_baseline"] == evals[0]["val_baseline"] and 0 < e["val_baseline"] < 1 for e in evals)
     r = run("train.py", *args, "--pos=learned", f"--out_dir={tmp_path / 'learned'}")  # no rows for 4x positions
     assert r.returncode == 0, r.stderr
     assert "no val_acc_4x, the weights do not fit" in r.stdout and "val_acc_4x" not in (tmp_path / "learned" / "metrics.jsonl").read_text()
@@ -1512,21 +1544,188 @@ def test_synthetic_bad_options(tmp_path):
     r = run("train.py", "--dataset=selective_copy", "--copy_tokens=40", "--block_size=64", f"--out_dir={tmp_path}")
     assert r.returncode == 2 and r.stderr.strip() == "error: selective_copy needs block_size >= 2 * copy_tokens = 80, got 64"
     for kw, message in [(dict(task_vocab=1), "task_vocab must be >= 2"), (dict(mqar_queries=0), "positive"),
-                        (dict(dataset="mqar", mqar_pairs=20), "needs as many distinct keys"), (dict(extrapolate=-1), "extrapolate")]:
+                        (dict(dataset="mqar", mqar_pairs=20), "needs as many distinct keys"), (dict(extrapolate=-1), "extrapolate"),
+                        (dict(dataset="induction", induction_queries=16), "less than task_vocab")]:
         with pytest.raises(data.UsageError, match=message):
             train.parse_args([f"--{k}={v}" for k, v in kw.items()])
 
 
-def test_synthetic_compare_py_writes_table_and_picture(tmp_path):
-    r = run("compare.py", "--quick", "--models=transformer", "--datasets=pydoc,induction", "--max_iters=4", "--context=64",
-            "--jobs=1", f"--out_dir={tmp_path}", f"--data_dir={tmp_path / 'data'}", timeout=240)
+# ---- experiments
+
+
+def quick_experiment(name, tmp_path):
+    """experiments.py NAME --quick into tmp_path: the page, its picture (parsed) and the page's table rows."""
+    import xml.etree.ElementTree as ET
+    ddir = tmp_path / "data"
+    ddir.mkdir(exist_ok=True)
+    (ddir / "tinyshakespeare.txt").write_text(data.builtin_text()[:300_000])  # a stand-in: no network in tests
+    r = run("experiments.py", name, "--quick", "--seeds=1", f"--out={tmp_path}", f"--data_dir={ddir}", timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    report = (tmp_path / "results.md").read_text()
-    assert "| transformer | 64 x 2 |" in report and "decode tok/s @64" in report  # the cost table
-    row = next(l for l in report.splitlines() if l.startswith("| transformer |") and "x 2" not in l)
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert len(cells) == 5 and all(0 <= float(c) < 10 for c in cells[1:])  # 2 losses, induction acc, acc at 4x
-    svg = (tmp_path / "val_loss.svg").read_text()
-    assert svg.count("<polyline") == 2 and ">pydoc<" in svg and ">induction<" in svg
-    bad = run("compare.py", "--models=rnn", f"--out_dir={tmp_path}")
-    assert bad.returncode == 2 and "unknown model 'rnn'" in bad.stderr
+    page = (tmp_path / f"{name}.md").read_text()
+    assert ET.parse(tmp_path / f"{name}.svg").getroot().tag.endswith("svg")
+    assert f"![{name}]({name}.svg)" in page and "python train.py" in page
+    return page, [[c.strip() for c in l.strip("|").split("|")] for l in page.splitlines() if l.startswith("| ")]
+
+
+def test_experiment_recall_quick(tmp_path):
+    page, rows = quick_experiment("recall", tmp_path)
+    for label in ("transformer", "hybrid Md Ad", "no-recall baseline"):
+        assert sum(r[0] == label for r in rows) == 2  # the task table and the MQAR sweep
+    sweep = next(r for r in rows if r[0] == "no-recall baseline" and len(r) == 3)  # 2 and 4 pairs
+    assert float(sweep[1].split()[0]) > float(sweep[2].split()[0]) > 0.2  # fewer values: the bag rule does better
+    svg = (tmp_path / "recall.svg").read_text()
+    assert svg.count("<polyline") == 3 and "key-value pairs" in svg
+
+
+def test_experiment_moe_quick(tmp_path):
+    page, rows = quick_experiment("moe", tmp_path)
+    table = {r[0]: r for r in rows}
+    assert {"dense", "MoE 8 x top-1", "MoE 16 x top-2, half-width"} <= table.keys()
+    dense_active, moe_active = (int(table[k][2].replace(",", "")) for k in ("dense", "MoE 8 x top-1"))
+    assert abs(moe_active - dense_active) < 0.05 * dense_active  # equal active parameters (plus the router)
+    assert 0 < float(table["MoE 8 x top-1"][7].split()[0]) <= 1 and table["dense"][7] == ""  # load entropy
+    assert (tmp_path / "moe.svg").read_text().count("<polyline") == 3 + 2 + 2
+
+
+def test_experiment_scaling_quick(tmp_path):
+    page, rows = quick_experiment("scaling", tmp_path)
+    budget_rows = [r for r in rows if r[0] in ("2e+08", "6e+08") and len(r) == 5]
+    optima = [r for r in budget_rows if r[1] == "parabola" or r[1].startswith("best point")]
+    assert len(budget_rows) == 6 + 2 and len(optima) == 2  # 2 budgets x 3 sizes, then one optimum per budget
+    assert all(float(r[2].replace(",", "")) > 0 for r in optima)
+    assert "Fit: N_opt ∝ C^" in page and "20 tokens per parameter" in page
+
+
+def test_experiment_architectures_quick(tmp_path):
+    page, rows = quick_experiment("architectures", tmp_path)
+    for m in ("transformer", "moe", "mamba", "hybrid"):
+        cost, learned = [r for r in rows if r[0] == m]
+        assert cost[7].endswith("MiB") and float(cost[6].replace(",", "")) > 0  # decode speed and cache
+        assert len(learned) == 3 and 0 <= float(learned[2].split()[0]) <= 1  # mqar loss, acc (baseline)
+        assert 0 < float(learned[2].split("(")[1].rstrip(")")) < 1
+    assert "decode tok/s @256" in page
+    assert (tmp_path / "architectures.svg").read_text().count("<polyline") == 4
+
+
+def test_experiment_fits_recover_known_curves():
+    import experiments
+    xs = [1, 2, 3, 4, 5]
+    a, b, c = experiments.fit_parabola(xs, [2 * (x - 3.3) ** 2 + 1 for x in xs])
+    assert abs(-b / (2 * a) - 3.3) < 1e-9 and abs(a - 2) < 1e-9
+    gen = torch.Generator().manual_seed(0)
+    cs = [1e11 * 3 ** i for i in range(4)]
+    noise = (1 + 0.01 * torch.randn(4, generator=gen)).tolist()
+    exponent, k = experiments.fit_power_law(cs, [7 * c ** 0.5 * e for c, e in zip(cs, noise)])
+    assert abs(exponent - 0.5) < 0.02 and 5 < k < 10
+
+
+@pytest.mark.parametrize("pattern", ["Md Ad", "Md Me Ad Me", "Md Me Md Me Ad Me Md Me"])
+def test_experiment_hybrid_patterns_build_that_stack(pattern):
+    import experiments
+    fields = experiments.hybrid_fields(pattern)
+    if "layers" in fields:
+        assert fields == {"layers": pattern}
+    else:  # a model_hybrid with the periodic attn_/moe_ fields: they must give the same stack
+        assert model_hybrid.Config(**fields).pattern == pattern
+
+
+def test_experiments_bad_input(tmp_path):
+    bad = run("experiments.py", "nope", f"--out={tmp_path}")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown experiment 'nope'")
+    bad = run("experiments.py", "recall", "--seeds=0", f"--out={tmp_path}")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+# ---- model features measured by experiments.py: ReLU FFN, sinusoidal scale, RoPE scaling
+
+
+def test_relu_ffn_is_the_original_transformers():
+    m = tiny_transformer(ffn="relu", pos="learned", norm="layernorm")
+    mlp = m.blocks[0].ffn
+    assert isinstance(mlp, model_transformer.MLP) and m.config.d_ff == 4 * m.config.d_model
+    x = torch.randn(2, 5, 48)
+    torch.testing.assert_close(mlp(x), mlp.out_proj(F.relu(mlp.fc(x))), atol=0, rtol=0)
+    assert m.num_params() == tiny_transformer(ffn="gelu", pos="learned", norm="layernorm").num_params()
+    moe = model_moe.Model(model_moe.Config(vocab_size=61, block_size=40, d_model=48, n_layer=2, n_head=4, ffn="relu",
+                                           n_expert=4))
+    h = torch.randn(7, moe.config.d_expert)
+    torch.testing.assert_close(moe.blocks[0].ffn.act(h), F.relu(h), atol=0, rtol=0)
+
+
+def test_sinusoidal_table_is_on_the_token_embeddings_scale():
+    """Amplitude 1 against embeddings of std 0.02 drowns the tokens: the table is scaled to their RMS."""
+    m = tiny_transformer(pos="sinusoidal")
+    table_rms = m.sinusoids.pow(2).mean().sqrt().item()
+    token_rms = m.wte.weight.pow(2).mean().sqrt().item()
+    assert 0.8 < table_rms / token_rms < 1.25
+    torch.testing.assert_close(m.sinusoids / m.sinusoids[1:2].norm(), model_transformer.sinusoids(40, 48)
+                               / model_transformer.sinusoids(40, 48)[1:2].norm())  # the same table, only scaled
+
+
+def test_rope_scaling_none_is_plain_rope_and_pi_divides_positions():
+    D, theta, s = 12, 10000.0, 4.0
+    plain = tiny_transformer(n_head=4)  # head dim 48 / 4 = 12
+    pos = torch.arange(40)
+    angle = pos[:, None].double() * theta ** (-torch.arange(0, D, 2).double() / D)  # the formula of Su et al.
+    cos, sin = plain.rope(pos)
+    torch.testing.assert_close(cos[:, 0].double(), angle.cos(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(sin[:, 0].double(), angle.sin(), atol=1e-5, rtol=0)
+    pi = tiny_transformer(rope_scaling="pi", rope_factor=s)
+    for got, want in zip(pi.rope(pos), plain.rope(pos / s)):  # PI at factor s = RoPE at positions / s
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    ntk = tiny_transformer(rope_scaling="ntk", rope_factor=s)
+    assert ntk.inv_freq[0] == plain.inv_freq[0]  # the fastest rotation as trained
+    torch.testing.assert_close(ntk.inv_freq[-1], plain.inv_freq[-1] / s)  # the slowest s times slower
+    idx = torch.randint(0, 61, (2, 40))
+    for scaling in ("pi", "ntk"):  # factor 1 changes nothing
+        same = tiny_transformer(rope_scaling=scaling, rope_factor=1.0)
+        torch.testing.assert_close(same(idx)[0], plain(idx)[0], atol=0, rtol=0)
+    for kw in (dict(rope_scaling="yarn"), dict(rope_factor=0.0)):
+        with pytest.raises(ValueError):
+            model_transformer.Config(**kw)
+
+
+@pytest.mark.parametrize("module", [model_transformer, model_moe], ids=["transformer", "moe"])
+def test_rope_scaled_model_runs_at_4x_the_trained_length(module):
+    torch.manual_seed(0)
+    shape = dict(vocab_size=61, d_model=32, n_layer=2, n_head=4, **(dict(n_expert=4) if module is model_moe else {}))
+    trained = module.Model(module.Config(**shape, block_size=16)).eval()
+    idx = torch.randint(0, 61, (2, 64))
+    first = trained(idx[:, :16])[0]
+    for scaling in ("none", "pi", "ntk"):
+        long = module.Model(module.Config(**shape, block_size=64, rope_scaling=scaling, rope_factor=4.0)).eval()
+        long.load_state_dict(trained.state_dict())  # no new weights: scaling is applied at evaluation
+        logits, loss = long(idx, idx)
+        assert logits.shape == (2, 64, 61) and torch.isfinite(loss)
+        if scaling == "none":  # causal, same angles: the first 16 positions are the trained model's
+            torch.testing.assert_close(logits[:, :16], first)
+
+
+def test_moe_copies_the_new_transformer_features():
+    src = inspect.getsource
+    assert src(model_moe.MLP) == src(model_transformer.MLP)
+    assert src(model_moe.Model.rope) == src(model_transformer.Model.rope)
+
+
+# ---- experiments.py: each experiment's quick mode writes a page with its table and a parseable SVG
+
+
+@pytest.mark.parametrize("name, rows", [
+    ("ladder", ["ReLU FFN (original Transformer)", "GPT-2 style (learned, LayerNorm, GELU, MHA)",
+                "+ ... + GQA 4:2 (the modern default)", "+ ... + MQA 4:1"]),
+    ("ladder_alone", ["GPT-2 style (learned, LayerNorm, GELU, MHA)", "+ SwiGLU only", "+ MQA 4:1 only"]),
+    ("positions", ["learned (GPT-2)", "RoPE", "RoPE + position interpolation (PI)", "RoPE + NTK-aware scaling", "ALiBi"]),
+    ("norms", ["2 | pre | 100 steps", "2 | post | none", "LayerNorm", "RMSNorm", "64 x 128", "256 x 512"]),
+    ("attention", ["MHA 4:4", "GQA 4:2", "MQA 4:1", "8:8 (MHA)", "8:2 (MQA)", "T | 4 | 256", "D | 4 | 256 | 64", "H | 1 |"]),
+])
+def test_experiment_quick_page(name, rows, tmp_path, data_dir):
+    import xml.etree.ElementTree as ET
+    r = run("experiments.py", name, "--quick", f"--out={tmp_path}", f"--data_dir={data_dir}", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    page = (tmp_path / f"{name}.md").read_text()
+    assert ET.parse(tmp_path / f"{name}.svg").getroot().tag.endswith("svg")
+    cells = [line for line in page.splitlines() if line.startswith("| ")]
+    for row in rows:
+        assert any(line.startswith(f"| {row}") for line in cells), (row, cells)
+    assert "FAILED" not in page and f"python experiments.py {name} --quick" in page
+    assert all("nan" not in line for line in cells), cells

@@ -59,6 +59,7 @@ OPTIONS = {
     "copy_tokens": (8, "selective_copy: data tokens scattered in the noise, to be repeated at the end"),
     "mqar_pairs": (8, "mqar: key-value pairs at the start of each sequence"),
     "mqar_queries": (8, "mqar: keys asked again later in the sequence, each to be answered with its value"),
+    "induction_queries": (4, "induction: keys hidden in the noise and asked at the end (answers per sequence)"),
     "extrapolate": (4, "induction: also measure accuracy at this many times block_size (0 = off)"),
 }
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
@@ -85,8 +86,12 @@ def parse_args(argv):
         raise UsageError("max_iters, min_lr and warmup_iters must be >= 0 and lr > 0")
     if not (0 <= opts["beta1"] < 1 and 0 <= opts["beta2"] < 1 and opts["weight_decay"] >= 0 and opts["grad_clip"] >= 0):
         raise UsageError("beta1 and beta2 must be in [0, 1), weight_decay and grad_clip >= 0")
-    if opts["task_vocab"] < 2 or min(opts["copy_tokens"], opts["mqar_pairs"], opts["mqar_queries"]) <= 0:
-        raise UsageError("task_vocab must be >= 2; copy_tokens, mqar_pairs and mqar_queries positive")
+    if opts["task_vocab"] < 2 or min(opts["copy_tokens"], opts["mqar_pairs"], opts["mqar_queries"],
+                                     opts["induction_queries"]) <= 0:
+        raise UsageError("task_vocab must be >= 2; copy_tokens, mqar_pairs, mqar_queries and induction_queries positive")
+    if opts["dataset"] == "induction" and opts["induction_queries"] >= opts["task_vocab"]:
+        raise UsageError(f"induction_queries ({opts['induction_queries']}) needs distinct keys and a symbol left for "
+                         f"the noise: less than task_vocab ({opts['task_vocab']})")
     if opts["dataset"] == "mqar" and opts["mqar_pairs"] > opts["task_vocab"]:
         raise UsageError(f"mqar_pairs ({opts['mqar_pairs']}) needs as many distinct keys: at most task_vocab "
                          f"({opts['task_vocab']})")
@@ -201,29 +206,33 @@ def stretched(module, model, factor, device):
 
 @torch.no_grad()
 def measure(model, data, split, T, opts, device, autocast, gen):
-    """Mean loss, and the share of scored targets (answers; every token of a text) that the
-    likeliest prediction gets right."""
-    losses, right, scored = [], 0, 0
+    """Mean loss, the share of scored targets (answers; every token of a text) that the likeliest
+    prediction gets right, and the share a no-recall rule gets right (synthetic tasks)."""
+    losses, right, scored, guessed = [], 0, 0, 0
     for _ in range(opts["eval_iters"]):
         x, y = data.batch(split, opts["batch_size"], T, gen)
+        if data.guess:  # the no-recall baseline on the very same answers
+            guessed += (data.guess(x)[:, None] == y)[y != -1].sum().item()
         x, y = x.to(device), y.to(device)
         with autocast:
             logits, loss = model(x, y)
         losses.append(loss.item())
         right += (logits.argmax(-1) == y)[y != -1].sum().item()
         scored += (y != -1).sum().item()
-    return sum(losses) / len(losses), right / scored
+    return sum(losses) / len(losses), right / scored, guessed / scored
 
 
 def evaluate(model, long_model, stretch, data, opts, device, autocast):
     model.eval()
     gen = torch.Generator().manual_seed(opts["seed"] + 999)  # the same batches at every evaluation
     T, out = model.config.block_size, {}
-    out["train_loss"], _ = measure(model, data, "train", T, opts, device, autocast, gen)
-    out["val_loss"], out["val_acc"] = measure(model, data, "val", T, opts, device, autocast, gen)
+    out["train_loss"], _, _ = measure(model, data, "train", T, opts, device, autocast, gen)
+    out["val_loss"], out["val_acc"], baseline = measure(model, data, "val", T, opts, device, autocast, gen)
+    if data.guess:
+        out["val_baseline"] = baseline
     if long_model is not None:
         long_model.load_state_dict(model.state_dict())
-        _, out[f"val_acc_{stretch}x"] = measure(long_model, data, "val", stretch * T, opts, device, autocast, gen)
+        _, out[f"val_acc_{stretch}x"], _ = measure(long_model, data, "val", stretch * T, opts, device, autocast, gen)
     model.train()
     return out
 
