@@ -156,10 +156,26 @@ def test_config_rejects_impossible_values():
 
 
 def test_init_and_optimizer_groups():
-    m = tiny_transformer(n_layer=8, d_model=192, n_head=4, bias=True, norm="layernorm")
-    std = lambda name: dict(m.named_parameters())[name].std().item()
-    assert abs(std("blocks.0.attn.qkv.weight") - 0.02) < 0.002
-    assert abs(std("blocks.0.attn.out_proj.weight") - 0.02 / math.sqrt(16)) < 0.0007  # scaled for depth
+    m = tiny_transformer(n_layer=8, d_model=192, n_head=4, bias=True, norm="layernorm", pos="learned")
+    p = dict(m.named_parameters())
+    std = lambda name: p[name].std().item()
+    # fan_in: N(0, 1/fan_in) whatever the width, out_proj a further 1/sqrt(2 * n_layer) smaller
+    assert abs(std("blocks.0.attn.qkv.weight") - 192 ** -0.5) < 0.003
+    assert abs(std("blocks.0.ffn.gate_up.weight") - 192 ** -0.5) < 0.003
+    assert abs(std("blocks.0.attn.out_proj.weight") - 192 ** -0.5 / 4) < 0.001
+    assert abs(std("blocks.0.ffn.out_proj.weight") - m.config.d_ff ** -0.5 / 4) < 0.001
+    assert abs(std("wte.weight") - 1) < 0.05 and abs(std("wpe.weight") - 1) < 0.05  # the stream's unit scale
+    assert m.lm_head.weight is not m.wte.weight and abs(std("lm_head.weight") - 1 / 192) < 0.0003  # untied, muP's readout
+    assert all(not p[n].any() for n in p if n.endswith(".bias"))
+    tied = tiny_transformer(d_model=64, tie_embeddings=True)  # one matrix: the head's scale
+    assert tied.lm_head.weight is tied.wte.weight and abs(tied.wte.weight.std().item() - 1 / 64) < 0.001
+    gpt2 = tiny_transformer(n_layer=8, d_model=192, init="gpt2", tie_embeddings=True)
+    q = dict(gpt2.named_parameters())
+    assert abs(q["blocks.0.attn.qkv.weight"].std().item() - 0.02) < 0.002
+    assert abs(q["blocks.0.attn.out_proj.weight"].std().item() - 0.02 / 4) < 0.0007  # scaled for depth
+    assert abs(gpt2.wte.weight.std().item() - 0.02) < 0.002 and gpt2.lm_head.weight is gpt2.wte.weight
+    with pytest.raises(ValueError, match="init must be one of"):
+        tiny_transformer(init="xavier")
     decay, keep = m.optim_groups(0.1)
     assert decay["weight_decay"] == 0.1 and keep["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in keep["params"])
@@ -340,9 +356,9 @@ def test_mamba_causal():
     assert not torch.allclose(a[:, 17:], b[:, 17:])
 
 
-@pytest.mark.parametrize("d_conv", [4, 1])
-def test_mamba_generation_equals_full_forward(d_conv):
-    cache = check_cached_generation(tiny_mamba(d_conv=d_conv), new_tokens=45)  # 54 tokens: past block_size
+@pytest.mark.parametrize("d_conv, scan", [(4, "auto"), (1, "auto"), (4, "loop")])
+def test_mamba_generation_equals_full_forward(d_conv, scan):
+    cache = check_cached_generation(tiny_mamba(d_conv=d_conv, scan=scan), new_tokens=45)  # 54 tokens: past block_size
     assert cache.len == 53
 
 
@@ -367,7 +383,29 @@ def test_mamba_sampling_runs():
         assert len(out) == 10 and all(t.shape == (1, 1) and 0 <= t.item() < 61 for t in out)
 
 
-@pytest.mark.parametrize("scan", ["chunked", "triton"])
+@pytest.mark.parametrize("T", [1, 7, 65])
+def test_mamba_loop_scan_equals_the_kernel(T):
+    """selective_scan_loop, the recurrence written out in the model file, against kernels.selective_scan:
+    outputs, last states and the gradients of every input, from a given state and from zeros."""
+    torch.manual_seed(T)
+    Bsz, E, N = 2, 6, 5
+    x, dt, z = torch.randn(Bsz, E, T), torch.randn(Bsz, E, T), torch.randn(Bsz, E, T)
+    A = -torch.rand(E, N) * 3 - 0.1
+    Bm, Cm, D, bias, h0 = torch.randn(Bsz, N, T), torch.randn(Bsz, N, T), torch.randn(E), torch.randn(E), torch.randn(Bsz, E, N)
+    for start in (h0, None):
+        inputs = [t.clone().requires_grad_() for t in (x, dt, A, Bm, Cm, D, z, bias)]
+        y, last = model_mamba.selective_scan_loop(*inputs, start)
+        y_ref, last_ref = kernels.selective_scan(*inputs[:7], delta_bias=inputs[7], delta_softplus=True,
+                                                 initial_state=start, return_last_state=True)
+        torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(last, last_ref, atol=1e-5, rtol=1e-5)
+        w, v = torch.randn_like(y), torch.randn_like(last)  # a random direction, so every output counts
+        grads = [torch.autograd.grad((a * w).sum() + (b * v).sum(), inputs) for a, b in ((y, last), (y_ref, last_ref))]
+        for name, g, g_ref in zip(("x", "dt", "A", "B", "C", "D", "z", "dt_bias"), *grads):
+            torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("scan", ["chunked", "triton", "loop"])
 def test_mamba_scan_paths_agree_in_the_model(scan):
     fast, slow = tiny_mamba(scan=scan), tiny_mamba(scan="ref")
     slow.load_state_dict(fast.state_dict())
@@ -402,9 +440,18 @@ def test_mamba_init_and_optimizer_groups():
         assert mx.dt_proj.weight.abs().max() <= bound and mx.dt_proj.weight.abs().max() > bound / 2  # not N(0, 0.02)
         torch.testing.assert_close(-torch.exp(mx.A_log), -torch.arange(1, 17.0).repeat(cfg.d_inner, 1))  # S4D-real
         assert torch.equal(mx.D, torch.ones(cfg.d_inner))
-    std = lambda name: dict(m.named_parameters())[name].std().item()
-    assert abs(std("blocks.0.mixer.in_proj.weight") - 0.02) < 0.002
-    assert abs(std("blocks.0.mixer.out_proj.weight") - 0.02 / math.sqrt(8)) < 0.0007  # scaled for depth
+    p = dict(m.named_parameters())
+    # PyTorch's default U(+-1/sqrt(fan_in)) for in_proj, x_proj and the conv; out_proj divided by sqrt(n_layer)
+    bound = lambda name: p[name].abs().max().item() * math.sqrt(p[name][0].numel())  # 1 for that default
+    std = lambda name: p[name].std().item() * math.sqrt(3 * p[name][0].numel())  # 1 for that default
+    for name in ("blocks.0.mixer.in_proj.weight", "blocks.0.mixer.x_proj.weight", "blocks.0.mixer.conv1d.weight"):
+        assert 0.95 < bound(name) <= 1 and abs(std(name) - 1) < 0.1, name
+    assert 0.95 < bound("blocks.0.mixer.out_proj.weight") * math.sqrt(8) <= 1.0001
+    assert abs(std("blocks.0.mixer.out_proj.weight") * math.sqrt(8) - 1) < 0.05
+    conv_bias = p["blocks.0.mixer.conv1d.bias"]  # the conv's default bias too: U(+-1/sqrt(d_conv)), not zero
+    assert conv_bias.abs().max() <= cfg.d_conv ** -0.5 and abs(conv_bias.std() * math.sqrt(3 * cfg.d_conv) - 1) < 0.2
+    assert abs(p["wte.weight"].std().item() - 0.02) < 0.001 and m.lm_head.weight is m.wte.weight  # tied, as official
+    assert not p["blocks.0.mixer.in_proj.bias"].any() and not p["blocks.0.mixer.out_proj.bias"].any()
     decay, keep = m.optim_groups(0.1)
     assert decay["weight_decay"] == 0.1 and keep["weight_decay"] == 0.0
     names = {p: n.split(".", 2)[-1] if n.startswith("blocks.") else n for n, p in m.named_parameters()}  # without "blocks.i."
@@ -736,6 +783,15 @@ def tiny_moe(**kw):
     torch.manual_seed(0)
     cfg = model_moe.Config(**{**dict(vocab_size=61, block_size=40, d_model=48, n_layer=2, n_head=4), **kw})
     return model_moe.Model(cfg).eval()
+
+
+def test_moe_init_follows_the_transformer():
+    """The experts' stacked matrices follow the rule of the dense feed-forward: fan_in by default, 0.02 under gpt2."""
+    for init, w_in, w_out in (("fan_in", 96 ** -0.5, 64 ** -0.5 / 4), ("gpt2", 0.02, 0.02 / 4)):
+        m = tiny_moe(n_layer=8, d_model=96, d_expert=64, n_expert=4, init=init)
+        ffn = m.blocks[0].ffn
+        assert abs(ffn.w_in.std().item() - w_in) < 0.05 * w_in and abs(ffn.w_out.std().item() - w_out) < 0.05 * w_out
+        assert abs(ffn.router.weight.std().item() - (96 ** -0.5 if init == "fan_in" else 0.02)) < 0.1 * w_in
 
 
 def moe_layer(**kw):
