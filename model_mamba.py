@@ -17,11 +17,11 @@ back to d_model. Blocks are pre-RMSNorm residual, as in the Transformer.
 
 Training runs the scan over the whole sequence in one call (kernels.selective_scan: a Triton
 kernel on the GPU, a chunked scan on the CPU); scan="loop" runs selective_scan_loop instead, the
-recurrence above written out one time step after another, to read (and to test the kernels by). Generation keeps, per layer, the last
-d_conv - 1 inputs of the convolution and the scan state h: a fixed-size cache, whatever the
-length of the context, where a Transformer's KV cache grows with every token. The prompt goes
-through the full-sequence scan, which also returns those states, and each new token is a
-single step of the recurrence (kernels.selective_state_update).
+recurrence above written out one time step after another, to read and to test the kernels by.
+Generation keeps, per layer, the last d_conv - 1 inputs of the convolution and the scan state h:
+a fixed-size cache, whatever the length of the context, where a Transformer's KV cache grows
+with every token. The prompt goes through the full-sequence scan, which also returns those
+states, and each new token is a single step of the recurrence (kernels.selective_state_update).
 
 Shapes: B batch, T time (tokens in this call), C d_model, E d_inner (expand * C), N state
 size, R dt_rank, K d_conv, V vocabulary.
