@@ -273,9 +273,9 @@ class Model(nn.Module):
           +-1/sqrt(fan_in) (LeCun et al. 1998), so a layer's output has the scale of its input at any
           width; embeddings are N(0, 1), the scale of the normalised stream they feed; the head is
           untied, since one matrix cannot be both a unit-scale embedding and a 1/sqrt(d_model) readout
-          (tied, it keeps the readout's scale)
-          Measured: with it a 2-layer width-64 model learns associative recall that the gpt2 rule
-          leaves at chance level in the same number of steps."""
+          (tied, it keeps the readout's scale). No further depth scaling. With it a 2-layer width-64
+          model learns multi-query associative recall in 1000 steps, where the gpt2 rule stays at the
+          accuracy of always answering the most frequent value."""
         cfg = self.config
         if cfg.init not in ("fan_in", "gpt2"):
             raise ValueError(f"init must be one of fan_in|gpt2, got {cfg.init!r}")
