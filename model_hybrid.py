@@ -70,7 +70,7 @@ class Config:
     # everywhere
     bias: bool = False  # biases in linear layers
     dropout: float = 0.0  # on embeddings and residual branches
-    tie_embeddings: bool = True  # the output head reuses the token embedding matrix
+    tie_embeddings: bool = False  # True: the output head reuses the token embedding matrix
     norm_eps: float = 1e-5
 
     def __post_init__(self):
@@ -253,7 +253,7 @@ class MoE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.router = nn.Linear(cfg.d_model, cfg.n_expert, bias=False)  # small random init, never zero (ties)
+        self.router = nn.Linear(cfg.d_model, cfg.n_expert, bias=False)  # random init, never zero (ties)
         self.experts = nn.ModuleList(SwiGLU(replace(cfg, d_ff=cfg.d_expert)) for _ in range(cfg.n_expert))
         self.losses = None  # (balance, z) of the last forward, for Model.forward to add to the loss
         self.last = None  # (load per expert, top-1 probability) of the last forward, for Model.stats
@@ -336,20 +336,22 @@ class Model(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: each residual branch adds to the stream,
-            if name.endswith("out_proj.weight"):  # so scale their output layers by 1/sqrt(2 * depth)
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-        for m in self.modules():  # after the generic init, which must not touch dt_proj, A_log, D
-            if isinstance(m, MambaLayer):
-                m.reset_ssm_parameters()
+        self.init_weights()
         self.aux = {}
 
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    @torch.no_grad()
+    def init_weights(self):
+        """model_transformer.py's default rule (its init_weights says why): PyTorch's defaults, every
+        matrix uniform in +-1/sqrt(fan_in), embeddings N(0, 1), an untied head, biases zero; then the
+        Mamba layers' dt, A and D as the official code sets them (reset_ssm_parameters)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv1d)):
+                m.reset_parameters()
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        for m in self.modules():  # after the loop above, which zeroed dt_proj's bias
+            if isinstance(m, MambaLayer):
+                m.reset_ssm_parameters()
 
     def forward(self, idx, targets=None, cache=None):
         cfg = self.config

@@ -16,11 +16,12 @@ SiLU, then the selective scan; the other, z, gates the result through SiLU(z); o
 back to d_model. Blocks are pre-RMSNorm residual, as in the Transformer.
 
 Training runs the scan over the whole sequence in one call (kernels.selective_scan: a Triton
-kernel on the GPU, a chunked scan on the CPU). Generation keeps, per layer, the last
-d_conv - 1 inputs of the convolution and the scan state h: a fixed-size cache, whatever the
-length of the context, where a Transformer's KV cache grows with every token. The prompt goes
-through the full-sequence scan, which also returns those states, and each new token is a
-single step of the recurrence (kernels.selective_state_update).
+kernel on the GPU, a chunked scan on the CPU); scan="loop" runs selective_scan_loop instead, the
+recurrence above written out one time step after another, to read and to test the kernels by.
+Generation keeps, per layer, the last d_conv - 1 inputs of the convolution and the scan state h:
+a fixed-size cache, whatever the length of the context, where a Transformer's KV cache grows
+with every token. The prompt goes through the full-sequence scan, which also returns those
+states, and each new token is a single step of the recurrence (kernels.selective_state_update).
 
 Shapes: B batch, T time (tokens in this call), C d_model, E d_inner (expand * C), N state
 size, R dt_rank, K d_conv, V vocabulary.
@@ -51,9 +52,9 @@ class Config:
     conv_bias: bool = True
     bias: bool = False  # biases in in_proj and out_proj
     dropout: float = 0.0  # on embeddings and residual branches
-    tie_embeddings: bool = True  # the output head reuses the token embedding matrix
+    tie_embeddings: bool = True  # the output head reuses the token embedding matrix (as the official model does)
     norm_eps: float = 1e-5
-    scan: str = "auto"  # auto (Triton on CUDA, chunked elsewhere) | chunked | triton | ref
+    scan: str = "auto"  # auto (Triton on CUDA, chunked elsewhere) | chunked | triton | ref | loop (selective_scan_loop)
 
     def __post_init__(self):  # impossible values fail here, in one line, before any weight is made
         for name in ("vocab_size", "block_size", "d_model", "n_layer", "d_state", "d_conv", "expand", "dt_init_floor", "norm_eps"):
@@ -61,8 +62,8 @@ class Config:
         if self.dt_rank < 0: raise ValueError(f"dt_rank must be positive (or 0 for the default), got {self.dt_rank}")
         if not 0 < self.dt_min <= self.dt_max: raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
         if not 0 <= self.dropout < 1: raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.scan not in ("auto", "chunked", "triton", "ref"):
-            raise ValueError(f"scan must be one of auto|chunked|triton|ref, got {self.scan!r}")
+        if self.scan not in ("auto", "chunked", "triton", "ref", "loop"):
+            raise ValueError(f"scan must be one of auto|chunked|triton|ref|loop, got {self.scan!r}")
         self.d_inner = self.expand * self.d_model
         if self.dt_rank == 0:
             self.dt_rank = math.ceil(self.d_model / 16)
@@ -93,6 +94,30 @@ class MambaCache:
         self.len = 0  # tokens seen; the model advances it after each forward
 
 
+def selective_scan_loop(x, dt, A, Bm, Cm, D, z, dt_bias, h=None):
+    """The selective scan as the recurrence of the paper, one time step after another; the same
+    result as kernels.selective_scan, which computes it fast (the tests hold the two equal).
+    Glossary, the paper's symbols on the left:
+        x   x (B, E, T)     the input of each of the E channels      h  h (B, E, N)  the state
+        Δ   softplus(dt + dt_bias) (B, E, T): a step size per channel and position, > 0
+        A   A (E, N)        diagonal and negative, the same at every position
+        B   Bm (B, N, T)    C  Cm (B, N, T): computed from the input, shared by the E channels
+        D   D (E,)          a skip connection from x straight to y
+        y   the output (B, E, T), gated by SiLU(z) as in the Mamba block
+    A is discretised exactly (zero-order hold, exp(Δ A)), B with Euler's step Δ B, as in Mamba.
+    h is the state before the first position (None: zeros); returns y and the state after the last."""
+    delta = F.softplus(dt.float() + dt_bias.float()[:, None])  # (B, E, T)
+    x_in, x, Bm, Cm = x, x.float(), Bm.float(), Cm.float()
+    h = x.new_zeros(x.size(0), x.size(1), A.size(1)) if h is None else h.float()  # (B, E, N)
+    ys = []
+    for t in range(x.size(-1)):
+        delta_t = delta[:, :, t, None]  # (B, E, 1)
+        h = torch.exp(delta_t * A) * h + delta_t * Bm[:, None, :, t] * x[:, :, t, None]  # (B, E, N)
+        ys.append((h * Cm[:, None, :, t]).sum(-1) + D * x[:, :, t])  # (B, E): C_t h_t + D x_t
+    y = torch.stack(ys, dim=-1) if ys else x.new_zeros(x.shape)  # (B, E, T)
+    return (y * F.silu(z.float())).type_as(x_in), h
+
+
 # ----------------------------------------------------------------------------- the layer
 
 
@@ -117,8 +142,8 @@ class Mixer(nn.Module):
 
     @torch.no_grad()
     def reset_ssm_parameters(self):
-        """The initialisation of the official code. The model calls it again after its generic
-        init, which would otherwise overwrite dt_proj with N(0, 0.02) weights and a zero bias."""
+        """The initialisation of the official code for dt_proj, A and D. Model.init_weights calls it
+        after its generic pass, which zeroes every Linear bias, dt_proj's included."""
         cfg = self.cfg
         E, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
         nn.init.uniform_(self.dt_proj.weight, -R ** -0.5, R ** -0.5)
@@ -151,6 +176,11 @@ class Mixer(nn.Module):
                 cache.ssm[layer], x[..., 0], dt[..., 0], A, Bm[..., 0], Cm[..., 0], self.D.float(), z[..., 0],
                 dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
             y = y[..., None]  # (B, E, 1)
+        elif cfg.scan == "loop":
+            y, last = selective_scan_loop(x, dt, A, Bm, Cm, self.D.float(), z, self.dt_proj.bias,
+                                          None if cache is None else cache.ssm[layer])  # (B, E, T), (B, E, N)
+            if cache is not None:
+                cache.ssm[layer] = last
         else:
             impl = None if cfg.scan == "auto" else cfg.scan
             y = kernels.selective_scan(x, dt, A, Bm, Cm, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
@@ -185,19 +215,28 @@ class Model(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # each layer's branch adds to the residual stream,
-            if name.endswith("out_proj.weight"):  # so scale its output layer by 1/sqrt(depth) (one branch per layer)
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(cfg.n_layer))
-        for block in self.blocks:  # after the generic init, which must not touch dt_proj, A_log, D
-            block.mixer.reset_ssm_parameters()
+        self.init_weights()
         self.aux = {}
 
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    @torch.no_grad()
+    def init_weights(self):
+        """The official initialisation (Gu & Dao's mamba_ssm: MixerModel's _init_weights and the Mamba
+        block's own). Matrices and the convolution keep PyTorch's default, uniform in +-1/sqrt(fan_in),
+        which keeps each layer's output at the scale of its input whatever the width. Linear biases
+        start at zero, except dt_proj's (reset_ssm_parameters). The embedding, which the head shares,
+        is N(0, 0.02): small, so the first predictions are near uniform. Each layer's branch adds to
+        the residual stream, so out_proj is further divided by sqrt(n_layer) (one branch per layer)."""
+        cfg = self.config
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.Conv1d)):
+                m.reset_parameters()  # PyTorch's default: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in))
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    nn.init.zeros_(m.bias)
+                if name.endswith("out_proj"):
+                    m.weight /= math.sqrt(cfg.n_layer)
+        nn.init.normal_(self.wte.weight, std=0.02)  # after the loop: a tied lm_head was reset with it
+        for block in self.blocks:
+            block.mixer.reset_ssm_parameters()
 
     def forward(self, idx, targets=None, cache=None):
         B, T = idx.shape

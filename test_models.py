@@ -73,7 +73,8 @@ def test_shapes_and_initial_loss():
     idx, targets = torch.randint(0, 61, (3, 17)), torch.randint(0, 61, (3, 17))
     logits, loss = m(idx, targets)
     assert logits.shape == (3, 17, 61) and logits.dtype == torch.float32
-    assert abs(loss.item() - math.log(61)) < 0.1  # small init: predictions start near uniform
+    # the head's U(+-1/sqrt(C)) on a normalised stream gives logits of std 1/sqrt(3): loss ~ log V + 1/6
+    assert abs(loss.item() - (math.log(61) + 1 / 6)) < 0.1
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=ID)
@@ -165,10 +166,26 @@ def test_config_rejects_impossible_values():
 
 
 def test_init_and_optimizer_groups():
-    m = tiny_transformer(n_layer=8, d_model=192, n_head=4, bias=True, norm="layernorm")
-    std = lambda name: dict(m.named_parameters())[name].std().item()
-    assert abs(std("blocks.0.attn.qkv.weight") - 0.02) < 0.002
-    assert abs(std("blocks.0.attn.out_proj.weight") - 0.02 / math.sqrt(16)) < 0.0007  # scaled for depth
+    m = tiny_transformer(n_layer=8, d_model=192, n_head=4, bias=True, norm="layernorm", pos="learned")
+    p = dict(m.named_parameters())
+    # fan_in, PyTorch's defaults: every matrix U(+-1/sqrt(fan_in)), i.e. bound sqrt(fan_in) * max ~ 1 and
+    # std sqrt(3 * fan_in) * std ~ 1, whatever the width; no extra depth scaling
+    for name, fan_in in (("blocks.0.attn.qkv.weight", 192), ("blocks.0.ffn.gate_up.weight", 192),
+                         ("blocks.0.attn.out_proj.weight", 192), ("blocks.0.ffn.out_proj.weight", m.config.d_ff),
+                         ("lm_head.weight", 192)):
+        assert 0.97 < p[name].abs().max().item() * math.sqrt(fan_in) <= 1, name
+        assert abs(p[name].std().item() * math.sqrt(3 * fan_in) - 1) < 0.03, name
+    assert abs(p["wte.weight"].std().item() - 1) < 0.05 and abs(p["wpe.weight"].std().item() - 1) < 0.05
+    assert m.lm_head.weight is not m.wte.weight  # untied: a unit-scale embedding, a 1/sqrt(d_model) readout
+    assert all(not p[n].any() for n in p if n.endswith(".bias"))
+    gpt2 = tiny_transformer(n_layer=8, d_model=192, init="gpt2", tie_embeddings=True, bias=True)
+    q = dict(gpt2.named_parameters())
+    assert abs(q["blocks.0.attn.qkv.weight"].std().item() - 0.02) < 0.002
+    assert abs(q["blocks.0.attn.out_proj.weight"].std().item() - 0.02 / 4) < 0.0007  # scaled for depth
+    assert abs(gpt2.wte.weight.std().item() - 0.02) < 0.002 and gpt2.lm_head.weight is gpt2.wte.weight
+    assert all(not q[n].any() for n in q if n.endswith(".bias"))
+    with pytest.raises(ValueError, match="init must be one of"):
+        tiny_transformer(init="xavier")
     decay, keep = m.optim_groups(0.1)
     assert decay["weight_decay"] == 0.1 and keep["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in keep["params"])
@@ -414,9 +431,9 @@ def test_mamba_causal():
     assert not torch.allclose(a[:, 17:], b[:, 17:])
 
 
-@pytest.mark.parametrize("d_conv", [4, 1])
-def test_mamba_generation_equals_full_forward(d_conv):
-    cache = check_cached_generation(tiny_mamba(d_conv=d_conv), new_tokens=45)  # 54 tokens: past block_size
+@pytest.mark.parametrize("d_conv, scan", [(4, "auto"), (1, "auto"), (4, "loop")])
+def test_mamba_generation_equals_full_forward(d_conv, scan):
+    cache = check_cached_generation(tiny_mamba(d_conv=d_conv, scan=scan), new_tokens=45)  # 54 tokens: past block_size
     assert cache.len == 53
 
 
@@ -441,7 +458,29 @@ def test_mamba_sampling_runs():
         assert len(out) == 10 and all(t.shape == (1, 1) and 0 <= t.item() < 61 for t in out)
 
 
-@pytest.mark.parametrize("scan", ["chunked", "triton"])
+@pytest.mark.parametrize("T", [1, 7, 65])
+def test_mamba_loop_scan_equals_the_kernel(T):
+    """selective_scan_loop, the recurrence written out in the model file, against kernels.selective_scan:
+    outputs, last states and the gradients of every input, from a given state and from zeros."""
+    torch.manual_seed(T)
+    Bsz, E, N = 2, 6, 5
+    x, dt, z = torch.randn(Bsz, E, T), torch.randn(Bsz, E, T), torch.randn(Bsz, E, T)
+    A = -torch.rand(E, N) * 3 - 0.1
+    Bm, Cm, D, bias, h0 = torch.randn(Bsz, N, T), torch.randn(Bsz, N, T), torch.randn(E), torch.randn(E), torch.randn(Bsz, E, N)
+    for start in (h0, None):
+        inputs = [t.clone().requires_grad_() for t in (x, dt, A, Bm, Cm, D, z, bias)]
+        y, last = model_mamba.selective_scan_loop(*inputs, start)
+        y_ref, last_ref = kernels.selective_scan(*inputs[:7], delta_bias=inputs[7], delta_softplus=True,
+                                                 initial_state=start, return_last_state=True)
+        torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(last, last_ref, atol=1e-5, rtol=1e-5)
+        w, v = torch.randn_like(y), torch.randn_like(last)  # a random direction, so every output counts
+        grads = [torch.autograd.grad((a * w).sum() + (b * v).sum(), inputs) for a, b in ((y, last), (y_ref, last_ref))]
+        for name, g, g_ref in zip(("x", "dt", "A", "B", "C", "D", "z", "dt_bias"), *grads):
+            torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("scan", ["chunked", "triton", "loop"])
 def test_mamba_scan_paths_agree_in_the_model(scan):
     fast, slow = tiny_mamba(scan=scan), tiny_mamba(scan="ref")
     slow.load_state_dict(fast.state_dict())
@@ -476,9 +515,18 @@ def test_mamba_init_and_optimizer_groups():
         assert mx.dt_proj.weight.abs().max() <= bound and mx.dt_proj.weight.abs().max() > bound / 2  # not N(0, 0.02)
         torch.testing.assert_close(-torch.exp(mx.A_log), -torch.arange(1, 17.0).repeat(cfg.d_inner, 1))  # S4D-real
         assert torch.equal(mx.D, torch.ones(cfg.d_inner))
-    std = lambda name: dict(m.named_parameters())[name].std().item()
-    assert abs(std("blocks.0.mixer.in_proj.weight") - 0.02) < 0.002
-    assert abs(std("blocks.0.mixer.out_proj.weight") - 0.02 / math.sqrt(8)) < 0.0007  # scaled for depth
+    p = dict(m.named_parameters())
+    # PyTorch's default U(+-1/sqrt(fan_in)) for in_proj, x_proj and the conv; out_proj divided by sqrt(n_layer)
+    bound = lambda name: p[name].abs().max().item() * math.sqrt(p[name][0].numel())  # 1 for that default
+    std = lambda name: p[name].std().item() * math.sqrt(3 * p[name][0].numel())  # 1 for that default
+    for name in ("blocks.0.mixer.in_proj.weight", "blocks.0.mixer.x_proj.weight", "blocks.0.mixer.conv1d.weight"):
+        assert 0.95 < bound(name) <= 1 and abs(std(name) - 1) < 0.1, name
+    assert 0.95 < bound("blocks.0.mixer.out_proj.weight") * math.sqrt(8) <= 1.0001
+    assert abs(std("blocks.0.mixer.out_proj.weight") * math.sqrt(8) - 1) < 0.05
+    conv_bias = p["blocks.0.mixer.conv1d.bias"]  # the conv's default bias too: U(+-1/sqrt(d_conv)), not zero
+    assert conv_bias.abs().max() <= cfg.d_conv ** -0.5 and abs(conv_bias.std() * math.sqrt(3 * cfg.d_conv) - 1) < 0.2
+    assert abs(p["wte.weight"].std().item() - 0.02) < 0.001 and m.lm_head.weight is m.wte.weight  # tied, as official
+    assert not p["blocks.0.mixer.in_proj.bias"].any() and not p["blocks.0.mixer.out_proj.bias"].any()
     decay, keep = m.optim_groups(0.1)
     assert decay["weight_decay"] == 0.1 and keep["weight_decay"] == 0.0
     names = {p: n.split(".", 2)[-1] if n.startswith("blocks.") else n for n, p in m.named_parameters()}  # without "blocks.i."
@@ -980,6 +1028,16 @@ def tiny_moe(**kw):
     return model_moe.Model(cfg).eval()
 
 
+def test_moe_init_follows_the_transformer():
+    """The experts' stacked matrices follow the rule of the dense feed-forward: fan_in by default, 0.02 under gpt2."""
+    u = lambda fan_in: (3 * fan_in) ** -0.5  # the std of U(+-1/sqrt(fan_in))
+    for init, w_in, w_out, router in (("fan_in", u(96), u(64), u(96)), ("gpt2", 0.02, 0.02 / 4, 0.02)):
+        m = tiny_moe(n_layer=8, d_model=96, d_expert=64, n_expert=4, init=init)
+        ffn = m.blocks[0].ffn
+        assert abs(ffn.w_in.std().item() - w_in) < 0.05 * w_in and abs(ffn.w_out.std().item() - w_out) < 0.05 * w_out
+        assert abs(ffn.router.weight.std().item() - router) < 0.1 * router
+
+
 def moe_layer(**kw):
     torch.manual_seed(0)
     cfg = model_moe.Config(**{**dict(vocab_size=61, d_model=32, n_layer=2, n_head=4, d_ff=48), **kw})
@@ -1193,8 +1251,7 @@ def test_hybrid_blocks_match_their_sources():
     src = inspect.getsource
     for name in ("RMSNorm", "SwiGLU", "sample_next"):
         assert src(getattr(model_hybrid, name)) == src(getattr(model_transformer, name)), name
-    for name in ("_init_weights", "optim_groups"):
-        assert src(getattr(model_hybrid.Model, name)) == src(getattr(model_transformer.Model, name)), name
+    assert src(model_hybrid.Model.optim_groups) == src(model_transformer.Model.optim_groups)
     torch.manual_seed(0)
     x = torch.randn(2, 11, 32)
     # attention, with and without a KV cache
@@ -1332,10 +1389,13 @@ def test_hybrid_init_and_optimizer_groups():
         assert bound / 2 < mx.dt_proj.weight.abs().max() <= bound  # uniform in +-1/sqrt(R), not N(0, 0.02)
         torch.testing.assert_close(-torch.exp(mx.A_log), -torch.arange(1, 17.0).repeat(cfg.d_inner, 1))  # S4D-real
         assert torch.equal(mx.D, torch.ones(cfg.d_inner))
-    std = lambda name: dict(m.named_parameters())[name].std().item()
-    assert abs(std("blocks.0.mixer.in_proj.weight") - 0.02) < 0.002
-    for name in ("blocks.0.mixer.out_proj.weight", "blocks.4.mixer.out_proj.weight", "blocks.0.ffn.out_proj.weight"):
-        assert abs(std(name) - 0.02 / math.sqrt(16)) < 0.0007  # two residual branches per layer
+    params = dict(m.named_parameters())
+    for name, p in params.items():  # PyTorch's defaults: matrices uniform in +-1/sqrt(fan_in), embeddings N(0, 1)
+        if name.endswith(("proj.weight", "qkv.weight", "gate_up.weight", "router.weight", "lm_head.weight")):
+            bound = p.shape[1] ** -0.5
+            assert 0.9 * bound < p.abs().max() <= bound and abs(p.std().item() * 3 ** 0.5 / bound - 1) < 0.1, name
+    assert abs(params["wte.weight"].std().item() - 1) < 0.05 and "lm_head.weight" in params  # untied
+    assert all(not p.any() for n, p in params.items() if n.endswith("bias") and "dt_proj" not in n and "conv" not in n)
     decay, keep = m.optim_groups(0.1)
     names = {p: n.split(".", 2)[-1] if n.startswith("blocks.") else n for n, p in m.named_parameters()}  # without "blocks.i."
     assert {names[p] for p in keep["params"]} == {
@@ -1344,11 +1404,12 @@ def test_hybrid_init_and_optimizer_groups():
     assert {names[p] for p in decay["params"]} == {
         "wte.weight", "mixer.in_proj.weight", "mixer.conv1d.weight", "mixer.x_proj.weight", "mixer.dt_proj.weight",
         "mixer.out_proj.weight", "mixer.qkv.weight", "ffn.gate_up.weight", "ffn.out_proj.weight", "ffn.router.weight",
+        "lm_head.weight",
         "ffn.experts.0.gate_up.weight", "ffn.experts.0.out_proj.weight", "ffn.experts.1.gate_up.weight",
         "ffn.experts.1.out_proj.weight", "ffn.experts.2.gate_up.weight", "ffn.experts.2.out_proj.weight",
         "ffn.experts.3.gate_up.weight", "ffn.experts.3.out_proj.weight", "out_proj.weight", "shared.attn.qkv.weight",
         "shared.attn.out_proj.weight", "shared.ffn.gate_up.weight", "shared.ffn.out_proj.weight"}
-    assert len(decay["params"]) + len(keep["params"]) == len(list(m.parameters()))  # tied weight counted once
+    assert len(decay["params"]) + len(keep["params"]) == len(list(m.parameters()))  # a shared weight counted once
 
 
 def test_hybrid_loss_and_accounting():
