@@ -411,10 +411,11 @@ class Model(nn.Module):
         if cfg.pos == "learned":
             self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
         if cfg.pos == "sinusoidal":  # the table's entries have RMS 1/sqrt(2): added as is to token embeddings of
-            # std 0.02 (_init_weights), positions drown the tokens (val loss 3.22 against 2.21 with learned positions
-            # after `train.py --d_model=64 --n_layer=2 --block_size=32 --max_iters=600`). So the table is scaled to the
-            # embeddings' init RMS (2.23). Vaswani et al. multiply the embeddings by sqrt(d_model) instead (2.34 here).
-            self.register_buffer("sinusoids", sinusoids(cfg.block_size, cfg.d_model) * 0.02 * math.sqrt(2), persistent=False)
+            # std 0.02 (GPT-2's init), positions drown the tokens (val loss 3.22 against 2.21 with learned positions,
+            # tied head, `train.py --d_model=64 --n_layer=2 --block_size=32 --max_iters=600`). So the table is scaled
+            # to the embeddings' init RMS (2.23 there). Vaswani et al. multiply the embeddings by sqrt(d_model) instead.
+            emb_std = 0.02 if cfg.init == "gpt2" else 1.0  # init_weights: N(0, 0.02) or N(0, 1)
+            self.register_buffer("sinusoids", sinusoids(cfg.block_size, cfg.d_model) * emb_std * math.sqrt(2), persistent=False)
         if cfg.pos == "rope":
             D, theta = cfg.head_dim, cfg.rope_theta
             if cfg.rope_scaling == "ntk":  # a larger base: the slowest pair turns rope_factor x slower, the fastest as trained

@@ -1715,10 +1715,11 @@ def test_relu_ffn_is_the_original_transformers():
 
 def test_sinusoidal_table_is_on_the_token_embeddings_scale():
     """Amplitude 1 against embeddings of std 0.02 drowns the tokens: the table is scaled to their RMS."""
-    m = tiny_transformer(pos="sinusoidal")
-    table_rms = m.sinusoids.pow(2).mean().sqrt().item()
-    token_rms = m.wte.weight.pow(2).mean().sqrt().item()
-    assert 0.8 < table_rms / token_rms < 1.25
+    for init in ("fan_in", "gpt2"):
+        m = tiny_transformer(pos="sinusoidal", init=init)
+        table_rms = m.sinusoids.pow(2).mean().sqrt().item()
+        token_rms = m.wte.weight.pow(2).mean().sqrt().item()
+        assert 0.8 < table_rms / token_rms < 1.25, init
     torch.testing.assert_close(m.sinusoids / m.sinusoids[1:2].norm(), model_transformer.sinusoids(40, 48)
                                / model_transformer.sinusoids(40, 48)[1:2].norm())  # the same table, only scaled
 
