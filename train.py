@@ -387,6 +387,17 @@ def train(opts, overrides, module):
     log(f"done: best val loss {best_val:.4f}, {fmt_time(time.time() - t_start)}; checkpoints in {out_dir}")
     if ddp:
         dist.destroy_process_group()
+        # Gloo frees a finished collective's tensors on its own worker thread, a moment after the
+        # waiting rank has moved on, and destroy_process_group does not stop that thread (DDP still
+        # holds the group). If the rank is already shutting Python down by then, the thread cannot
+        # take the GIL to drop the tensors' Python objects and the process aborts ("terminate
+        # called without an active exception", seen on rank 1, which leaves right after the last
+        # all_gather_object while rank 0 writes the checkpoint; a barrier only moves the race to
+        # the barrier's own cleanup). Everything is written and closed here, so end the process
+        # without the interpreter's teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def main(argv):
