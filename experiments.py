@@ -21,15 +21,16 @@ import shlex
 import subprocess
 import sys
 import time
+from html import escape as esc
 from pathlib import Path
 
 import torch
 
 import data
 import train
+from train import COLOURS, svg_lines
 
 REPO = Path(__file__).resolve().parent
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
 
 
 class Lab:
@@ -132,51 +133,6 @@ def table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
-def svg_lines(panels, width=380, height=260, cols=2):
-    """Hand-written SVG line charts (no plotting library). panels: [dict(title, xlabel, ylabel,
-    series={name: [(x, y), ...]}, logx=False, logy=False)]. One legend for all panels."""
-    names = list(dict.fromkeys(n for p in panels for n in p["series"]))
-    colour = {n: COLOURS[i % len(COLOURS)] for i, n in enumerate(names)}
-    rows_n = math.ceil(len(panels) / cols)
-    legend_h = 16 * math.ceil(len(names) / 4) + 10
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * min(cols, len(panels))}" '
-           f'height="{height * rows_n + legend_h}" font-family="sans-serif" font-size="11">',
-           '<rect width="100%" height="100%" fill="white"/>']
-    for i, n in enumerate(names):
-        x, y = 10 + 170 * (i % 4), 12 + 16 * (i // 4)
-        out.append(f'<rect x="{x}" y="{y - 5}" width="14" height="4" fill="{colour[n]}"/>'
-                   f'<text x="{x + 18}" y="{y}">{esc(n)}</text>')
-    for k, p in enumerate(panels):
-        ox, oy = (k % cols) * width, legend_h + (k // cols) * height
-        left, top, w, h = ox + 55, oy + 22, width - 75, height - 62
-        out.append(f'<text x="{left + w / 2}" y="{oy + 14}" text-anchor="middle" font-weight="bold">{esc(p["title"])}</text>'
-                   f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#888"/>'
-                   f'<text x="{left + w / 2}" y="{top + h + 30}" text-anchor="middle">{esc(p["xlabel"])}</text>'
-                   f'<text transform="translate({ox + 12},{top + h / 2}) rotate(-90)" text-anchor="middle">'
-                   f'{esc(p["ylabel"])}</text>')
-        pts = [(x, y) for s in p["series"].values() for x, y in s if y == y and math.isfinite(y)]
-        if not pts:
-            continue
-        fx = math.log10 if p.get("logx") else (lambda v: v)
-        fy = math.log10 if p.get("logy") else (lambda v: v)
-        x0, x1 = min(fx(x) for x, _ in pts), max(fx(x) for x, _ in pts)
-        y0, y1 = min(fy(y) for _, y in pts), max(fy(y) for _, y in pts)
-        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-        X = lambda v: left + w * (fx(v) - x0) / (x1 - x0)
-        Y = lambda v: top + h * (1 - (fy(v) - y0) / (y1 - y0))
-        for t in range(5):  # ticks, in data units
-            xv, yv = x0 + (x1 - x0) * t / 4, y0 + (y1 - y0) * t / 4
-            xv, yv = (10 ** xv if p.get("logx") else xv), (10 ** yv if p.get("logy") else yv)
-            out.append(f'<text x="{X(xv):.1f}" y="{top + h + 14}" text-anchor="middle">{xv:.3g}</text>'
-                       f'<text x="{left - 4}" y="{Y(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
-        for n, s in p["series"].items():
-            s = [(x, y) for x, y in s if y == y and math.isfinite(y)]
-            line = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in s)
-            out.append(f'<polyline points="{line}" fill="none" stroke-width="2" stroke="{colour[n]}"/>' if len(s) > 1
-                       else "".join(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3" fill="{colour[n]}"/>' for x, y in s))
-    return "\n".join(out + ["</svg>"]) + "\n"
-
-
 def svg_bars(title, xlabel, bars, width=640):
     """Horizontal bars: [(label, value, spread)]; the spread is drawn as a whisker."""
     row, left, top = 22, 230, 34
@@ -199,10 +155,6 @@ def svg_bars(title, xlabel, bars, width=640):
     out.append(f'<text x="{left + w / 2}" y="{top + row * len(bars) + 24}" text-anchor="middle">{esc(xlabel)} '
                f'(axis from {lo:.3g})</text>')
     return "\n".join(out + ["</svg>"]) + "\n"
-
-
-def esc(s):
-    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 # ----------------------------------------------------------------------------- the experiments

@@ -28,6 +28,9 @@ from torch.nn.parallel import DistributedDataParallel
 from data import (MODELS, SYNTHETIC, SynthData, TextData, UsageError, atomic_write, die, load_checkpoint,
                   model_from_checkpoint, pick_device, read_args, typed)
 
+COLOURS = [  # the pictures: loss.svg here, results/*.svg in experiments.py
+    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
+
 # name: (default, help). Every name can be set as --name=value or in a preset file; the fields
 # of the chosen model's Config (python train.py --help lists them) can be set the same way.
 OPTIONS = {
@@ -126,39 +129,57 @@ def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
-def plot_svg(path, series, title="", xlabel="", ylabel="", logx=False, width=640, height=400):
-    """A line plot as a small SVG file, no plotting library: series is {name: [(x, y), ...]}."""
-    M = 60  # margin, room for the tick labels
-    pts = {name: [(math.log10(x) if logx else x, y) for x, y in xy if math.isfinite(y) and (x > 0 or not logx)]
-           for name, xy in series.items()}
-    every = [p for ps in pts.values() for p in ps] or [(0.0, 0.0)]
-    (x0, y0), (x1, y1) = [(f(p[0] for p in every), f(p[1] for p in every)) for f in (min, max)]
-    sx = lambda x: M + (x - x0) / ((x1 - x0) or 1) * (width - 2 * M)
-    sy = lambda y: height - M - (y - y0) / ((y1 - y0) or 1) * (height - 2 * M)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{width / 2}" y="24" text-anchor="middle" font-size="15">{escape(title)}</text>',
-           f'<path d="M{M},{M} V{height - M} H{width - M}" fill="none" stroke="black"/>',
-           f'<text x="{width / 2}" y="{height - 15}" text-anchor="middle">{escape(xlabel)}{" (log scale)" if logx else ""}</text>',
-           f'<text x="16" y="{height / 2}" text-anchor="middle" transform="rotate(-90 16 {height / 2})">{escape(ylabel)}</text>']
-    for f in (0, 0.5, 1):  # three ticks per axis: the ends and the middle
-        x, y = x0 + f * (x1 - x0), y0 + f * (y1 - y0)
-        out.append(f'<text x="{sx(x):.1f}" y="{height - M + 16}" text-anchor="middle">{10 ** x if logx else x:.3g}</text>')
-        out.append(f'<text x="{M - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f"]
-    for i, (name, ps) in enumerate(pts.items()):
-        color = colors[i % len(colors)]
-        line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in ps)
-        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{line}"/>')
-        out.append(f'<text x="{width - M - 4}" y="{M + 16 * (i + 1)}" text-anchor="end" fill="{color}">{escape(name)}</text>')
-    atomic_write(path, ("\n".join(out) + "\n</svg>\n").encode())
+def svg_lines(panels, width=380, height=260, cols=2):
+    """Hand-written SVG line charts (no plotting library). panels: [dict(title, xlabel, ylabel,
+    series={name: [(x, y), ...]}, logx=False, logy=False)]. One legend for all panels."""
+    names = list(dict.fromkeys(n for p in panels for n in p["series"]))
+    colour = {n: COLOURS[i % len(COLOURS)] for i, n in enumerate(names)}
+    rows_n = math.ceil(len(panels) / cols)
+    legend_h = 16 * math.ceil(len(names) / 4) + 10
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * min(cols, len(panels))}" '
+           f'height="{height * rows_n + legend_h}" font-family="sans-serif" font-size="11">',
+           '<rect width="100%" height="100%" fill="white"/>']
+    for i, n in enumerate(names):
+        x, y = 10 + 170 * (i % 4), 12 + 16 * (i // 4)
+        out.append(f'<rect x="{x}" y="{y - 5}" width="14" height="4" fill="{colour[n]}"/>'
+                   f'<text x="{x + 18}" y="{y}">{escape(n)}</text>')
+    for k, p in enumerate(panels):
+        ox, oy = (k % cols) * width, legend_h + (k // cols) * height
+        left, top, w, h = ox + 55, oy + 22, width - 75, height - 62
+        out.append(f'<text x="{left + w / 2}" y="{oy + 14}" text-anchor="middle" font-weight="bold">{escape(p["title"])}</text>'
+                   f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#888"/>'
+                   f'<text x="{left + w / 2}" y="{top + h + 30}" text-anchor="middle">{escape(p["xlabel"])}</text>'
+                   f'<text transform="translate({ox + 12},{top + h / 2}) rotate(-90)" text-anchor="middle">'
+                   f'{escape(p["ylabel"])}</text>')
+        pts = [(x, y) for s in p["series"].values() for x, y in s if y == y and math.isfinite(y)]
+        if not pts:
+            continue
+        fx = math.log10 if p.get("logx") else (lambda v: v)
+        fy = math.log10 if p.get("logy") else (lambda v: v)
+        x0, x1 = min(fx(x) for x, _ in pts), max(fx(x) for x, _ in pts)
+        y0, y1 = min(fy(y) for _, y in pts), max(fy(y) for _, y in pts)
+        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+        X = lambda v: left + w * (fx(v) - x0) / (x1 - x0)
+        Y = lambda v: top + h * (1 - (fy(v) - y0) / (y1 - y0))
+        for t in range(5):  # ticks, in data units
+            xv, yv = x0 + (x1 - x0) * t / 4, y0 + (y1 - y0) * t / 4
+            xv, yv = (10 ** xv if p.get("logx") else xv), (10 ** yv if p.get("logy") else yv)
+            out.append(f'<text x="{X(xv):.1f}" y="{top + h + 14}" text-anchor="middle">{xv:.3g}</text>'
+                       f'<text x="{left - 4}" y="{Y(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
+        for n, s in p["series"].items():
+            s = [(x, y) for x, y in s if y == y and math.isfinite(y)]
+            line = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in s)
+            out.append(f'<polyline points="{line}" fill="none" stroke-width="2" stroke="{colour[n]}"/>' if len(s) > 1
+                       else "".join(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3" fill="{colour[n]}"/>' for x, y in s))
+    return "\n".join(out + ["</svg>"]) + "\n"
 
 
 def plot_losses(out_dir, tokens_per_iter):
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    plot_svg(out_dir / "loss.svg", {"train": [((r["iter"] + 1) * tokens_per_iter, r["loss"]) for r in rows if "loss" in r],
-                                    "val": [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]},
-             title=f"loss: {out_dir}", xlabel="training tokens", ylabel="cross-entropy (nats/token)")
+    series = {"train": [((r["iter"] + 1) * tokens_per_iter, r["loss"]) for r in rows if "loss" in r],
+              "val": [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]}
+    atomic_write(out_dir / "loss.svg", svg_lines([dict(title=f"loss: {out_dir}", xlabel="training tokens",
+                                                        ylabel="cross-entropy (nats/token)", series=series)], 560, 360).encode())
 
 
 def record(path, row):
