@@ -3,6 +3,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU in tests; set before kernels import
 
 import base64
+import dataclasses
 import inspect
 import json
 import math
@@ -525,14 +526,17 @@ def test_mamba_init_and_optimizer_groups():
     assert abs(std("blocks.0.mixer.out_proj.weight") * math.sqrt(8) - 1) < 0.05
     conv_bias = p["blocks.0.mixer.conv1d.bias"]  # the conv's default bias too: U(+-1/sqrt(d_conv)), not zero
     assert conv_bias.abs().max() <= cfg.d_conv ** -0.5 and abs(conv_bias.std() * math.sqrt(3 * cfg.d_conv) - 1) < 0.2
-    assert abs(p["wte.weight"].std().item() - 0.02) < 0.001 and m.lm_head.weight is m.wte.weight  # tied, as official
+    assert abs(p["wte.weight"].std().item() - 1) < 0.05 and m.lm_head.weight is not m.wte.weight  # untied by default
+    assert 0.95 < bound("lm_head.weight") <= 1  # the head at PyTorch's default
+    official = model_mamba.Model(model_mamba.Config(**{**dataclasses.asdict(cfg), "tie_embeddings": True}))
+    assert abs(official.wte.weight.std().item() - 0.02) < 0.001 and official.lm_head.weight is official.wte.weight
     assert not p["blocks.0.mixer.in_proj.bias"].any() and not p["blocks.0.mixer.out_proj.bias"].any()
     decay, keep = m.optim_groups(0.1)
     assert decay["weight_decay"] == 0.1 and keep["weight_decay"] == 0.0
     names = {p: n.split(".", 2)[-1] if n.startswith("blocks.") else n for n, p in m.named_parameters()}  # without "blocks.i."
     assert {names[p] for p in keep["params"]} == {"norm.weight", "norm_f.weight", "mixer.A_log", "mixer.D", "mixer.dt_proj.bias",
                                                   "mixer.conv1d.bias", "mixer.in_proj.bias", "mixer.out_proj.bias"}
-    assert {names[p] for p in decay["params"]} == {"wte.weight", "mixer.in_proj.weight", "mixer.conv1d.weight",
+    assert {names[p] for p in decay["params"]} == {"wte.weight", "lm_head.weight", "mixer.in_proj.weight", "mixer.conv1d.weight",
                                                    "mixer.x_proj.weight", "mixer.dt_proj.weight", "mixer.out_proj.weight"}
     assert len(decay["params"]) + len(keep["params"]) == len(list(m.parameters()))  # tied weight counted once
 
