@@ -9,8 +9,8 @@ figures depend on the machine, so they are reported as ratios between things run
     python bench.py attention                # FlashAttention: GPU TFLOP/s; CPU memory against length
     python bench.py hybrid                   # cache memory: Transformer vs Jamba-style hybrid vs Mamba
 
-On a CUDA machine `scan` uses the GPU sizes of the Mamba issue and the Triton kernel.
-Sections with a target from the issues print PASS/FAIL lines.
+On a CUDA machine `scan` uses GPU sizes and the Triton kernel.
+Sections with a target print PASS/FAIL lines.
 """
 import ctypes
 import math
@@ -479,7 +479,7 @@ def attention_gpu(shapes=((16, 12, 1024, 64, True), (4, 16, 4096, 128, True), (2
 
 
 def attention_targets(res):
-    """The issue's targets on an H200, each PASS or FAIL (a missing measurement is a FAIL)."""
+    """The kernels' targets on an H200, each PASS or FAIL (a missing measurement is a FAIL)."""
     def get(shape, name, key):
         return res.get((*shape, name), {}).get(key, float("nan"))
     rows = []
@@ -497,7 +497,7 @@ def attention_targets(res):
     shape = (4, 16, 4096, 128, False)
     check("bwd D=128 full T=4096 (B4 H16) vs sdpa-flash",
           get(shape, "triton", "bwd") / get(shape, "sdpa-flash", "bwd"), 1.0, "x")
-    print("targets (the issue's, on an H200; dK/dV determinism is a test: see gpu_check.sh)")
+    print("targets (on an H200; dK/dV determinism is a test: see gpu_check.sh)")
     table(["target", "measured", "goal", ""], rows)
 
 

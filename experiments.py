@@ -332,7 +332,7 @@ def architectures(lab):
             + table(["model", "d_model x n_layer", "params", "active", "MFLOPs/token", "train tok/s",
                      f"decode tok/s @{context}", f"cache @{context}"], cost)
             + "\n\nWhat each learned: validation loss (the synthetic tasks: on the answers only), answer accuracy with "
-            "the no-recall baseline measured on the same answers in brackets (train.py's val_baseline), and induction "
+            "the no-recall baseline measured on the same answers in brackets (val_baseline), and induction "
             "at 4x the training length:\n\n" + table(head, learned))
     panels = [dict(title=ds, xlabel="training tokens", ylabel="validation loss", series=curves[ds]) for ds in datasets]
     lab.page("The architectures side by side", body, svg_lines(panels))
@@ -397,7 +397,7 @@ def recall(lab):
             f"({tokens / 1e6:.2f}M tokens), lr {run['lr']}, {run['task_vocab']} symbols; the Transformer's "
             f"d_model x 2 layers sets the active-parameter target and every other model gets the width (and depth) "
             f"nearest it. Accuracy on the answers only, from the last evaluation; 'no-recall baseline' is the rule "
-            f"that recalls nothing, scored on the same answers (train.py's SynthData.guess): the most frequent data "
+            f"that recalls nothing, scored on the same answers (data.py's SynthData.guess): the most frequent data "
             f"symbol for selective copying and MQAR, a fixed non-key symbol for induction (1 / (16 - 4) with 4 keys "
             f"asked per sequence; induction has 4 scored answers per sequence so that it is learned in this budget). "
             f"A second seed (up to --seeds) runs where the first is neither solved (>= 0.97) nor at its baseline; "
@@ -419,7 +419,7 @@ def moe(lab):
     """dense vs Mixture-of-Experts at equal active parameters and equal tokens; expert load over training"""
     # Character-level tiny Shakespeare (1.0M characters, vocabulary 65): the embedding is a few thousand
     # parameters, so "equal active parameters" is about the blocks, where MoE adds its experts. With GPT-2
-    # BPE (50K vocabulary) the tied embedding alone would be 3.2M parameters at d_model 64, dwarfing the
+    # BPE (50K vocabulary) the embedding and the head would be 6.4M parameters at d_model 64, dwarfing the
     # feed-forward layers MoE multiplies, on a 338K-token corpus that a model of that size memorises.
     run = dict(dataset="shakespeare_char", block_size=128, batch_size=16, max_iters=2000, eval_interval=200,
                eval_iters=10, lr=2e-3, min_lr=2e-4, warmup_iters=100, d_model=64, n_layer=4, n_head=4)
@@ -462,8 +462,7 @@ def moe(lab):
             f"{lab.seeds} seed(s) each. Every MoE layer replaces the SwiGLU feed-forward (hidden {d_ff}) and routes "
             f"each token through the same {d_ff} of expert width: top-1 of full-size experts (Switch), or top-2 of "
             f"half-width ones (fine-grained, DeepSeekMoE), so active parameters and FLOPs per token match the dense "
-            f"model (plus the router) while total parameters grow with the experts. Active parameters count the "
-            f"embedding (tied with the output layer). Load statistics are the MoE layers' mean at the last "
+            f"model (plus the router) while total parameters grow with the experts. XX Load statistics are the MoE layers' mean at the last "
             f"evaluation: entropy of the expert load / ln E (1 = uniform), max load / mean load - 1, experts "
             f"that got no token. Step time is relative to the dense model in the same experiment (CPU, shared "
             f"machine: a ratio, not a speed claim).\n\n"
@@ -531,8 +530,8 @@ def scaling(lab):
             f"character-level tiny Shakespeare, {tok_per_iter} tokens per step, lr {run['lr']} with warmup and a "
             f"cosine decay that ends at each run's last step. A budget C in training FLOPs sets each run's steps: "
             f"max_iters = C / (model.flops_per_token() x tokens per step) (6 FLOPs per matrix weight and the "
-            f"attention scores, PaLM's convention). N counts every parameter, the embedding included (65 x d_model, "
-            f"tied with the output layer). Loss: validation, at the end.\n\n"
+            f"attention scores, PaLM's convention). N counts every parameter, the embedding and the output layer "
+            f"included (2 x 65 x d_model). Loss: validation, at the end.\n\n"
             + table(["C (FLOPs)", "N (params)", "steps", "tokens / N", "val loss"], rows)
             + f"\n\nThe optimum per budget (a parabola in log10 N through the {len(sizes)} losses; its vertex):\n\n"
             + table(["C (FLOPs)", "from", "N_opt", "D_opt (tokens)", "D_opt / N_opt"], fits)

@@ -1,5 +1,5 @@
 """
-A GPT-style decoder-only Transformer, with every variant of the document behind a config flag.
+A GPT-style decoder-only Transformer, with every variant of the course behind a config flag.
 
 Each layer is self-attention followed by a position-wise feed-forward network, each wrapped in
 a residual connection and a normalisation (Vaswani et al. 2017, "Attention Is All You Need";
