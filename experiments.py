@@ -42,6 +42,7 @@ class Lab:
         self.out, self.data_dir = Path(opts["out"]), opts["data_dir"]
         self.runs_dir = self.out / "runs" / name
         self.commands = []  # every train.py command line, for the page
+        self.reused = []  # runs read from an earlier invocation: their training time is not in this one's wall time
         self.t0 = time.time()
 
     def train(self, runs):
@@ -55,6 +56,8 @@ class Lab:
             futures = {pool.submit(train_once, args, self.runs_dir / label): label for label, args in jobs}
             for f in concurrent.futures.as_completed(futures):
                 run = done[futures[f]] = f.result()
+                if run.reused:
+                    self.reused.append(run)
                 status = (f"val {run.final['val_loss']:.4f}" if run.ok else f"FAILED (exit {run.rc}; {run.dir / 'log.txt'})")
                 print(f"  [{len(done)}/{len(jobs)}] {futures[f]}: {status} in {run.seconds:.0f}s"
                       f"{' (reused)' if run.reused else ''}", flush=True)
@@ -67,7 +70,9 @@ class Lab:
               (f" --seeds={self.seeds}" if self.seeds != DEFAULT_SEEDS else "")
         runs = "\n".join(self.commands)
         text = (f"# {title}\n\n`{cmd}` — {machine()}, {self.jobs} run(s) at once with one thread each, "
-                f"wall time {(time.time() - self.t0) / 60:.1f} min.\n\n{body.strip()}\n\n"
+                f"wall time {(time.time() - self.t0) / 60:.1f} min"
+                + (f" ({len(self.reused)} of the runs below were read from an earlier invocation of the same "
+                   f"command, not rerun)" if self.reused else "") + f".\n\n{body.strip()}\n\n"
                 + (f"![{self.name}]({self.name}.svg)\n\n" if picture else "")
                 + f"<details><summary>The {len(self.commands)} training runs</summary>\n\n```\n{runs}\n```\n</details>\n")
         (self.out / f"{self.name}.md").write_text(text)
@@ -94,16 +99,18 @@ class Run:
 def train_once(args, run_dir):
     """One train.py process; reuse a finished run made with exactly these arguments."""
     stamp = run_dir / "args.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == {"args": args, "rc": 0}:
-        return Run(run_dir, 0, 0.0, reused=True)
+    done = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    if done.get("args") == args and done.get("rc") == 0:
+        return Run(run_dir, 0, done.get("seconds", float("nan")), reused=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
     t0 = time.time()
     with open(run_dir / "log.txt", "w") as log:
         rc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO).returncode
-    stamp.write_text(json.dumps({"args": args, "rc": rc}))
-    return Run(run_dir, rc, time.time() - t0, reused=False)
+    seconds = time.time() - t0
+    stamp.write_text(json.dumps({"args": args, "rc": rc, "seconds": seconds}))
+    return Run(run_dir, rc, seconds, reused=False)
 
 
 def machine():

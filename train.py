@@ -134,18 +134,19 @@ def svg_lines(panels, width=380, height=260, cols=2):
     series={name: [(x, y), ...]}, logx=False, logy=False)]. One legend for all panels."""
     names = list(dict.fromkeys(n for p in panels for n in p["series"]))
     colour = {n: COLOURS[i % len(COLOURS)] for i, n in enumerate(names)}
-    rows_n = math.ceil(len(panels) / cols)
-    legend_h = 16 * math.ceil(len(names) / 4) + 10
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * min(cols, len(panels))}" '
+    rows_n, total_w = math.ceil(len(panels) / cols), width * min(cols, len(panels))
+    per_row = max(1, total_w // 170)  # legend entries per line
+    legend_h = 16 * math.ceil(len(names) / per_row) + 10
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_w}" '
            f'height="{height * rows_n + legend_h}" font-family="sans-serif" font-size="11">',
            '<rect width="100%" height="100%" fill="white"/>']
     for i, n in enumerate(names):
-        x, y = 10 + 170 * (i % 4), 12 + 16 * (i // 4)
+        x, y = 10 + 170 * (i % per_row), 12 + 16 * (i // per_row)
         out.append(f'<rect x="{x}" y="{y - 5}" width="14" height="4" fill="{colour[n]}"/>'
                    f'<text x="{x + 18}" y="{y}">{escape(n)}</text>')
     for k, p in enumerate(panels):
         ox, oy = (k % cols) * width, legend_h + (k // cols) * height
-        left, top, w, h = ox + 55, oy + 22, width - 75, height - 62
+        left, top, w, h = ox + 55, oy + 22, width - 90, height - 62
         out.append(f'<text x="{left + w / 2}" y="{oy + 14}" text-anchor="middle" font-weight="bold">{escape(p["title"])}</text>'
                    f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#888"/>'
                    f'<text x="{left + w / 2}" y="{top + h + 30}" text-anchor="middle">{escape(p["xlabel"])}</text>'
@@ -166,11 +167,14 @@ def svg_lines(panels, width=380, height=260, cols=2):
             xv, yv = (10 ** xv if p.get("logx") else xv), (10 ** yv if p.get("logy") else yv)
             out.append(f'<text x="{X(xv):.1f}" y="{top + h + 14}" text-anchor="middle">{xv:.3g}</text>'
                        f'<text x="{left - 4}" y="{Y(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
-        for n, s in p["series"].items():
+        for n, s in p["series"].items():  # a dash pattern each, so that lines lying on each other still show
             s = [(x, y) for x, y in s if y == y and math.isfinite(y)]
+            dash = ["", "7,3", "2,3", "9,3,2,3"][names.index(n) % 4]
             line = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in s)
-            out.append(f'<polyline points="{line}" fill="none" stroke-width="2" stroke="{colour[n]}"/>' if len(s) > 1
-                       else "".join(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3" fill="{colour[n]}"/>' for x, y in s))
+            out.append(f'<polyline points="{line}" fill="none" stroke-width="2" stroke="{colour[n]}" stroke-dasharray="{dash}"/>'
+                       if len(s) > 1 else "")
+            if len(s) <= 12:  # few points: mark them
+                out += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="2.5" fill="{colour[n]}"/>' for x, y in s]
     return "\n".join(out + ["</svg>"]) + "\n"
 
 
