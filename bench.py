@@ -8,6 +8,7 @@ figures depend on the machine, so they are reported as ratios between things run
     python bench.py scan decode              # selective scan paths; Mamba state vs KV cache
     python bench.py attention                # FlashAttention: GPU TFLOP/s; CPU memory against length
     python bench.py hybrid                   # cache memory: Transformer vs Jamba-style hybrid vs Mamba
+    python bench.py moe                      # grouped experts vs the loop vs a dense feed-forward
 
 On a CUDA machine `scan` uses GPU sizes and the Triton kernel.
 Sections with a target print PASS/FAIL lines.
@@ -597,6 +598,9 @@ SECTIONS = {"attention": lambda args: attention(), "train": bench_train, "genera
             "moe": bench_moe}
 
 if __name__ == "__main__":
+    if "-h" in sys.argv or "--help" in sys.argv:
+        print(__doc__.strip())
+        sys.exit(0)
     names = [a for a in sys.argv[1:] if not a.startswith("--")]
     args = dict(a[2:].partition("=")[::2] for a in sys.argv[1:] if a.startswith("--"))
     unknown = [n for n in names if n not in SECTIONS]
