@@ -473,7 +473,7 @@ def moe(lab):
             f"{lab.seeds} seed(s) each. Every MoE layer replaces the SwiGLU feed-forward (hidden {d_ff}) and routes "
             f"each token through the same {d_ff} of expert width: top-1 of full-size experts (Switch), or top-2 of "
             f"half-width ones (fine-grained, DeepSeekMoE), so active parameters and FLOPs per token match the dense "
-            f"model (plus the router) while total parameters grow with the experts. XX Load statistics are the MoE layers' mean at the last "
+            f"model (plus the router) while total parameters grow with the experts. Active parameters count the embedding and the output layer. Load statistics are the MoE layers' mean at the last "
             f"evaluation: entropy of the expert load / ln E (1 = uniform), max load / mean load - 1, experts "
             f"that got no token. Step time is relative to the dense model in the same experiment (CPU, shared "
             f"machine: a ratio, not a speed claim).\n\n"
