@@ -71,8 +71,8 @@ class Lab:
         runs = "\n".join(self.commands)
         text = (f"# {title}\n\n`{cmd}` — {machine()}, {self.jobs} run(s) at once with one thread each, "
                 f"wall time {(time.time() - self.t0) / 60:.1f} min"
-                + (f" ({len(self.reused)} of the runs below were read from an earlier invocation of the same "
-                   f"command, not rerun)" if self.reused else "") + f".\n\n{body.strip()}\n\n"
+                + (f" ({len(self.reused)} of the runs below were read from finished runs with the same arguments in "
+                   f"{self.runs_dir}, not rerun: their time is not in this wall time)" if self.reused else "") + f".\n\n{body.strip()}\n\n"
                 + (f"![{self.name}]({self.name}.svg)\n\n" if picture else "")
                 + f"<details><summary>The {len(self.commands)} training runs</summary>\n\n```\n{runs}\n```\n</details>\n")
         (self.out / f"{self.name}.md").write_text(text)
@@ -622,34 +622,40 @@ def kv_bytes_per_token(model):
 
 def ladder(lab):
     """GPT-2 to a modern LLaMA-style block, one change at a time (cumulative), on tiny Shakespeare."""
-    steps = [("relu", "ReLU FFN (original Transformer)", GPT2 + ["--ffn=relu"]),
-             ("gpt2", "GPT-2 style (learned, LayerNorm, GELU, MHA)", GPT2),
+    modern = ["--pos=rope", "--norm=rmsnorm", "--ffn=swiglu"]
+    steps = [("gpt2", "GPT-2 style (learned, LayerNorm, GELU, MHA)", GPT2),
              ("rope", "+ RoPE", GPT2 + ["--pos=rope"]),
-             ("rmsnorm", "+ RoPE + RMSNorm", GPT2 + ["--pos=rope", "--norm=rmsnorm"]),
-             ("swiglu", "+ RoPE + RMSNorm + SwiGLU", GPT2 + ["--pos=rope", "--norm=rmsnorm", "--ffn=swiglu"]),
-             ("gqa", "+ ... + GQA 4:2 (the modern default)", SHAKESPEARE + ["--n_kv_head=2"]),
-             ("mqa", "+ ... + MQA 4:1", SHAKESPEARE + ["--n_kv_head=1"])]
+             ("rmsnorm", "+ RoPE + RMSNorm", GPT2 + modern[:2]),
+             ("swiglu", "+ RoPE + RMSNorm + SwiGLU", GPT2 + modern),
+             ("gqa", "+ ... + GQA 4:2", GPT2 + modern + ["--n_kv_head=2"]),
+             ("mqa", "+ ... + MQA 4:1 (instead of GQA)", GPT2 + modern + ["--n_kv_head=1"]),
+             ("default", "+ ... + GQA 4:2 + PyTorch's init, untied head (this repository's default)", SHAKESPEARE)]
     if lab.quick:  # four rows: each train.py process costs seconds of start-up alone
-        steps = [s for s in steps if s[0] in ("relu", "gpt2", "gqa", "mqa")]
+        steps = [s for s in steps if s[0] in ("gpt2", "rope", "gqa", "default")]
     ladder_page(lab, steps, "The ladder: GPT-2 to modern, one change at a time", """Cumulative: each row
-below GPT-2 style adds one change to the row above it. The first row is the original Transformer's ReLU
-feed-forward (Vaswani et al. 2017) in the GPT-2 style model. Each change alone is `python experiments.py
-ladder_alone` (two full 2000-step grids at 2 seeds do not fit one 15-minute budget on 2 cores).""")
+below GPT-2 style adds one change to the row above it (MQA replaces GQA's 2 K/V heads by 1), all with GPT-2's
+initialisation (N(0, 0.02), tied embeddings); the last row then switches to this repository's default
+initialisation (PyTorch's defaults, untied head), which is the modern default model exactly. Each change alone,
+and the original Transformer's ReLU feed-forward, are `python experiments.py ladder_alone`.""")
 
 
 def ladder_alone(lab):
-    """Each step of the ladder alone on GPT-2 style (RoPE, RMSNorm, SwiGLU, GQA, MQA), tiny Shakespeare."""
+    """Each step of the ladder alone on GPT-2 style (ReLU, RoPE, RMSNorm, SwiGLU, GQA, MQA), tiny Shakespeare."""
     steps = [("gpt2", "GPT-2 style (learned, LayerNorm, GELU, MHA)", GPT2),
+             ("relu", "ReLU instead of GELU (original Transformer)", GPT2 + ["--ffn=relu"]),
              ("rope", "+ RoPE only", GPT2 + ["--pos=rope"]),
-             ("rmsnorm", "+ RMSNorm only", GPT2 + ["--norm=rmsnorm"]),
-             ("swiglu", "+ SwiGLU only", GPT2 + ["--ffn=swiglu"]),
-             ("gqa", "+ GQA 4:2 only", GPT2 + ["--n_kv_head=2"]),
-             ("mqa", "+ MQA 4:1 only", GPT2 + ["--n_kv_head=1"])]
+             ("rmsnorm-only", "+ RMSNorm only", GPT2 + ["--norm=rmsnorm"]),
+             ("swiglu-only", "+ SwiGLU only", GPT2 + ["--ffn=swiglu"]),
+             ("gqa-only", "+ GQA 4:2 only", GPT2 + ["--n_kv_head=2"]),
+             ("mqa-only", "+ MQA 4:1 only", GPT2 + ["--n_kv_head=1"])]
     if lab.quick:
-        steps = [s for s in steps if s[0] in ("gpt2", "swiglu", "mqa")]
-    ladder_page(lab, steps, "The ladder, each change alone on GPT-2 style", """Each row adds one change,
-alone, to GPT-2 style: which of them helps on its own, and which only together (`python experiments.py
-ladder` adds them one after the other).""")
+        steps = [s for s in steps if s[0] in ("gpt2", "swiglu-only", "mqa-only")]
+    # the same run folder as `ladder`: its GPT-2 style and + RoPE runs have exactly these arguments and are
+    # read, not retrained (labels of runs with other arguments differ, so nothing is overwritten)
+    lab.runs_dir = lab.out / "runs" / "ladder"
+    ladder_page(lab, steps, "The ladder, each change alone on GPT-2 style", """Each row changes one thing,
+alone, in GPT-2 style: which of them helps on its own, and which only together (`python experiments.py
+ladder` adds them one after the other). The rows GPT-2 style and + RoPE are the same runs as in the ladder.""")
 
 
 def ladder_page(lab, steps, title, order):

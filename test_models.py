@@ -1673,8 +1673,8 @@ def test_experiment_architectures_quick(tmp_path):
 
 
 @pytest.mark.parametrize("name, rows", [
-    ("ladder", ["ReLU FFN (original Transformer)", "GPT-2 style (learned, LayerNorm, GELU, MHA)",
-                "+ ... + GQA 4:2 (the modern default)", "+ ... + MQA 4:1"]),
+    ("ladder", ["GPT-2 style (learned, LayerNorm, GELU, MHA)", "+ RoPE", "+ ... + GQA 4:2 |",
+                "+ ... + GQA 4:2 + PyTorch's init, untied head (this repository's default)"]),
     ("ladder_alone", ["GPT-2 style (learned, LayerNorm, GELU, MHA)", "+ SwiGLU only", "+ MQA 4:1 only"]),
     ("positions", ["learned (GPT-2)", "RoPE", "RoPE + position interpolation (PI)", "RoPE + NTK-aware scaling", "ALiBi"]),
     ("norms", ["2 | pre | 100 steps", "2 | post | none", "LayerNorm", "RMSNorm", "64 x 128", "256 x 512"]),
