@@ -142,7 +142,9 @@ def table(header, rows):
 
 def svg_bars(title, xlabel, bars, width=640):
     """Horizontal bars: [(label, value, spread)]; the spread is drawn as a whisker."""
-    row, left, top = 22, 230, 34
+    row, top = 22, 34
+    left = max(120, 6 * max(len(label) for label, _, _ in bars) + 16)  # ~6 px per character at font-size 11
+    width = max(width, left + 360, 7 * len(title) + 20)  # room for the bars and the (bold) title
     vals = [v + (s or 0) for _, v, s in bars if v == v]
     lo = min(v - (s or 0) for _, v, s in bars if v == v) if vals else 0
     lo, hi = lo - 0.1 * (max(vals) - lo + 1e-9), max(vals) if vals else 1
