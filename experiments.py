@@ -773,7 +773,7 @@ def positions(lab):
         if longest is not None:
             bucket = max(1, T // 8)
             mean = longest.mean(0)
-            curves[label] = [((i + 0.5) * bucket, mean[i:i + bucket].mean().item()) for i in range(0, mean.numel(), bucket)]
+            curves[label] = [(i + bucket / 2, mean[i:i + bucket].mean().item()) for i in range(0, mean.numel(), bucket)]
     header = ["positions", f"1x: 0..{T - 1}", f"2x: 0..{T - 1}", f"2x: {T}..{2 * T - 1}", f"4x: 0..{T - 1}",
               f"4x: {T}..{4 * T - 1}"]
     body = quick_note(lab) + f"""
@@ -832,48 +832,59 @@ def norm_speed(quick):
 
 
 def norms(lab):
-    """Pre-norm vs post-norm at depth 2/6/12, with and without warmup (grad norms); LayerNorm vs RMSNorm."""
+    """Pre-norm vs post-norm at depth 2/6/12, with and without warmup, and over learning rates; LayerNorm vs RMSNorm."""
     depths = (2,) if lab.quick else (2, 6, 12)
     lr = "3e-3"  # 3x train.py's default, chosen before any run: high enough for warmup to matter (Xiong et al.)
-    base = SHAKESPEARE + ["--d_model=64", "--n_head=4", "--n_kv_head=4", "--norm=layernorm", f"--lr={lr}",
-                          "--max_iters=600", "--eval_interval=200", "--min_lr=3e-4"]
-    grid = [(f"{'pre' if pre else 'post'}-d{d}-{'warm' if warm else 'nowarm'}", d, pre, warm,
-             base + [f"--n_layer={d}", f"--prenorm={pre}", f"--warmup_iters={100 if warm else 0}"])
-            for d in depths for pre in (True, False) for warm in (True, False) if not lab.quick or pre == warm]
+    # and at the deepest, a learning-rate sweep (the grid fixed before running it): where does each placement break?
+    sweep_lrs = () if lab.quick else ("1e-2", "3e-2")
+
+    tenth = {"3e-3": "3e-4", "1e-2": "1e-3", "3e-2": "3e-3"}  # the cosine schedule ends at a tenth of the peak
+
+    def args_at(rate):
+        return SHAKESPEARE + ["--d_model=64", "--n_head=4", "--n_kv_head=4", "--norm=layernorm", f"--lr={rate}",
+                              "--max_iters=600", "--eval_interval=200", f"--min_lr={tenth[rate]}"]
+    base = args_at(lr)
+    grid = [(f"{'pre' if pre else 'post'}-d{d}-{'warm' if warm else 'nowarm'}" + (f"-lr{rate}" if rate != lr else ""),
+             d, pre, warm, rate, args_at(rate) + [f"--n_layer={d}", f"--prenorm={pre}", f"--warmup_iters={100 if warm else 0}"])
+            for d in depths for rate in (lr, *(sweep_lrs if d == depths[-1] else ()))
+            for pre in (True, False) for warm in (True, False) if not lab.quick or pre == warm]
     mid = depths[len(depths) // 2]
     rms_key = f"rmsnorm-d{mid}"
     configs = [(key, args) for key, *_, args in grid] + \
               [(rms_key, base + [f"--n_layer={mid}", "--prenorm=True", "--warmup_iters=100", "--norm=rmsnorm"])]
     runs = seeded(lab, configs)
     rows, panels = [], []
-    for d in depths:
+    for d, rate in dict.fromkeys((d, rate) for _, d, _, _, rate, _ in grid):
         series = {}
-        for key, dd, pre, warm, _ in grid:
-            if dd != d:
+        for key, dd, pre, warm, rr, _ in grid:
+            if (dd, rr) != (d, rate):
                 continue
             gn = [[s["grad_norm"] for s in r.steps if "grad_norm" in s] for r in runs[key]]
             early = [max(g[:50]) if g else float("nan") for g in gn]
-            rows.append([d, "pre" if pre else "post", "100 steps" if warm else "none",
+            rows.append([d, rate, "pre" if pre else "post", "100 steps" if warm else "none",
                          mean_spread(final_val(runs[key])) + failed(runs[key]),
                          mean_spread(early, ".2f"), mean_spread([sorted(g)[len(g) // 2] if g else float("nan") for g in gn], ".2f")])
             if gn[0]:
                 w = max(1, len(gn[0]) // 60)  # a mean over windows of w steps, seed 0: readable curves
                 series[f"{'pre' if pre else 'post'}-norm, {'warmup' if warm else 'no warmup'}"] = \
                     [(i + w / 2, sum(gn[0][i:i + w]) / len(gn[0][i:i + w])) for i in range(0, len(gn[0]), w)]
-        panels.append(dict(title=f"{d} layers", xlabel="step", ylabel="grad norm before clipping", series=series, logy=True))
+        panels.append(dict(title=f"{d} layers, lr {rate}", xlabel="step", ylabel="grad norm before clipping",
+                           series=series, logy=True))
     ln_key = f"pre-d{mid}-warm"
     loss_rows = [["LayerNorm", mean_spread(final_val(runs[ln_key])) + failed(runs[ln_key])],
                  ["RMSNorm", mean_spread(final_val(runs[rms_key])) + failed(runs[rms_key])]]
+    swept = (f"; at depth {depths[-1]} also at {' and '.join(sweep_lrs)} (a sweep added after the {lr} runs showed "
+             f"no difference between the placements; its grid was fixed before running it)" if sweep_lrs else "")
     body = quick_note(lab) + f"""
 Xiong et al. (2020, "On Layer Normalization in the Transformer Architecture") show that the original
 post-norm Transformer (Vaswani et al. 2017) has large gradients near the output at initialisation and needs a
 learning-rate warmup, more so as depth grows, while pre-norm (GPT-2) trains without one. Here: both placements
 at depth {', '.join(map(str, depths))}, with a 100-step warmup and without, at one learning rate ({lr}, 3x the default,
-fixed before running), gradient clipping at 1.0 as in every run of train.py (the recorded norm is the one
+fixed before running){swept}, gradient clipping at 1.0 as in every run of train.py (the recorded norm is the one
 before clipping). Tiny Shakespeare, characters, width 64, 4 heads, context 64, batch 12, 600 steps, LayerNorm,
 {len(runs[ln_key])} seed(s).
 
-{table(["layers", "norm", "warmup", "final val loss", "largest grad norm, first 50 steps", "median grad norm"], rows)}
+{table(["layers", "lr", "norm", "warmup", "final val loss", "largest grad norm, first 50 steps", "median grad norm"], rows)}
 
 LayerNorm against RMSNorm (Zhang & Sennrich 2019: same quality, 7-64% faster in their RNN and Transformer
 runs), pre-norm, {mid} layers, warmup, same setup:
@@ -888,11 +899,11 @@ interleaved rounds; the model's RMSNorm calls F.rms_norm):
 What this shows: final losses and gradient norms of each placement at this learning rate and depth, and the
 measured cost of each norm on this CPU (where torch has a fused LayerNorm kernel and F.rms_norm is composed of
 elementwise ops: a per-op comparison, not a claim about fused GPU kernels). What it does not show: other
-learning rates, or depths beyond 12.
+widths, or depths beyond 12.
 
 <!-- lead: interpretation -->
 """
-    lab.page("Norms: pre- vs post-norm with depth and warmup; LayerNorm vs RMSNorm", body, svg_lines(panels, cols=3))
+    lab.page("Norms: pre- vs post-norm with depth and warmup; LayerNorm vs RMSNorm", body, svg_lines(panels, cols=3, width=360))
 
 
 EXPERIMENTS["norms"] = norms
@@ -939,7 +950,7 @@ def attention_memory(quick):
     for fn in paths.values():  # warm-up: one-time allocations are not the method's
         q, k, v = (torch.randn(1, 2, 64, 16, requires_grad=True) for _ in range(3))
         fn(q, k, v).sum().backward()
-    rows = []
+    rows, curves = [], {}  # curves: {sweep: {path: [(x, MiB)]}}
     for what, shapes in sweeps:
         for H, T, D in shapes:
             gen = torch.Generator().manual_seed(0)
@@ -952,7 +963,11 @@ def attention_memory(quick):
                 diff = (paths["explicit"](q, k, v) - paths["tiled"](q, k, v)).abs().max().item()
             rows.append([what, H, T, D, f"{H * T * T * 4 / 2**20:.1f}", f"{mib['explicit']:.0f}", f"{mib['tiled']:.0f}",
                          f"{1e3 * secs['explicit']:.0f}", f"{1e3 * secs['tiled']:.0f}", f"{diff:.1e}"])
-    return table(["sweep", "H", "T", "D", "one (H,T,T) fp32 matrix MiB", "explicit peak MiB", "tiled peak MiB",
+            for name in paths:
+                curves.setdefault(what, {}).setdefault(f"{name} (peak MiB)", []).append((dict(T=T, D=D, H=H)[what], mib[name]))
+    panels = [dict(title=f"attention fwd+bwd: peak memory against {what}", xlabel=what, ylabel="MiB", logx=True,
+                   logy=True, series=series) for what, series in curves.items()]
+    return panels, table(["sweep", "H", "T", "D", "one (H,T,T) fp32 matrix MiB", "explicit peak MiB", "tiled peak MiB",
                   "explicit CPU ms", "tiled CPU ms", "max abs difference of outputs"], rows)
 
 
@@ -961,7 +976,7 @@ def attention(lab):
     heads = [(4, "MHA 4:4"), (2, "GQA 4:2"), (1, "MQA 4:1")]
     train_args = SHAKESPEARE + ["--max_iters=1000", "--eval_interval=250"]
     runs = seeded(lab, [(f"kv{K}", train_args + [f"--n_kv_head={K}"]) for K, _ in heads])
-    contexts = (256, 1024) if lab.quick else (1024, 4096)
+    contexts = (256, 1024) if lab.quick else (256, 1024, 4096)
     ms = decode_ms([K * 2 for K, _ in heads], contexts, lab.quick)  # 8 query heads: 8, 4, 2 K/V heads
     rows = []
     for K, label in heads:
@@ -969,7 +984,7 @@ def attention(lab):
         rows.append([label + failed(runs[f"kv{K}"]), mean_spread(final_val(runs[f"kv{K}"])), f"{m.num_params():,}",
                      f"{kv_bytes_per_token(m):,}"])
     decode_rows = [[f"{8}:{2 * K} ({label.split()[0]})", *(f"{ms[2 * K, c]:.2f}" for c in contexts)] for K, label in heads]
-    mem = attention_memory(lab.quick)
+    mem_panels, mem = attention_memory(lab.quick)
     body = quick_note(lab) + f"""
 Multi-query attention (Shazeer 2019) and grouped-query attention (Ainslie et al. 2023) let groups of query
 heads share one key/value head: the KV cache shrinks by n_head / n_kv_head and decoding, which reads the whole
@@ -1005,7 +1020,7 @@ quality at scale, where the head count matters more.
 """
     panels = [dict(title="decode: next token after a context", xlabel="context (tokens)", ylabel="CPU ms/token",
                    series={f"8:{2 * K} K/V heads": [(c, ms[2 * K, c]) for c in contexts] for K, _ in heads}, logx=True)]
-    lab.page("Attention: MHA, GQA, MQA and FlashAttention", body, svg_lines(panels, cols=1))
+    lab.page("Attention: MHA, GQA, MQA and FlashAttention", body, svg_lines(panels + mem_panels, cols=2))
 
 
 EXPERIMENTS["attention"] = attention

@@ -135,13 +135,14 @@ def svg_lines(panels, width=380, height=260, cols=2):
     names = list(dict.fromkeys(n for p in panels for n in p["series"]))
     colour = {n: COLOURS[i % len(COLOURS)] for i, n in enumerate(names)}
     rows_n, total_w = math.ceil(len(panels) / cols), width * min(cols, len(panels))
-    per_row = max(1, total_w // 170)  # legend entries per line
+    col_w = max(170, 6 * max(map(len, names), default=0) + 30)  # ~6 px per character at font-size 11
+    per_row = max(1, total_w // col_w)  # legend entries per line
     legend_h = 16 * math.ceil(len(names) / per_row) + 10
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_w}" '
            f'height="{height * rows_n + legend_h}" font-family="sans-serif" font-size="11">',
            '<rect width="100%" height="100%" fill="white"/>']
     for i, n in enumerate(names):
-        x, y = 10 + 170 * (i % per_row), 12 + 16 * (i // per_row)
+        x, y = 10 + col_w * (i % per_row), 12 + 16 * (i // per_row)
         out.append(f'<rect x="{x}" y="{y - 5}" width="14" height="4" fill="{colour[n]}"/>'
                    f'<text x="{x + 18}" y="{y}">{escape(n)}</text>')
     for k, p in enumerate(panels):
