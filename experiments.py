@@ -140,14 +140,15 @@ def table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
-def svg_bars(title, xlabel, bars, width=640):
-    """Horizontal bars: [(label, value, spread)]; the spread is drawn as a whisker."""
+def svg_bars(title, xlabel, bars, width=640, origin=None):
+    """Horizontal bars: [(label, value, spread)]; the spread is drawn as a whisker. The axis starts at
+    `origin`, or a little below the smallest bar (losses: the differences are what matters)."""
     row, top = 22, 34
     left = max(120, 6 * max(len(label) for label, _, _ in bars) + 16)  # ~6 px per character at font-size 11
     width = max(width, left + 360, 7 * len(title) + 20)  # room for the bars and the (bold) title
     vals = [v + (s or 0) for _, v, s in bars if v == v]
     lo = min(v - (s or 0) for _, v, s in bars if v == v) if vals else 0
-    lo, hi = lo - 0.1 * (max(vals) - lo + 1e-9), max(vals) if vals else 1
+    lo, hi = (lo - 0.1 * (max(vals) - lo + 1e-9) if origin is None else origin), max(vals) if vals else 1
     w = width - left - 60
     X = lambda v: left + w * (v - lo) / ((hi - lo) or 1)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top + row * len(bars) + 40}" '
@@ -184,28 +185,6 @@ def vocab_of(dataset, data_dir, **opts):
     return data_of(dataset, data_dir, **opts).vocab_size
 
 
-def hybrid_fields(pattern):
-    """Config fields of model_hybrid that build this layer pattern ("Md Ad": Mamba + dense feed-forward,
-    then attention + dense; "S": the shared attention block). None when this model_hybrid cannot."""
-    import dataclasses
-    fields = {f.name for f in dataclasses.fields(model_module("hybrid").Config)}
-    if "layers" in fields:
-        return {"layers": pattern}
-    # FALLBACK for a model_hybrid without the `layers` string: its periodic attn_/moe_every/offset fields
-    kinds = pattern.split()
-    if any(k[0] not in "AM" for k in kinds):
-        return None  # a shared block needs `layers`
-    n = len(kinds)
-    for a_every in range(1, n + 2):
-        for a_off in range(a_every):
-            for e_every in range(1, n + 2):
-                for e_off in range(e_every):
-                    if all((k[0] == "A") == (i % a_every == a_off) and (k[1] == "e") == (i % e_every == e_off)
-                           for i, k in enumerate(kinds)):
-                        return dict(n_layer=n, attn_every=a_every, attn_offset=a_off, moe_every=e_every, moe_offset=e_off)
-    return None
-
-
 def active_params(name, **cfg):
     module = model_module(name)
     return module.Model(module.Config(**cfg)).num_params(active=True)
@@ -235,13 +214,11 @@ def matched_size(name, fixed, vocab_size, block_size, target, d_ref, n_ref):
 
 def matched_archs(archs, vocab_size, block_size, d_ref, n_ref):
     """{label: (model, Config overrides)} with every model sized to the first one's active parameters.
-    archs: {label: (model, fixed overrides or None when this code cannot build it)}."""
+    archs: {label: (model, fixed overrides)}."""
     (ref_label, (ref_model, ref_fixed)), out = next(iter(archs.items())), {}
     target = active_params(ref_model, **ref_fixed, vocab_size=vocab_size, block_size=block_size, d_model=d_ref,
                            n_layer=n_ref)
     for label, (model, fixed) in archs.items():
-        if fixed is None:
-            continue
         if label == ref_label:
             out[label] = (model, {**fixed, "d_model": d_ref, "n_layer": n_ref})
             continue
@@ -302,7 +279,7 @@ def architectures(lab):
     if lab.quick:
         run.update(max_iters=4, eval_interval=2, eval_iters=2, warmup_iters=2)
     archs = {"transformer": ("transformer", {}), "moe": ("moe", {}), "mamba": ("mamba", {}),
-             "hybrid": ("hybrid", hybrid_fields("Md Me Ad Me"))}  # Jamba's block at a quarter of the depth
+             "hybrid": ("hybrid", {"layers": "Md Me Ad Me"})}  # Jamba's block at a quarter of the depth
     text, synthetic = datasets[0], [ds for ds in datasets if ds in data.SYNTHETIC]
     vocabs = {ds: vocab_of(ds, lab.data_dir) for ds in datasets}
     sized = matched_archs(archs, vocabs[text], run["block_size"], 64, 2)  # sizes chosen on the text, kept for all
@@ -356,76 +333,116 @@ RECALL_ARCHS = {  # label: (model file, hybrid layer pattern); the first sets th
 }
 
 
-def recall(lab):
-    """selective copying, induction and MQAR for the four architectures at matched parameters; where Mamba's state runs out"""
+def recall_runs(lab, tasks, which):
+    """Train `which` [(task, arch label)] of the recall grid (tasks: {task: fields}); returns (results {(task, arch):
+    [Run per seed]}, sized {label: (model, fields)}, run fields, vocab). `recall` and `mqar` share one run folder."""
     # 1000 steps, the budget in which a 2-layer width-64 Transformer solves MQAR (train.py's own reference run);
     # a 400-step pilot left every model short of it (selective copying: Transformer 0.69, Mamba 0.36)
     run = dict(block_size=64, batch_size=32, max_iters=1000, eval_interval=200, eval_iters=8, lr=3e-3, min_lr=3e-4,
                warmup_iters=50, task_vocab=16)
-    pairs = [2, 4, 8, 16]  # MQAR difficulty at a fixed width (8 queries each)
-    tasks = {"selective_copy": {}, "induction": {}, **{f"mqar{p}": dict(mqar_pairs=p) for p in pairs}}
-    archs = {label: (m, hybrid_fields(pattern) if pattern else {}) for label, (m, pattern) in RECALL_ARCHS.items()}
     if lab.quick:
         run.update(block_size=32, max_iters=6, eval_interval=3, eval_iters=1, warmup_iters=2)
-        pairs = [2, 4]
-        tasks = {"induction": {}, **{f"mqar{p}": dict(mqar_pairs=p) for p in pairs}}
-        archs = {k: archs[k] for k in ("transformer", "hybrid Md Ad")}
+    archs = {label: (m, {"layers": pattern} if pattern else {}) for label, (m, pattern) in RECALL_ARCHS.items()
+             if any(label == arch for _, arch in which)}
     vocab = vocab_of("mqar", lab.data_dir)
     sized = matched_archs(archs, vocab, run["block_size"], 64 if not lab.quick else 32, 2)
-
-    results = {(task, label): [] for task in tasks for label in sized  # (task, arch): [Run per seed]
-               if (task in ("mqar8", "mqar16") if label.startswith("shared")  # Zamba: the two hardest MQARs
-                   else task in ("selective_copy", "induction", "mqar8") or label != "moe")}  # MoE: off the sweep
-               # (both to fit the budget: MoE's recall is the Transformer's attention, Zamba's is one attention block)
+    lab.runs_dir = lab.out / "runs" / "recall"
+    results = {key: [] for key in which}
     for seed in range(1337, 1337 + lab.seeds):
         # the first seed everywhere; more only where a run is neither solved nor at its baseline: there a
         # second seed decides whether the architectures really differ
-        which = [k for k, rs in results.items() if not rs or any(
+        todo = [k for k, rs in results.items() if not rs or any(
             r.ok and r.final["val_baseline"] + 0.03 < r.final["val_acc"] < 0.97 for r in rs)]
-        names = {f"{task}-{label.replace(' ', '_')}-s{seed}": (task, label) for task, label in which}
+        names = {f"{task}-{label.replace(' ', '_')}-s{seed}": (task, label) for task, label in todo}
         done = lab.train([(name, [f"--model={sized[label][0]}", f"--dataset={task.rstrip('0123456789')}",
                                   f"--seed={seed}", *config_args({**run, **tasks[task], **sized[label][1]}),
                                   f"--log_interval={run['eval_interval']}"]) for name, (task, label) in names.items()])
         for name, r in done.items():
             results[names[name]].append(r)
-    acc = lambda task, arch, key="val_acc": [r.final.get(key, float("nan")) for r in results.get((task, arch), [])]
-    cell = lambda task, arch, key="val_acc": mean_spread(acc(task, arch, key), ".2f") if results.get((task, arch)) else "not run"
-    mean = lambda values: sum(values) / len(values) if values else float("nan")
-    base_of = lambda task: mean([v for a in sized for v in acc(task, a, "val_baseline")])  # same rule, every run
-    base = lambda task: mean_spread([base_of(task)], ".2f")
-    vocab_params = {label: params_of(m, cfg, vocab, run["block_size"]) for label, (m, cfg) in sized.items()}
-    head, rows = ["model", "d_model", "params (active)"], []
-    cols = [t for t in tasks if not t.startswith("mqar")] + ["mqar8" if 8 in pairs else f"mqar{pairs[-1]}"]
-    head += [f"{t} acc" for t in cols] + (["induction @4x"] if "induction" in tasks else [])
-    for label, (m, cfg) in sized.items():
-        total, active, _ = vocab_params[label]
-        rows.append([label, cfg["d_model"], f"{total:,}" + (f" ({active:,})" if active != total else "")]
-                    + [cell(t, label) for t in cols] + ([cell("induction", label, "val_acc_4x")] if "induction" in tasks else []))
-    rows.append(["no-recall baseline", "", ""] + [base(t) for t in cols] + (["n/a"] if "induction" in tasks else []))
-    missing = [label for label, (_, f) in archs.items() if f is None]
-    sweep = [[label] + [cell(f"mqar{p}", label) for p in pairs] for label in sized]
-    sweep.append(["no-recall baseline"] + [base(f"mqar{p}") for p in pairs])
+    return results, sized, run, vocab
+
+
+def accuracies(results, task, arch, key="val_acc"):
+    return [r.final.get(key, float("nan")) for r in results.get((task, arch), [])]
+
+
+def no_recall(results, task):
+    """The no-recall rule's accuracy on this task, averaged over every run of it (each scores it on its answers)."""
+    values = [v for (t, a) in results if t == task for v in accuracies(results, t, a, "val_baseline")]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def recall_note(run):
     tokens = run["max_iters"] * run["batch_size"] * run["block_size"]
-    body = (f"Every run: {run['max_iters']} iters x {run['batch_size']} sequences x {run['block_size']} tokens "
+    return (f"Every run: {run['max_iters']} iters x {run['batch_size']} sequences x {run['block_size']} tokens "
             f"({tokens / 1e6:.2f}M tokens), lr {run['lr']}, {run['task_vocab']} symbols; the Transformer's "
             f"d_model x 2 layers sets the active-parameter target and every other model gets the width (and depth) "
             f"nearest it. Accuracy on the answers only, from the last evaluation; 'no-recall baseline' is the rule "
-            f"that recalls nothing, scored on the same answers (data.py's SynthData.guess): the most frequent data "
-            f"symbol for selective copying and MQAR, a fixed non-key symbol for induction (1 / (16 - 4) with 4 keys "
-            f"asked per sequence; induction has 4 scored answers per sequence so that it is learned in this budget). "
-            f"A second seed (up to --seeds) runs where the first is neither solved (>= 0.97) nor at its baseline; "
-            f"± is half the range over seeds.\n\n" + table(head, rows)
-            + f"\n\nMQAR at a fixed width: accuracy against the number of key-value pairs (8 queries per "
-              f"sequence). Zoology (Arora et al. 2023): attention solves MQAR at any width, a recurrent model "
-              f"needs a state that grows with the number of pairs; Jamba's and Zamba's answer is a little "
-              f"attention among the Mamba layers.\n\n" + table(["model"] + [f"{p} pairs" for p in pairs], sweep)
-            + (f"\n\nNot run: {', '.join(missing)} (this model_hybrid has no `layers` pattern with a shared "
-               f"block S)." if missing else ""))
-    series = {label: [(p, mean(acc(f"mqar{p}", label))) for p in pairs] for label in sized}
-    series["no-recall baseline"] = [(p, base_of(f"mqar{p}")) for p in pairs]
+            f"that recalls nothing, scored on the same answers (data.py's SynthData.guess). A second seed (up to "
+            f"--seeds) runs where the first is neither solved (>= 0.97) nor at its baseline; ± is half the range "
+            f"over seeds.")
+
+
+def recall(lab):
+    """selective copying and induction (also at 4x length) for the four architectures at matched parameters"""
+    tasks = {"selective_copy": {}, "induction": {}}
+    labels = ["transformer", "moe", "mamba", "hybrid Md Ad"]
+    if lab.quick:
+        tasks, labels = {"induction": {}}, ["transformer", "hybrid Md Ad"]
+    results, sized, run, vocab = recall_runs(lab, tasks, [(t, a) for t in tasks for a in labels])
+    cell = lambda task, arch, key="val_acc": mean_spread(accuracies(results, task, arch, key), ".2f")
+    head = ["model", "d_model", "params (active)"] + [f"{t} acc" for t in tasks] + ["induction @4x"]
+    rows, bars = [], []
+    for label, (m, cfg) in sized.items():
+        total, active, _ = params_of(m, cfg, vocab, run["block_size"])
+        rows.append([label, cfg["d_model"], f"{total:,}" + (f" ({active:,})" if active != total else "")]
+                    + [cell(t, label) for t in tasks] + [cell("induction", label, "val_acc_4x")])
+    rows.append(["no-recall baseline", "", ""] + [f"{no_recall(results, t):.2f}" for t in tasks] + ["n/a"])
+    for t in tasks:
+        for label in sized:
+            acc = accuracies(results, t, label)
+            bars.append((f"{t}: {label}", sum(acc) / len(acc), (max(acc) - min(acc)) / 2 if len(acc) > 1 else 0.0))
+        bars.append((f"{t}: no-recall baseline", no_recall(results, t), 0.0))
+    body = (quick_note(lab) + recall_note(run) + " The baseline is the most frequent data symbol for selective "
+            "copying, and a fixed non-key symbol for induction (1 / (16 - 4) with 4 keys asked per sequence; "
+            "induction has 4 scored answers per sequence so that it is learned in this budget). Induction is also "
+            "scored at 4x the training length. MQAR, and where Mamba's fixed state runs out, is `python "
+            "experiments.py mqar` (the same run folder).\n\n" + table(head, rows)
+            + "\n\n<!-- lead: interpretation -->\n")
+    lab.page("Recall: selective copying and induction", body,
+             svg_bars("answer accuracy (whisker: half the range over seeds)", "accuracy", bars, origin=0))
+
+
+def mqar(lab):
+    """MQAR against the number of key-value pairs: where Mamba's fixed state runs out; hybrids and Zamba"""
+    pairs = [2, 4, 8, 16]
+    grid = {"transformer": pairs, "mamba": pairs, "hybrid Md Ad": pairs,
+            "moe": [8],  # MoE's recall is the Transformer's attention: one point
+            "shared Md S Md S": [8, 16]}  # Zamba: the two hardest (both to fit the budget)
+    if lab.quick:
+        pairs, grid = [2, 4], {"transformer": [2, 4], "hybrid Md Ad": [2, 4]}
+    tasks = {f"mqar{p}": dict(mqar_pairs=p) for p in pairs}
+    results, sized, run, vocab = recall_runs(lab, tasks, [(f"mqar{p}", a) for a, ps in grid.items() for p in ps])
+    mean = lambda values: sum(values) / len(values) if values else float("nan")
+    cell = lambda task, arch: mean_spread(accuracies(results, task, arch), ".2f") if (task, arch) in results else "not run"
+    rows = []
+    for label, (m, cfg) in sized.items():
+        total, active, _ = params_of(m, cfg, vocab, run["block_size"])
+        rows.append([label, cfg["d_model"], f"{total:,}" + (f" ({active:,})" if active != total else "")]
+                    + [cell(f"mqar{p}", label) for p in pairs])
+    rows.append(["no-recall baseline", "", ""] + [f"{no_recall(results, f'mqar{p}'):.2f}" for p in pairs])
+    body = (quick_note(lab) + recall_note(run) + " The baseline answers the most frequent value among the pairs.\n\n"
+            "Accuracy against the number of key-value pairs at a fixed width, 8 queries per sequence. Zoology "
+            "(Arora et al. 2023): attention solves MQAR at any width, a recurrent model needs a state that grows "
+            "with the number of pairs; Jamba's and Zamba's answer is a little attention among the Mamba layers. "
+            "Selective copying and induction are `python experiments.py recall`.\n\n"
+            + table(["model", "d_model", "params (active)"] + [f"{p} pairs" for p in pairs], rows)
+            + "\n\n<!-- lead: interpretation -->\n")
+    series = {label: [(p, mean(accuracies(results, f"mqar{p}", label))) for p in ps] for label, ps in grid.items()}
+    series["no-recall baseline"] = [(p, no_recall(results, f"mqar{p}")) for p in pairs]
     picture = svg_lines([dict(title="MQAR at a fixed width", xlabel="key-value pairs", ylabel="answer accuracy",
                               series=series, logx=True)], cols=1, width=520)
-    lab.page("Recall: selective copying, induction, MQAR", body, picture)
+    lab.page("MQAR: recall against the number of pairs", body, picture)
 
 
 def moe(lab):
@@ -562,7 +579,7 @@ def scaling(lab):
 
 
 EXPERIMENTS = {  # name: function; the first line of its docstring is its --help line
-    "architectures": architectures, "recall": recall, "moe": moe, "scaling": scaling,
+    "architectures": architectures, "recall": recall, "mqar": mqar, "moe": moe, "scaling": scaling,
 }
 
 
