@@ -652,7 +652,7 @@ def kv_bytes_per_token(model):
 
 
 def ladder(lab):
-    """GPT-2 to a modern LLaMA-style block, one change at a time (cumulative), on tiny Shakespeare."""
+    """GPT-2 to a modern LLaMA-style block, one change at a time (cumulative), on tiny Shakespeare"""
     modern = ["--pos=rope", "--norm=rmsnorm", "--ffn=swiglu"]
     steps = [("gpt2", "GPT-2 style (learned, LayerNorm, GELU, MHA)", GPT2),
              ("rope", "+ RoPE", GPT2 + ["--pos=rope"]),
@@ -671,7 +671,7 @@ modern recipe are `python experiments.py attention`. (Six rows at two seeds fill
 
 
 def ladder_alone(lab):
-    """Each step of the ladder alone on GPT-2 style (ReLU, RoPE, RMSNorm, SwiGLU, MQA), tiny Shakespeare."""
+    """each step of the ladder alone on GPT-2 style (ReLU, RoPE, RMSNorm, SwiGLU, MQA), tiny Shakespeare"""
     steps = [("gpt2", "GPT-2 style (learned, LayerNorm, GELU, MHA)", GPT2),
              ("relu", "ReLU instead of GELU (original Transformer)", GPT2 + ["--ffn=relu"]),
              ("rope", "+ RoPE only", GPT2 + ["--pos=rope"]),
@@ -765,7 +765,7 @@ def position_losses(ckpt_path, factor, scaling, windows):
 
 
 def positions(lab):
-    """Position schemes trained at context T, evaluated at 1x, 2x, 4x T (loss beyond T apart); RoPE PI/NTK."""
+    """position schemes trained at context T, evaluated at 1x, 2x, 4x T (loss beyond T apart); RoPE PI/NTK"""
     schemes = [("learned", "learned (GPT-2)"), ("sinusoidal", "sinusoidal (Vaswani et al.)"), ("rope", "RoPE"),
                ("alibi", "ALiBi"), ("none", "none (NoPE)")]
     if lab.quick:
@@ -861,7 +861,7 @@ def norm_speed(quick):
 
 
 def norms(lab):
-    """Pre-norm vs post-norm at depth 2/6/12, with and without warmup, and over learning rates; LayerNorm vs RMSNorm."""
+    """pre-norm vs post-norm at depth 2/6/12, with and without warmup, and over learning rates; LayerNorm vs RMSNorm"""
     depths = (2,) if lab.quick else (2, 6, 12)
     lr = "3e-3"  # 3x train.py's default, chosen before any run: high enough for warmup to matter (Xiong et al.)
     # and at the deepest, a learning-rate sweep (the grid fixed before running it): where does each placement break?
@@ -1001,7 +1001,7 @@ def attention_memory(quick):
 
 
 def attention(lab):
-    """MHA / GQA / MQA: KV cache, decode speed, loss; FlashAttention memory against T, D, H; speed, exactness."""
+    """MHA / GQA / MQA: KV cache, decode speed, loss; FlashAttention memory against T, D, H; speed, exactness"""
     heads = [(4, "MHA 4:4"), (2, "GQA 4:2"), (1, "MQA 4:1")]
     train_args = SHAKESPEARE + ["--max_iters=1000", "--eval_interval=250"]
     runs = seeded(lab, [(f"kv{K}", train_args + [f"--n_kv_head={K}"]) for K, _ in heads])
