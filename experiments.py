@@ -10,7 +10,8 @@ Every experiment trains through train.py itself (one process per run, OMP_NUM_TH
 runs at once), reads the runs' metrics.jsonl, and writes OUT/NAME.md (the tables, the exact
 commands, the machine, the wall time) and OUT/NAME.svg (a picture), and prints the tables.
 A run whose directory already holds a finished run with the same arguments is read, not redone:
-an interrupted experiment picks up where it stopped. Runs live in OUT/runs/NAME/ (not committed).
+an interrupted experiment picks up where it stopped. Runs live in OUT/runs/NAME/ (not committed;
+ladder_alone reads and writes OUT/runs/ladder/, mqar OUT/runs/recall/: they share runs).
 """
 import collections
 import concurrent.futures
@@ -34,6 +35,11 @@ from train import COLOURS, svg_lines
 REPO = Path(__file__).resolve().parent
 
 
+# Experiments that read each other's runs: a run with the same label and arguments is trained once (labels of
+# runs with other arguments differ, so nothing is overwritten)
+RUN_FOLDER = {"ladder_alone": "ladder", "mqar": "recall"}
+
+
 class Lab:
     """What every experiment gets: where to write, how many seeds, the quick switch, and `train`,
     which runs train.py over a list of runs and returns their metrics."""
@@ -41,7 +47,7 @@ class Lab:
     def __init__(self, name, opts):
         self.name, self.quick, self.seeds, self.jobs = name, opts["quick"], opts["seeds"], opts["jobs"]
         self.out, self.data_dir = Path(opts["out"]), opts["data_dir"]
-        self.runs_dir = self.out / "runs" / name
+        self.runs_dir = self.out / "runs" / RUN_FOLDER.get(name, name)
         self.commands = []  # every train.py command line, for the page
         self.reused = []  # runs read from an earlier invocation: their training time is not in this one's wall time
         self.t0 = time.time()
@@ -343,7 +349,7 @@ RECALL_COST = {"mamba": 185, "shared Md S Md S": 150, "hybrid Md Ad": 110, "moe"
 
 def recall_runs(lab, tasks, which):
     """Train `which` [(task, arch label)] of the recall grid (tasks: {task: fields}); returns (results {(task, arch):
-    [Run per seed]}, sized {label: (model, fields)}, run fields, vocab). `recall` and `mqar` share one run folder."""
+    [Run per seed]}, sized {label: (model, fields)}, run fields, vocab)."""
     # 1000 steps, the budget in which a 2-layer width-64 Transformer solves MQAR (train.py's own reference run);
     # a 400-step pilot left every model short of it (selective copying: Transformer 0.69, Mamba 0.36)
     run = dict(block_size=64, batch_size=32, max_iters=1000, eval_interval=200, eval_iters=8, lr=3e-3, min_lr=3e-4,
@@ -354,7 +360,6 @@ def recall_runs(lab, tasks, which):
              if any(label == arch for _, arch in which)}
     vocab = vocab_of("mqar", lab.data_dir)
     sized = matched_archs(archs, vocab, run["block_size"], 64 if not lab.quick else 32, 2)
-    lab.runs_dir = lab.out / "runs" / "recall"
     results, meta = {key: [] for key in which}, {}
 
     def job(task, label, seed):
@@ -372,6 +377,12 @@ def recall_runs(lab, tasks, which):
     first = sorted(which, key=lambda k: -RECALL_COST[k[1]])  # slowest first: the short runs fill the gaps
     lab.train([job(task, label, 1337) for task, label in first], then=then)
     return results, sized, run, vocab
+
+
+def arch_cells(label, model, cfg, vocab, run):
+    """The first cells of a recall table row: model, width, parameters (active ones in brackets)."""
+    total, active, _ = params_of(model, cfg, vocab, run["block_size"])
+    return [label, cfg["d_model"], f"{total:,}" + (f" ({active:,})" if active != total else "")]
 
 
 def accuracies(results, task, arch, key="val_acc"):
@@ -406,9 +417,8 @@ def recall(lab):
     head = ["model", "d_model", "params (active)"] + [f"{t} acc" for t in tasks] + ["induction @4x"]
     rows, bars = [], []
     for label, (m, cfg) in sized.items():
-        total, active, _ = params_of(m, cfg, vocab, run["block_size"])
-        rows.append([label, cfg["d_model"], f"{total:,}" + (f" ({active:,})" if active != total else "")]
-                    + [cell(t, label) for t in tasks] + [cell("induction", label, "val_acc_4x")])
+        rows.append(arch_cells(label, m, cfg, vocab, run) + [cell(t, label) for t in tasks]
+                    + [cell("induction", label, "val_acc_4x")])
     rows.append(["no-recall baseline", "", ""] + [f"{no_recall(results, t):.2f}" for t in tasks] + ["n/a"])
     for t in tasks:
         for label in sized:
@@ -439,9 +449,7 @@ def mqar(lab):
     cell = lambda task, arch: mean_spread(accuracies(results, task, arch), ".2f") if (task, arch) in results else "not run"
     rows = []
     for label, (m, cfg) in sized.items():
-        total, active, _ = params_of(m, cfg, vocab, run["block_size"])
-        rows.append([label, cfg["d_model"], f"{total:,}" + (f" ({active:,})" if active != total else "")]
-                    + [cell(f"mqar{p}", label) for p in pairs])
+        rows.append(arch_cells(label, m, cfg, vocab, run) + [cell(f"mqar{p}", label) for p in pairs])
     rows.append(["no-recall baseline", "", ""] + [f"{no_recall(results, f'mqar{p}'):.2f}" for p in pairs])
     body = (quick_note(lab) + recall_note(run) + " The baseline answers the most frequent value among the pairs.\n\n"
             "Accuracy against the number of key-value pairs at a fixed width, 8 queries per sequence. Zoology "
@@ -680,9 +688,6 @@ def ladder_alone(lab):
              ("mqa-only", "+ MQA 4:1 only", GPT2 + ["--n_kv_head=1"])]
     if lab.quick:
         steps = [s for s in steps if s[0] in ("gpt2", "swiglu-only", "mqa-only")]
-    # the same run folder as `ladder`: its GPT-2 style and + RoPE runs have exactly these arguments and are
-    # read, not retrained (labels of runs with other arguments differ, so nothing is overwritten)
-    lab.runs_dir = lab.out / "runs" / "ladder"
     ladder_page(lab, steps, "The ladder, each change alone on GPT-2 style", """Each row changes one thing,
 alone, in GPT-2 style: which of them helps on its own, and which only together (`python experiments.py
 ladder` adds them one after the other, GQA 4:2 among them). The rows GPT-2 style and + RoPE are the same runs as
