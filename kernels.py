@@ -4,6 +4,7 @@ Shared kernels: FlashAttention and the Mamba selective scan.
 Each fast path has a plain-PyTorch twin that reads like the math and is the ground truth
 in the tests. The model files call only the public functions here: `attention(...)`,
 `selective_scan(...)` and, for decoding one token at a time, `selective_state_update(...)`.
+They come first, each after its readable reference; the Triton machinery follows at the end.
 """
 import contextlib
 import math
@@ -12,8 +13,17 @@ import os
 import torch
 import torch.nn.functional as F
 
+# Which device types `attention` and `selective_scan` send to Triton when impl=None. Add "cpu"
+# (with TRITON_INTERPRET=1) to run the kernels' dispatch through the interpreter on a CPU.
+TRITON_DEVICES = {"cuda"}
+# Every buffer a Triton kernel must fill is created filled with this value (None: left
+# uninitialised, the fast default). float("nan") makes an element a kernel forgot to write
+# show up as NaN in any comparison: worth switching on whenever a kernel changes.
+OUTPUT_FILL = None
+
+
 # ----------------------------------------------------------------------------- attention
-# q (B, H, Tq, D), k and v (B, Hkv, Tk, D) with H a multiple of Hkv (GQA; Hkv = 1 is MQA).
+# q (B, H, Tq, D), k and v (B, G, Tk, D) with H a multiple of G (GQA; G = 1 is MQA).
 # When Tq < Tk the queries are the last Tq positions (chunked prefill, decoding with a cache),
 # so the causal diagonal is aligned to the end: query row r sits at absolute position Tk - Tq + r.
 
@@ -21,9 +31,9 @@ import torch.nn.functional as F
 def attention_ref(q, k, v, causal=True, alibi_slopes=None, scale=None):
     """The formula, step by step: softmax(q k^T * scale + bias + mask) v."""
     B, H, Tq, D = q.shape
-    Hkv, Tk = k.size(1), k.size(2)
+    G, Tk = k.size(1), k.size(2)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    kv_head = torch.arange(H, device=q.device) // (H // Hkv)  # which K/V head each query head reads
+    kv_head = torch.arange(H, device=q.device) // (H // G)  # which K/V head each query head reads
     k, v = k[:, kv_head], v[:, kv_head]  # (B, H, Tk, D): fine for a reference, never for a kernel
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # softmax never in half precision
     s = (q @ k.transpose(-2, -1)).to(acc) * scale  # (B, H, Tq, Tk)
@@ -35,6 +45,291 @@ def attention_ref(q, k, v, causal=True, alibi_slopes=None, scale=None):
         s = s.masked_fill(j > i, float("-inf"))
     p = torch.softmax(s, dim=-1)
     return (p.to(v.dtype) @ v)  # (B, H, Tq, D)
+
+
+def attention(q, k, v, causal=True, alibi_slopes=None, scale=None, impl=None):
+    """Fast path. impl: None picks Triton for CUDA tensors (head dims up to 128, not float64) and
+    torch's scaled_dot_product_attention otherwise; "triton" or "torch" forces one (forcing "triton"
+    on the CPU needs TRITON_INTERPRET=1)."""
+    B, H, Tq, D = q.shape
+    G, Tk = k.size(1), k.size(2)
+    if H % G:
+        raise ValueError(f"n_head={H} must be a multiple of the K/V heads={G}")
+    if causal and Tq > Tk:
+        raise ValueError(f"causal attention needs Tq={Tq} <= Tk={Tk}: the queries are the last Tq positions")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if impl is None:  # float64 stays float64: the kernel computes in float32
+        impl = "triton" if q.device.type in TRITON_DEVICES and D <= 128 and q.dtype != torch.float64 else "torch"
+    if impl == "triton":
+        if q.dtype == torch.float64:
+            raise ValueError("the Triton attention kernel computes in float32: use impl='torch' for float64")
+        # Like SDPA: follow autocast, and bring k and v (a float32 KV cache, say) to q's dtype.
+        dev = q.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+        q, k, v = (x.to(dtype).contiguous() for x in (q, k, v))
+        slopes = None if alibi_slopes is None else alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
+        return FlashAttention.apply(q, k, v, causal, slopes, scale)
+    mask = None
+    if alibi_slopes is not None or (causal and Tq != Tk):  # SDPA's own is_causal aligns to the start
+        i = torch.arange(Tk - Tq, Tk, device=q.device, dtype=torch.float32)[:, None]  # (Tq, 1), exact below 2^24
+        j = torch.arange(Tk, device=q.device, dtype=torch.float32)[None, :]  # (1, Tk)
+        mask = torch.zeros(Tq, Tk, device=q.device, dtype=q.dtype)
+        if causal:
+            mask.masked_fill_(j > i, float("-inf"))
+        if alibi_slopes is not None:
+            # 4-D, not (H, Tq, Tk): torch's CPU flash kernel takes 2-D and 4-D masks, a 3-D one
+            # sends SDPA to its math path, which stores the (B, H, Tq, Tk) scores and probabilities.
+            # Built in place: the mask is one (H, Tq, Tk) matrix, the temporaries (Tq, Tk) ones.
+            bias = (alibi_slopes.float().view(1, H, 1, 1) * (i - j).abs_()).to(q.dtype)  # (1, H, Tq, Tk)
+            mask = bias.neg_().add_(mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                          scale=scale, enable_gqa=H != G)
+
+
+# ----------------------------------------------------------------------------- selective scan
+# The Mamba (S6) recurrence in the official layout, for every batch b, channel d, state n:
+#   dt_t = softplus(delta_t + delta_bias)                       u, delta, z: (B, I, L)
+#   h_t  = exp(dt_t A) * h_{t-1} + dt_t B_t u_t                 A: (I, N)   B, C: (B, N, L)
+#   y_t  = C_t . h_t + D u_t,   out_t = y_t * silu(z_t)         h: (B, I, N), always float32
+# Three paths compute it: selective_scan_ref (a loop over time: the ground truth),
+# selective_scan_chunked (plain PyTorch, the CPU path) and a Triton kernel (the CUDA path).
+# Legend here: B batch, I channels (d_inner in the model files), N state size, L length,
+# P steps per chunk (the chunked path).
+
+
+def _scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """Upcast to the accumulation dtype and apply the bias and softplus to the step size."""
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u, delta, A, B, C = (t.to(acc) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(acc)[:, None]  # (B, I, L)
+    if delta_softplus:
+        delta = F.softplus(delta)  # dt > 0, so exp(dt A) is a decay when A < 0
+    D = None if D is None else D.to(acc)
+    z = None if z is None else z.to(acc)
+    return u, delta, A, B, C, D, z
+
+
+def _scan_output(y, u, D, z, out_dtype):
+    if D is not None:
+        y = y + D[:, None] * u  # (B, I, L): the skip connection
+    if z is not None:
+        y = y * F.silu(z)  # the gate
+    return y.to(out_dtype)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                       initial_state=None, return_last_state=False):
+    """The recurrence as written, one time step after another. Slow and obviously right."""
+    out_dtype = u.dtype
+    u, dt, A, B, C, D, z = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    Bsz, Dm, L = u.shape
+    h = u.new_zeros(Bsz, Dm, A.size(1)) if initial_state is None else initial_state.to(u.dtype)  # (B, I, N)
+    ys = []
+    # unbind, not [..., t]: the backward of indexing would build a full-size gradient per step
+    for dt_t, u_t, B_t, C_t in zip(dt.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1)):
+        decay = torch.exp(dt_t[:, :, None] * A)  # (B, I, N)
+        h = decay * h + (dt_t * u_t)[:, :, None] * B_t[:, None, :]  # (B, I, N)
+        ys.append((h * C_t[:, None, :]).sum(-1))  # (B, I)
+    y = torch.stack(ys, dim=-1) if L else u.new_zeros(Bsz, Dm, 0)  # (B, I, L)
+    out = _scan_output(y, u, D, z, out_dtype)
+    return (out, h) if return_last_state else out
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                   initial_state=None, return_last_state=False, impl=None):
+    """out (B, I, L) in u's dtype [, last state (B, I, N) float32]. impl: None picks Triton on
+    CUDA (float64 excepted: the kernel computes in float32) and the chunked scan elsewhere;
+    "ref", "chunked" or "triton" forces a path."""
+    if impl is None:
+        impl = "triton" if u.device.type in TRITON_DEVICES and u.dtype != torch.float64 else "chunked"
+    fn = {"ref": selective_scan_ref, "chunked": selective_scan_chunked, "triton": selective_scan_triton}[impl]
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True):
+    """One step of the recurrence, for generation: state (B, I, N) float32; x, dt, z (B, I);
+    B, C (B, N). Returns (y (B, I) in x's dtype, new state). The state is not modified in place."""
+    acc = state.dtype
+    dt = dt.to(acc) if dt_bias is None else dt.to(acc) + dt_bias.to(acc)
+    if dt_softplus:
+        dt = F.softplus(dt)  # (B, I)
+    xa = x.to(acc)
+    state = torch.exp(dt[:, :, None] * A.to(acc)) * state + (dt * xa)[:, :, None] * B.to(acc)[:, None, :]  # (B, I, N)
+    y = (state * C.to(acc)[:, None, :]).sum(-1)  # (B, I)
+    if D is not None:
+        y = y + D.to(acc) * xa
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y.to(x.dtype), state
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                           initial_state=None, return_last_state=False, chunk_size=16):
+    """The CPU fast path: the Triton kernel's algorithm in torch operations, with its own backward.
+
+    Time is cut into chunks of P steps. Per chunk, everything that does not depend on the previous
+    state is computed at once, as (P, B, I, N) tensors: the decays exp(dt A) and the inputs
+    dt B x; then one fused multiply-add per time step, h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,
+    and the outputs C_t . h_t of the whole chunk in one batched matmul. The forward keeps only the
+    state entering each chunk. The backward takes the chunks in reverse: it recomputes a chunk's
+    P states from its start, runs the adjoint recurrence
+    dL/dh_{t-1} = exp(dt_t A) dL/dh_t + C_{t-1} dL/dy_{t-1}, again one multiply-add per step, and
+    gets every gradient of the chunk from those states and adjoints in a few large operations.
+    Memory is O(L/P) states plus a few chunks; every step multiplies by one factor exp(dt A) in
+    [0, 1], so strong decay underflows to exactly 0 and nothing is divided.
+    It all runs on one intra-op thread: the operations are small (the per-step ones B * D * N
+    numbers) and many, and on a shared CPU each of them would otherwise wait for a descheduled
+    helper thread (measured: 0.2 s idle, 38 s to over 100 s loaded on two threads).
+    """
+    out, last = _ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
+    return (out, last) if return_last_state else out
+
+
+def _time_major(x, dtype):  # (B, X, L) -> (L, B, X) contiguous: step t reads one block
+    return x.to(dtype).permute(2, 0, 1).contiguous()
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one intra-op thread inside, restored after (per process: torch's setting is global)."""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+
+
+def _recurrence(h0, decay, x, out):
+    """out[k] = decay[k] * out[k-1] + x[k], out[-1] being h0: the state after each step of a chunk.
+    decay, x, out (P, B, I, N); out may be x itself."""
+    prev = h0
+    for k in range(x.size(0)):
+        prev = torch.addcmul(x[k], prev, decay[k], out=out[k])
+    return prev
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """Inputs in the official layout; inside, time-major copies (L, B, I) and (L, B, N), so that
+    a chunk of steps is one contiguous block. Accumulation in float32 (float64 for float64 inputs)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        with _one_thread():
+            return _ChunkedScan._forward(ctx, *args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        with _one_thread():
+            return _ChunkedScan._backward(ctx, *grads)
+
+    @staticmethod
+    def _forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, P):
+        acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+        Bsz, Dm, L = u.shape
+        N = A.size(1)
+        n_chunk = -(-L // P)
+        s = delta.to(acc) if delta_bias is None else delta.to(acc) + delta_bias.to(acc)[:, None]  # (B, I, L)
+        dt = F.softplus(s) if delta_softplus else s
+        A_ = A.to(acc)
+        dt_t, du_t = _time_major(dt, acc), _time_major(dt * u.to(acc), acc)  # (L, B, I)
+        B_t, C_t = _time_major(B, acc), _time_major(C, acc)  # (L, B, N)
+        h = u.new_zeros(Bsz, Dm, N, dtype=acc) if initial_state is None else initial_state.to(acc)  # (B, I, N)
+        starts = u.new_empty(n_chunk, Bsz, Dm, N, dtype=acc)  # the state entering each chunk
+        y_t = u.new_empty(L, Bsz, Dm, dtype=acc)  # (L, B, I)
+        for c in range(n_chunk):
+            t0, t1 = c * P, min(c * P + P, L)
+            starts[c] = h
+            decay = torch.exp(dt_t[t0:t1, :, :, None] * A_)  # (P, B, I, N), in [0, 1] when A <= 0
+            hs = du_t[t0:t1, :, :, None] * B_t[t0:t1, :, None, :]  # (P, B, I, N): dt B x, then the states
+            h = _recurrence(h, decay, hs, hs)
+            torch.bmm(hs.view(-1, Dm, N), C_t[t0:t1].reshape(-1, N, 1),
+                      out=y_t[t0:t1].view(-1, Dm, 1))  # (P*B, I, 1): C_t . h_t
+        y = y_t.permute(1, 2, 0)  # (B, I, L)
+        if D is not None:
+            y = y + D.to(acc)[:, None] * u.to(acc)
+        out = y * F.silu(z.to(acc)) if z is not None else y
+        ctx.save_for_backward(u, s, A, B, C, D, z, delta_bias, initial_state, starts, y)
+        ctx.softplus, ctx.P, ctx.delta_dtype = delta_softplus, P, delta.dtype
+        return out.to(u.dtype), h.clone()  # h is a view into the last chunk (or the input itself when L = 0)
+
+    @staticmethod
+    def _backward(ctx, dout, dlast):
+        u, s, A, B, C, D, z, delta_bias, initial_state, starts, y = ctx.saved_tensors
+        P = ctx.P
+        acc = s.dtype
+        Bsz, Dm, L = u.shape
+        N = A.size(1)
+        dt = F.softplus(s) if ctx.softplus else s
+        uf, A_, dout = u.to(acc), A.to(acc), dout.to(acc)
+        dz = None
+        if z is not None:
+            zf = z.to(acc)
+            sig = torch.sigmoid(zf)
+            dz = (dout * y * sig * (1 + zf * (1 - sig))).to(z.dtype)
+            dout = dout * zf * sig  # dL/dy
+        dD = (dout * uf).sum((0, 2)).to(D.dtype) if D is not None else None
+        dt_t, du_t = _time_major(dt, acc), _time_major(dt * uf, acc)  # (L, B, I)
+        B_t, C_t, dy_t = _time_major(B, acc), _time_major(C, acc), _time_major(dout, acc)
+        # dL/dh at the end of the current chunk from the steps after it (the last state's gradient first)
+        g_next = dlast.to(acc) if dlast is not None else u.new_zeros(Bsz, Dm, N, dtype=acc)  # (B, I, N)
+        dA = torch.zeros_like(A_)  # (I, N)
+        dB_t, dC_t = u.new_empty(L, Bsz, 1, N, dtype=acc), u.new_empty(L, Bsz, 1, N, dtype=acc)
+        ddu_t, ddt_t = u.new_empty(L, Bsz, Dm, 1, dtype=acc), u.new_empty(L, Bsz, Dm, dtype=acc)
+        hs = u.new_empty(P + 1, Bsz, Dm, N, dtype=acc)  # one chunk of states h_{t0-1} .. h_{t1-1}, recomputed
+        for c in reversed(range(-(-L // P))):
+            t0, t1 = c * P, min(c * P + P, L)
+            n = t1 - t0
+            decay = torch.exp(dt_t[t0:t1, :, :, None] * A_)  # (n, B, I, N)
+            hs[0] = starts[c]
+            torch.mul(du_t[t0:t1, :, :, None], B_t[t0:t1, :, None, :], out=hs[1:n + 1])
+            _recurrence(hs[0], decay, hs[1:n + 1], hs[1:n + 1])
+            # the adjoint recurrence, backwards in time: g_t = exp(dt_{t+1} A) g_{t+1} + C_t dL/dy_t
+            g = dy_t[t0:t1, :, :, None] * C_t[t0:t1, :, None, :]  # (n, B, I, N): C_t dL/dy_t, then g_t
+            g[-1] += g_next
+            for k in range(n - 2, -1, -1):
+                g[k].addcmul_(g[k + 1], decay[k + 1])
+            g_next = g[0] * decay[0]
+            h_t, g_f = hs[1:n + 1].view(-1, Dm, N), g.view(-1, Dm, N)  # (n*B, I, N)
+            torch.bmm(dy_t[t0:t1].view(-1, 1, Dm), h_t, out=dC_t[t0:t1].view(-1, 1, N))  # sum over I
+            torch.bmm(g_f, B_t[t0:t1].reshape(-1, N, 1), out=ddu_t[t0:t1].view(-1, Dm, 1))  # dL/d(dt u)
+            torch.bmm(du_t[t0:t1].view(-1, 1, Dm), g_f, out=dB_t[t0:t1].view(-1, 1, N))
+            g_log = decay.mul_(g).mul_(hs[:n])  # dL/d(dt A), elementwise (n, B, I, N)
+            torch.sum(g_log * A_, dim=-1, out=ddt_t[t0:t1])
+            dA += g_log.mul_(dt_t[t0:t1, :, :, None]).sum((0, 1))
+        ddu = ddu_t[..., 0].permute(1, 2, 0)  # (B, I, L)
+        ddt = ddt_t.permute(1, 2, 0) + ddu * uf
+        du = ddu * dt + (dout * D.to(acc)[:, None] if D is not None else 0)
+        ds = ddt * torch.sigmoid(s) if ctx.softplus else ddt
+        dbias = ds.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
+        dh0 = g_next.to(initial_state.dtype) if initial_state is not None else None
+        return (du.to(u.dtype), ds.to(ctx.delta_dtype), dA.to(A.dtype),
+                dB_t[:, :, 0].permute(1, 2, 0).to(B.dtype), dC_t[:, :, 0].permute(1, 2, 0).to(C.dtype),
+                dD, dz, dbias, None, dh0, None)
+
+
+# ----------------------------------------------------------------------------- Triton machinery
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton on this platform (macOS, Windows): only the torch paths run
+    class _NoTriton:
+        jit = staticmethod(lambda fn: fn)
+        constexpr = staticmethod(lambda value: value)
+    triton = tl = _NoTriton()
+
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): the kernels keep exponents in base 2, exp2 is the fast instruction
+
+
+# TRITON_INTERPRET=1 runs the kernels on the CPU with numpy (how the tests run them); it must be
+# set before this module is imported. numpy has no bfloat16 arithmetic, so there bf16 tiles are
+# upcast to float32 right after loading.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 
 
 # FlashAttention (Dao et al. 2022; the backward in the FlashAttention-2 layout, Dao 2023).
@@ -51,20 +346,7 @@ def attention_ref(q, k, v, causal=True, alibi_slopes=None, scale=None):
 #   dQ          one program per query tile; it loops over the key tiles, so it alone writes dq
 # Scores are kept in base 2 (exp2 is the fast instruction): s2 = s * log2(e).
 # Inside the kernels tensors are contiguous and (B, H) is flattened to one index bh = b * H + h;
-# the K/V head of query head bh is then simply bh // (H // Hkv): GQA by index, no copies.
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton on this platform (macOS, Windows): only the torch paths run
-    class _NoTriton:
-        jit = staticmethod(lambda fn: fn)
-        constexpr = None
-    triton = tl = _NoTriton()
-
-# TRITON_INTERPRET=1 runs the kernels on the CPU with numpy (how the tests run them); it must be
-# set before this module is imported. numpy has no bfloat16 arithmetic, so there bf16 tiles are
-# upcast to float32 right after loading.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+# the K/V head of query head bh is then simply bh // (H // G): GQA by index, no copies.
 
 
 @triton.jit
@@ -125,10 +407,10 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, SLOPES, scale, Tq, Tk, H, GROUP,
     V += (bh // GROUP) * Tk * D
     rows = m0 + tl.arange(0, BLOCK_M)
     pos_q = Tk - Tq + rows  # absolute positions of the queries
-    qk_scale = scale * 1.4426950408889634  # log2(e): base-2 scores
+    qk_scale = scale * LOG2E
     slope = 0.0
     if ALIBI:
-        slope = tl.load(SLOPES + bh % H) * 1.4426950408889634
+        slope = tl.load(SLOPES + bh % H) * LOG2E
     q = _load_tile(Q, rows, Tq, D, BLOCK_D, UPCAST)  # (BLOCK_M, BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -170,7 +452,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, pos_k, slope, qk_scale, lo, hi,
         pos_q = Tk - Tq + rows
         q = _load_tile(Q, rows, Tq, D, BLOCK_D, UPCAST)  # (BLOCK_M, BLOCK_D)
         do = _load_tile(DO, rows, Tq, D, BLOCK_D, UPCAST)
-        lse = tl.load(LSE + rows, mask=rows < Tq, other=0.0) * 1.4426950408889634
+        lse = tl.load(LSE + rows, mask=rows < Tq, other=0.0) * LOG2E
         delta = tl.load(DELTA + rows, mask=rows < Tq, other=0.0)
         sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :]  # (BLOCK_N, BLOCK_M)
         if ALIBI:
@@ -191,7 +473,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, scale, Tq, T
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1).to(tl.int64)  # b * Hkv + hk
+    bhk = tl.program_id(1).to(tl.int64)  # b * G + hk
     K += bhk * Tk * D
     V += bhk * Tk * D
     pos_k = n0 + tl.arange(0, BLOCK_N)
@@ -199,7 +481,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, scale, Tq, T
     v = _load_tile(V, pos_k, Tk, D, BLOCK_D, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     # Padding needs no mask here: a query row past Tq reads q = do = 0 and lse = delta = 0, so its
     # p is finite and it adds exactly 0 to dk and dv; a key row past Tk only feeds its own row of
     # dk and dv, which is never stored. Only the causal mask remains. (One loop that masks every
@@ -212,7 +494,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, scale, Tq, T
         bh = bhk * GROUP + g
         slope = 0.0
         if ALIBI:
-            slope = tl.load(SLOPES + bh % H) * 1.4426950408889634
+            slope = tl.load(SLOPES + bh % H) * LOG2E
         Qh, DOh, LSEh, DELTAh = Q + bh * Tq * D, DO + bh * Tq * D, LSE + bh * Tq, DELTA + bh * Tq
         dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, pos_k, slope, qk_scale, m_lo, Tq, Tq, Tk,
                              ALIBI, CAUSAL, D, BLOCK_M, BLOCK_D, UPCAST, PRECISION)
@@ -255,14 +537,14 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, scale, Tq, Tk, H, 
     V += (bh // GROUP) * Tk * D
     rows = m0 + tl.arange(0, BLOCK_M)
     pos_q = Tk - Tq + rows
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     slope = 0.0
     if ALIBI:
-        slope = tl.load(SLOPES + bh % H) * 1.4426950408889634
+        slope = tl.load(SLOPES + bh % H) * LOG2E
     q = _load_tile(Q + bh * Tq * D, rows, Tq, D, BLOCK_D, UPCAST)  # (BLOCK_M, BLOCK_D)
     do = _load_tile(DO + bh * Tq * D, rows, Tq, D, BLOCK_D, UPCAST)
     # Rows past Tq read lse = 0 and zero q, do: finite garbage in rows that are never stored.
-    lse = tl.load(LSE + bh * Tq + rows, mask=rows < Tq, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + bh * Tq + rows, mask=rows < Tq, other=0.0) * LOG2E
     delta = tl.load(DELTA + bh * Tq + rows, mask=rows < Tq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if CAUSAL:  # as in the forward: [0, hi_full) unmasked, [hi_full, hi) masked
@@ -291,8 +573,9 @@ def _config(kernel, D, dtype):
 
 
 def _new_output(shape, dtype, device):
-    """Every buffer a kernel must fill comes from here (the tests swap in NaN-filled ones)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+    if OUTPUT_FILL is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, OUTPUT_FILL, dtype=dtype, device=device)
 
 
 def _kernel_flags(q, D):
@@ -304,12 +587,12 @@ def _kernel_flags(q, D):
 def _flash_forward(q, k, v, causal, slopes, scale):
     """q, k, v contiguous; returns o (B, H, Tq, D) and the row log-sum-exp lse (B, H, Tq) in float32."""
     B, H, Tq, D = q.shape
-    Hkv, Tk = k.size(1), k.size(2)
+    G, Tk = k.size(1), k.size(2)
     o = _new_output(q.shape, q.dtype, q.device)
     lse = _new_output((B, H, Tq), torch.float32, q.device)
     BM, BN, warps, stages = _config("fwd", D, q.dtype)
     _flash_fwd_kernel[(triton.cdiv(Tq, BM), B * H)](
-        q, k, v, o, lse, q if slopes is None else slopes, scale, Tq, Tk, H, H // Hkv,
+        q, k, v, o, lse, q if slopes is None else slopes, scale, Tq, Tk, H, H // G,
         CAUSAL=causal, ALIBI=slopes is not None, BLOCK_M=BM, BLOCK_N=BN, **_kernel_flags(q, D),
         num_warps=warps, num_stages=stages)
     return o, lse
@@ -317,19 +600,19 @@ def _flash_forward(q, k, v, causal, slopes, scale):
 
 def _flash_backward(q, k, v, o, lse, do, causal, slopes, scale):
     B, H, Tq, D = q.shape
-    Hkv, Tk = k.size(1), k.size(2)
+    G, Tk = k.size(1), k.size(2)
     flags = _kernel_flags(q, D)
     delta = _new_output((B, H, Tq), torch.float32, q.device)
     _flash_bwd_pre_kernel[(triton.cdiv(Tq, 64), B * H)](o, do, delta, Tq, D=D, BLOCK_M=64, BLOCK_D=flags["BLOCK_D"])
     dq, dk, dv = (_new_output(x.shape, x.dtype, x.device) for x in (q, k, v))
     slopes_ptr = q if slopes is None else slopes
     BM, BN, warps, stages = _config("dkdv", D, q.dtype)
-    _flash_bwd_dkdv_kernel[(triton.cdiv(Tk, BN), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, slopes_ptr, scale, Tq, Tk, H, H // Hkv,
+    _flash_bwd_dkdv_kernel[(triton.cdiv(Tk, BN), B * G)](
+        q, k, v, do, lse, delta, dk, dv, slopes_ptr, scale, Tq, Tk, H, H // G,
         CAUSAL=causal, ALIBI=slopes is not None, BLOCK_M=BM, BLOCK_N=BN, **flags, num_warps=warps, num_stages=stages)
     BM, BN, warps, stages = _config("dq", D, q.dtype)
     _flash_bwd_dq_kernel[(triton.cdiv(Tq, BM), B * H)](
-        q, k, v, do, lse, delta, dq, slopes_ptr, scale, Tq, Tk, H, H // Hkv,
+        q, k, v, do, lse, delta, dq, slopes_ptr, scale, Tq, Tk, H, H // G,
         CAUSAL=causal, ALIBI=slopes is not None, BLOCK_M=BM, BLOCK_N=BN, **flags, num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
@@ -347,263 +630,6 @@ class FlashAttention(torch.autograd.Function):
         q, k, v, o, lse, slopes = ctx.saved_tensors
         dq, dk, dv = _flash_backward(q, k, v, o, lse, do.contiguous(), ctx.causal, slopes, ctx.scale)
         return dq, dk, dv, None, None, None  # the ALiBi slopes are fixed, not learned
-
-
-def _is_cuda(x):
-    """The device test of both dispatchers, in one place (the tests stand in a fake GPU here)."""
-    return x.is_cuda
-
-
-def attention(q, k, v, causal=True, alibi_slopes=None, scale=None, impl=None):
-    """Fast path. impl: None picks Triton for CUDA tensors (head dims up to 128, not float64) and
-    torch's scaled_dot_product_attention otherwise; "triton" or "torch" forces one (forcing "triton"
-    on the CPU needs TRITON_INTERPRET=1)."""
-    B, H, Tq, D = q.shape
-    Hkv, Tk = k.size(1), k.size(2)
-    if H % Hkv:
-        raise ValueError(f"n_head={H} must be a multiple of the K/V heads={Hkv}")
-    if causal and Tq > Tk:
-        raise ValueError(f"causal attention needs Tq={Tq} <= Tk={Tk}: the queries are the last Tq positions")
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    if impl is None:  # float64 stays float64: the kernel computes in float32
-        impl = "triton" if _is_cuda(q) and D <= 128 and q.dtype != torch.float64 else "torch"
-    if impl == "triton":
-        if q.dtype == torch.float64:
-            raise ValueError("the Triton attention kernel computes in float32: use impl='torch' for float64")
-        # Like SDPA: follow autocast, and bring k and v (a float32 KV cache, say) to q's dtype.
-        dev = q.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
-        q, k, v = (x.to(dtype).contiguous() for x in (q, k, v))
-        slopes = None if alibi_slopes is None else alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
-        return FlashAttention.apply(q, k, v, causal, slopes, scale)
-    mask = None
-    if alibi_slopes is not None or (causal and Tq != Tk):  # SDPA's own is_causal aligns to the start
-        i = torch.arange(Tk - Tq, Tk, device=q.device, dtype=torch.float32)[:, None]  # (Tq, 1), exact below 2^24
-        j = torch.arange(Tk, device=q.device, dtype=torch.float32)[None, :]  # (1, Tk)
-        mask = torch.zeros(Tq, Tk, device=q.device, dtype=q.dtype)
-        if causal:
-            mask.masked_fill_(j > i, float("-inf"))
-        if alibi_slopes is not None:
-            # 4-D, not (H, Tq, Tk): torch's CPU flash kernel takes 2-D and 4-D masks, a 3-D one
-            # sends SDPA to its math path, which stores the (B, H, Tq, Tk) scores and probabilities.
-            # Built in place: the mask is one (H, Tq, Tk) matrix, the temporaries (Tq, Tk) ones.
-            bias = (alibi_slopes.float().view(1, H, 1, 1) * (i - j).abs_()).to(q.dtype)  # (1, H, Tq, Tk)
-            mask = bias.neg_().add_(mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                          scale=scale, enable_gqa=H != Hkv)
-
-
-# ----------------------------------------------------------------------------- selective scan
-# The Mamba (S6) recurrence in the official layout, for every batch b, channel d, state n:
-#   dt_t = softplus(delta_t + delta_bias)                       u, delta, z: (B, D, L)
-#   h_t  = exp(dt_t A) * h_{t-1} + dt_t B_t u_t                 A: (D, N)   B, C: (B, N, L)
-#   y_t  = C_t . h_t + D u_t,   out_t = y_t * silu(z_t)         h: (B, D, N), always float32
-# Three paths compute it: selective_scan_ref (a loop over time: the ground truth),
-# selective_scan_chunked (plain PyTorch, the CPU path) and a Triton kernel (the CUDA path).
-# Legend here: B batch, D channels, N state size, L length, T chunk length, K chunks.
-
-
-def _scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    """Upcast to the accumulation dtype and apply the bias and softplus to the step size."""
-    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
-    u, delta, A, B, C = (t.to(acc) for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(acc)[:, None]  # (B, D, L)
-    if delta_softplus:
-        delta = F.softplus(delta)  # dt > 0, so exp(dt A) is a decay when A < 0
-    D = None if D is None else D.to(acc)
-    z = None if z is None else z.to(acc)
-    return u, delta, A, B, C, D, z
-
-
-def _scan_output(y, u, D, z, out_dtype):
-    if D is not None:
-        y = y + D[:, None] * u  # (B, D, L): the skip connection
-    if z is not None:
-        y = y * F.silu(z)  # the gate
-    return y.to(out_dtype)
-
-
-def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
-                       initial_state=None, return_last_state=False):
-    """The recurrence as written, one time step after another. Slow and obviously right."""
-    out_dtype = u.dtype
-    u, dt, A, B, C, D, z = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    Bsz, Dm, L = u.shape
-    h = u.new_zeros(Bsz, Dm, A.size(1)) if initial_state is None else initial_state.to(u.dtype)  # (B, D, N)
-    ys = []
-    # unbind, not [..., t]: the backward of indexing would build a full-size gradient per step
-    for dt_t, u_t, B_t, C_t in zip(dt.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1)):
-        decay = torch.exp(dt_t[:, :, None] * A)  # (B, D, N)
-        h = decay * h + (dt_t * u_t)[:, :, None] * B_t[:, None, :]  # (B, D, N)
-        ys.append((h * C_t[:, None, :]).sum(-1))  # (B, D)
-    y = torch.stack(ys, dim=-1) if L else u.new_zeros(Bsz, Dm, 0)  # (B, D, L)
-    out = _scan_output(y, u, D, z, out_dtype)
-    return (out, h) if return_last_state else out
-
-
-def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
-                           initial_state=None, return_last_state=False, chunk_size=16):
-    """The CPU fast path: the Triton kernel's algorithm in torch operations, with its own backward.
-
-    Time is cut into chunks of T steps. Per chunk, everything that does not depend on the previous
-    state is computed at once, as (T, B, D, N) tensors: the decays exp(dt A) and the inputs
-    dt B x; then one fused multiply-add per time step, h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,
-    and the outputs C_t . h_t of the whole chunk in one batched matmul. The forward keeps only the
-    state entering each chunk. The backward takes the chunks in reverse: it recomputes a chunk's
-    T states from its start, runs the adjoint recurrence
-    dL/dh_{t-1} = exp(dt_t A) dL/dh_t + C_{t-1} dL/dy_{t-1}, again one multiply-add per step, and
-    gets every gradient of the chunk from those states and adjoints in a few large operations.
-    Memory is O(L/T) states plus a few chunks; every step multiplies by one factor exp(dt A) in
-    [0, 1], so strong decay underflows to exactly 0 and nothing is divided.
-    It all runs on one intra-op thread: the operations are small (the per-step ones B * D * N
-    numbers) and many, and on a shared CPU each of them would otherwise wait for a descheduled
-    helper thread (measured: 0.2 s idle, 38 s to over 100 s loaded on two threads).
-    """
-    out, last = _ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
-    return (out, last) if return_last_state else out
-
-
-def _time_major(x, dtype):  # (B, X, L) -> (L, B, X) contiguous: step t reads one block
-    return x.to(dtype).permute(2, 0, 1).contiguous()
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """torch on one intra-op thread inside, restored after (per process: torch's setting is global)."""
-    n = torch.get_num_threads()
-    if n > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if n > 1:
-            torch.set_num_threads(n)
-
-
-def _recurrence(h0, decay, x, out):
-    """out[k] = decay[k] * out[k-1] + x[k], out[-1] being h0: the state after each step of a chunk.
-    decay, x, out (T, B, D, N); out may be x itself."""
-    prev = h0
-    for k in range(x.size(0)):
-        prev = torch.addcmul(x[k], prev, decay[k], out=out[k])
-    return prev
-
-
-class _ChunkedScan(torch.autograd.Function):
-    """Inputs in the official layout; inside, time-major copies (L, B, D) and (L, B, N), so that
-    a chunk of steps is one contiguous block. Accumulation in float32 (float64 for float64 inputs)."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        with _one_thread():
-            return _ChunkedScan._forward(ctx, *args)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        with _one_thread():
-            return _ChunkedScan._backward(ctx, *grads)
-
-    @staticmethod
-    def _forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, T):
-        acc = torch.float64 if u.dtype == torch.float64 else torch.float32
-        Bsz, Dm, L = u.shape
-        N = A.size(1)
-        K = -(-L // T)
-        s = delta.to(acc) if delta_bias is None else delta.to(acc) + delta_bias.to(acc)[:, None]  # (B, D, L)
-        dt = F.softplus(s) if delta_softplus else s
-        A_ = A.to(acc)
-        dt_t, du_t = _time_major(dt, acc), _time_major(dt * u.to(acc), acc)  # (L, B, D)
-        B_t, C_t = _time_major(B, acc), _time_major(C, acc)  # (L, B, N)
-        h = u.new_zeros(Bsz, Dm, N, dtype=acc) if initial_state is None else initial_state.to(acc)  # (B, D, N)
-        starts = u.new_empty(K, Bsz, Dm, N, dtype=acc)  # the state entering each chunk
-        y_t = u.new_empty(L, Bsz, Dm, dtype=acc)  # (L, B, D)
-        for c in range(K):
-            t0, t1 = c * T, min(c * T + T, L)
-            starts[c] = h
-            decay = torch.exp(dt_t[t0:t1, :, :, None] * A_)  # (T, B, D, N), in [0, 1] when A <= 0
-            hs = du_t[t0:t1, :, :, None] * B_t[t0:t1, :, None, :]  # (T, B, D, N): dt B x, then the states
-            h = _recurrence(h, decay, hs, hs)
-            torch.bmm(hs.view(-1, Dm, N), C_t[t0:t1].reshape(-1, N, 1),
-                      out=y_t[t0:t1].view(-1, Dm, 1))  # (T*B, D, 1): C_t . h_t
-        y = y_t.permute(1, 2, 0)  # (B, D, L)
-        if D is not None:
-            y = y + D.to(acc)[:, None] * u.to(acc)
-        out = y * F.silu(z.to(acc)) if z is not None else y
-        ctx.save_for_backward(u, s, A, B, C, D, z, delta_bias, initial_state, starts, y)
-        ctx.softplus, ctx.T, ctx.delta_dtype = delta_softplus, T, delta.dtype
-        return out.to(u.dtype), h.clone()  # h is a view into the last chunk (or the input itself when L = 0)
-
-    @staticmethod
-    def _backward(ctx, dout, dlast):
-        u, s, A, B, C, D, z, delta_bias, initial_state, starts, y = ctx.saved_tensors
-        T = ctx.T
-        acc = s.dtype
-        Bsz, Dm, L = u.shape
-        N = A.size(1)
-        dt = F.softplus(s) if ctx.softplus else s
-        uf, A_, dout = u.to(acc), A.to(acc), dout.to(acc)
-        dz = None
-        if z is not None:
-            zf = z.to(acc)
-            sig = torch.sigmoid(zf)
-            dz = (dout * y * sig * (1 + zf * (1 - sig))).to(z.dtype)
-            dout = dout * zf * sig  # dL/dy
-        dD = (dout * uf).sum((0, 2)).to(D.dtype) if D is not None else None
-        dt_t, du_t = _time_major(dt, acc), _time_major(dt * uf, acc)  # (L, B, D)
-        B_t, C_t, dy_t = _time_major(B, acc), _time_major(C, acc), _time_major(dout, acc)
-        # dL/dh at the end of the current chunk from the steps after it (the last state's gradient first)
-        g_next = dlast.to(acc) if dlast is not None else u.new_zeros(Bsz, Dm, N, dtype=acc)  # (B, D, N)
-        dA = torch.zeros_like(A_)  # (D, N)
-        dB_t, dC_t = u.new_empty(L, Bsz, 1, N, dtype=acc), u.new_empty(L, Bsz, 1, N, dtype=acc)
-        ddu_t, ddt_t = u.new_empty(L, Bsz, Dm, 1, dtype=acc), u.new_empty(L, Bsz, Dm, dtype=acc)
-        hs = u.new_empty(T + 1, Bsz, Dm, N, dtype=acc)  # one chunk of states h_{t0-1} .. h_{t1-1}, recomputed
-        for c in reversed(range(-(-L // T))):
-            t0, t1 = c * T, min(c * T + T, L)
-            n = t1 - t0
-            decay = torch.exp(dt_t[t0:t1, :, :, None] * A_)  # (n, B, D, N)
-            hs[0] = starts[c]
-            torch.mul(du_t[t0:t1, :, :, None], B_t[t0:t1, :, None, :], out=hs[1:n + 1])
-            _recurrence(hs[0], decay, hs[1:n + 1], hs[1:n + 1])
-            # the adjoint recurrence, backwards in time: g_t = exp(dt_{t+1} A) g_{t+1} + C_t dL/dy_t
-            g = dy_t[t0:t1, :, :, None] * C_t[t0:t1, :, None, :]  # (n, B, D, N): C_t dL/dy_t, then g_t
-            g[-1] += g_next
-            for k in range(n - 2, -1, -1):
-                g[k].addcmul_(g[k + 1], decay[k + 1])
-            g_next = g[0] * decay[0]
-            h_t, g_f = hs[1:n + 1].view(-1, Dm, N), g.view(-1, Dm, N)  # (n*B, D, N)
-            torch.bmm(dy_t[t0:t1].view(-1, 1, Dm), h_t, out=dC_t[t0:t1].view(-1, 1, N))  # sum over D
-            torch.bmm(g_f, B_t[t0:t1].reshape(-1, N, 1), out=ddu_t[t0:t1].view(-1, Dm, 1))  # dL/d(dt u)
-            torch.bmm(du_t[t0:t1].view(-1, 1, Dm), g_f, out=dB_t[t0:t1].view(-1, 1, N))
-            g_log = decay.mul_(g).mul_(hs[:n])  # dL/d(dt A), elementwise (n, B, D, N)
-            torch.sum(g_log * A_, dim=-1, out=ddt_t[t0:t1])
-            dA += g_log.mul_(dt_t[t0:t1, :, :, None]).sum((0, 1))
-        ddu = ddu_t[..., 0].permute(1, 2, 0)  # (B, D, L)
-        ddt = ddt_t.permute(1, 2, 0) + ddu * uf
-        du = ddu * dt + (dout * D.to(acc)[:, None] if D is not None else 0)
-        ds = ddt * torch.sigmoid(s) if ctx.softplus else ddt
-        dbias = ds.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
-        dh0 = g_next.to(initial_state.dtype) if initial_state is not None else None
-        return (du.to(u.dtype), ds.to(ctx.delta_dtype), dA.to(A.dtype),
-                dB_t[:, :, 0].permute(1, 2, 0).to(B.dtype), dC_t[:, :, 0].permute(1, 2, 0).to(C.dtype),
-                dD, dz, dbias, None, dh0, None)
-
-
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True):
-    """One step of the recurrence, for generation: state (B, D, N) float32; x, dt, z (B, D);
-    B, C (B, N). Returns (y (B, D) in x's dtype, new state). The state is not modified in place."""
-    acc = state.dtype
-    dt = dt.to(acc) if dt_bias is None else dt.to(acc) + dt_bias.to(acc)
-    if dt_softplus:
-        dt = F.softplus(dt)  # (B, D)
-    xa = x.to(acc)
-    state = torch.exp(dt[:, :, None] * A.to(acc)) * state + (dt * xa)[:, :, None] * B.to(acc)[:, None, :]  # (B, D, N)
-    y = (state * C.to(acc)[:, None, :]).sum(-1)  # (B, D)
-    if D is not None:
-        y = y + D.to(acc) * xa
-    if z is not None:
-        y = y * F.silu(z.to(acc))
-    return y.to(x.dtype), state
 
 
 # The Triton kernel. One program owns one sequence b and BLOCK_D channels, keeps their state
@@ -643,10 +669,10 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     md, mn = d < Dm, n < N
     mdn = md[:, None] & mn[None, :]  # (BLOCK_D, BLOCK_N)
-    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mdn, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e): exp2 is cheaper
+    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mdn, other=0.0).to(tl.float32) * LOG2E
     Dp = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_D else 0.0
     bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    state_off = (b * Dm + d[:, None]) * N + n[None, :]  # (BLOCK_D, BLOCK_N) into (B, D, N)
+    state_off = (b * Dm + d[:, None]) * N + n[None, :]  # (BLOCK_D, BLOCK_N) into (B, I, N)
     if HAS_H0:
         h = tl.load(h0_ptr + state_off, mask=mdn, other=0.0).to(tl.float32)
     else:
@@ -690,7 +716,7 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     md, mn = d < Dm, n < N
     mdn = md[:, None] & mn[None, :]  # (BLOCK_D, BLOCK_N)
     A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mdn, other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_N)
-    A2 = A * 1.4426950408889634
+    A2 = A * LOG2E
     Dp = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_D else 0.0
     bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     state_off = (b * Dm + d[:, None]) * N + n[None, :]  # (BLOCK_D, BLOCK_N)
@@ -842,14 +868,3 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         out, last, _ = _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                                      block_d, ckpt, save_ckpt=False)
     return (out, last) if return_last_state else out
-
-
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
-                   initial_state=None, return_last_state=False, impl=None):
-    """out (B, D, L) in u's dtype [, last state (B, D, N) float32]. impl: None picks Triton on
-    CUDA (float64 excepted: the kernel computes in float32) and the chunked scan elsewhere;
-    "ref", "chunked" or "triton" forces a path."""
-    if impl is None:
-        impl = "triton" if _is_cuda(u) and u.dtype != torch.float64 else "chunked"
-    fn = {"ref": selective_scan_ref, "chunked": selective_scan_chunked, "triton": selective_scan_triton}[impl]
-    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)

@@ -513,9 +513,7 @@ def assert_close_to_float64(fn, q, k, v, do, causal, slopes):
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer a kernel writes starts as NaN, so an element it forgot to write fails."""
-    def nan_output(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(kernels, "_new_output", nan_output)
+    monkeypatch.setattr(kernels, "OUTPUT_FILL", float("nan"))
 
 
 @needs_triton
@@ -577,7 +575,7 @@ def test_attention_dispatch_and_errors():
 
 
 def test_triton_dispatch_leaves_float64_to_torch(monkeypatch):
-    monkeypatch.setattr(kernels, "_is_cuda", lambda x: True)  # a stand-in GPU; Triton runs in the interpreter
+    monkeypatch.setattr(kernels, "TRITON_DEVICES", {"cuda", "cpu"})  # the CPU as a GPU; Triton runs in the interpreter
     flash, scans = [], []
     real_flash, real_triton, real_chunked = kernels.FlashAttention.apply, kernels.selective_scan_triton, kernels.selective_scan_chunked
     monkeypatch.setattr(kernels.FlashAttention, "apply", lambda *a: (flash.append(a[0].dtype), real_flash(*a))[1])
