@@ -171,14 +171,19 @@ def test_bench_attention_table_survives_a_failing_implementation(monkeypatch, ca
     assert rows.keys() == {"triton", "broken", "explicit"}
     assert rows["broken"][7].startswith("failed: OutOfResources: out of resource: shared memory, Required: 262144")
     for ok in ("triton", "explicit"):  # TFLOP/s from the made-up 1 ms, and no failure note
-        assert rows[ok][7] == "" and float(rows[ok][3]) > 0
+        assert rows[ok][7] == "" and rows[ok][3].isdigit()
 
 
 def test_triton_gpu_check_preflight_stops_with_a_clear_message(tmp_path):
     fake = tmp_path / "fake" / "triton"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('no Triton built for this machine')\n")
-    env = {**ENV, "OUT": str(tmp_path / "out"), "PYTHONPATH": str(fake.parent), "PYTHON": sys.executable}
+    other = tmp_path / "bin" / "python3"  # a python3 on PATH that is not this interpreter: the script must use PYTHON
+    other.parent.mkdir()
+    other.write_text("#!/bin/sh\necho 'the python3 on PATH ran, not PYTHON' >&2\nexit 1\n")
+    other.chmod(0o755)
+    env = {**ENV, "OUT": str(tmp_path / "out"), "PYTHONPATH": str(fake.parent), "PYTHON": sys.executable,
+           "PATH": f"{other.parent}:{os.environ['PATH']}"}
     t = time.time()
     r = subprocess.run(["bash", str(REPO / "lab" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 3 and "preflight FAILED" in r.stdout and "no Triton built for this machine" in r.stdout
