@@ -28,9 +28,6 @@ from torch.nn.parallel import DistributedDataParallel
 from data import (MODELS, SYNTHETIC, SynthData, TextData, UsageError, atomic_write, die, load_checkpoint,
                   model_from_checkpoint, pick_device, read_args, typed)
 
-COLOURS = [  # the pictures: loss.svg here, results/*.svg in experiments.py
-    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
-
 # name: (default, help). Every name can be set as --name=value or in a preset file; the fields
 # of the chosen model's Config (python train.py --help lists them) can be set the same way.
 OPTIONS = {
@@ -129,62 +126,27 @@ def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
-def svg_lines(panels, width=380, height=260, cols=2):
-    """Hand-written SVG line charts (no plotting library). panels: [dict(title, xlabel, ylabel,
-    series={name: [(x, y), ...]}, logx=False, logy=False)]. One legend for all panels."""
-    names = list(dict.fromkeys(n for p in panels for n in p["series"]))
-    colour = {n: COLOURS[i % len(COLOURS)] for i, n in enumerate(names)}
-    rows_n, total_w = math.ceil(len(panels) / cols), width * min(cols, len(panels))
-    col_w = max(170, 6 * max(map(len, names), default=0) + 30)  # ~6 px per character at font-size 11
-    per_row = max(1, total_w // col_w)  # legend entries per line
-    legend_h = 16 * math.ceil(len(names) / per_row) + 10
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_w}" '
-           f'height="{height * rows_n + legend_h}" font-family="sans-serif" font-size="11">',
-           '<rect width="100%" height="100%" fill="white"/>']
-    for i, n in enumerate(names):
-        x, y = 10 + col_w * (i % per_row), 12 + 16 * (i // per_row)
-        out.append(f'<rect x="{x}" y="{y - 5}" width="14" height="4" fill="{colour[n]}"/>'
-                   f'<text x="{x + 18}" y="{y}">{escape(n)}</text>')
-    for k, p in enumerate(panels):
-        ox, oy = (k % cols) * width, legend_h + (k // cols) * height
-        left, top, w, h = ox + 55, oy + 22, width - 90, height - 62
-        out.append(f'<text x="{left + w / 2}" y="{oy + 14}" text-anchor="middle" font-weight="bold">{escape(p["title"])}</text>'
-                   f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#888"/>'
-                   f'<text x="{left + w / 2}" y="{top + h + 30}" text-anchor="middle">{escape(p["xlabel"])}</text>'
-                   f'<text transform="translate({ox + 12},{top + h / 2}) rotate(-90)" text-anchor="middle">'
-                   f'{escape(p["ylabel"])}</text>')
-        pts = [(x, y) for s in p["series"].values() for x, y in s if y == y and math.isfinite(y)]
-        if not pts:
-            continue
-        fx = math.log10 if p.get("logx") else (lambda v: v)
-        fy = math.log10 if p.get("logy") else (lambda v: v)
-        x0, x1 = min(fx(x) for x, _ in pts), max(fx(x) for x, _ in pts)
-        y0, y1 = min(fy(y) for _, y in pts), max(fy(y) for _, y in pts)
-        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-        X = lambda v: left + w * (fx(v) - x0) / (x1 - x0)
-        Y = lambda v: top + h * (1 - (fy(v) - y0) / (y1 - y0))
-        for t in range(5):  # ticks, in data units
-            xv, yv = x0 + (x1 - x0) * t / 4, y0 + (y1 - y0) * t / 4
-            xv, yv = (10 ** xv if p.get("logx") else xv), (10 ** yv if p.get("logy") else yv)
-            out.append(f'<text x="{X(xv):.1f}" y="{top + h + 14}" text-anchor="middle">{xv:.3g}</text>'
-                       f'<text x="{left - 4}" y="{Y(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
-        for n, s in p["series"].items():  # a dash pattern each, so that lines lying on each other still show
-            s = [(x, y) for x, y in s if y == y and math.isfinite(y)]
-            dash = ["", "7,3", "2,3", "9,3,2,3"][names.index(n) % 4]
-            line = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in s)
-            out.append(f'<polyline points="{line}" fill="none" stroke-width="2" stroke="{colour[n]}" stroke-dasharray="{dash}"/>'
-                       if len(s) > 1 else "")
-            if len(s) <= 12:  # few points: mark them
-                out += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="2.5" fill="{colour[n]}"/>' for x, y in s]
-    return "\n".join(out + ["</svg>"]) + "\n"
-
-
 def plot_losses(out_dir, tokens_per_iter):
+    """loss.svg: train and val loss against training tokens, as a few lines of hand-written SVG."""
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     series = {"train": [((r["iter"] + 1) * tokens_per_iter, r["loss"]) for r in rows if "loss" in r],
               "val": [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]}
-    atomic_write(out_dir / "loss.svg", svg_lines([dict(title=f"loss: {out_dir}", xlabel="training tokens",
-                                                        ylabel="cross-entropy (nats/token)", series=series)], 560, 360).encode())
+    series = {name: [(x, y) for x, y in s if math.isfinite(y)] for name, s in series.items()}
+    pts = [p for s in series.values() for p in s] or [(0, 0)]
+    x0, x1, y0, y1 = min(x for x, _ in pts), max(x for x, _ in pts), min(y for _, y in pts), max(y for _, y in pts)
+    W, H, m = 560, 360, 40  # picture size, margin
+    X = lambda x: m + (W - 2 * m) * (x - x0) / ((x1 - x0) or 1)
+    Y = lambda y: H - m - (H - 2 * m) * (y - y0) / ((y1 - y0) or 1)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+           '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{m}" y="16">{escape(f"loss: {out_dir}")}: cross-entropy {y0:.3g} to {y1:.3g} (nats/token) '
+           f'over {x0:,} to {x1:,} training tokens</text>']
+    for i, (name, s) in enumerate(series.items()):
+        colour = ("#1f77b4", "#d62728")[i]
+        line = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in s)
+        out += [f'<polyline points="{line}" fill="none" stroke-width="2" stroke="{colour}"/>',
+                f'<text x="{W - m}" y="{m + 16 * i}" text-anchor="end" fill="{colour}">{name}</text>']
+    atomic_write(out_dir / "loss.svg", ("\n".join(out + ["</svg>"]) + "\n").encode())
 
 
 def record(path, row):

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check of both Triton kernels, FlashAttention and the selective scan, as one command for
 # a machine with a CUDA GPU (the speed targets are an H200's). Fits a 10-minute limit:
-#   bash gpu_check.sh        # everything printed is also saved under $OUT (default ./bench_out)
-# 1. preflight: python3 imports torch, triton, numpy and pytest and sees a CUDA device, or the
-#    script stops at once with the reason (exit 3), before anything is compiled
+#   bash lab/gpu_check.sh    # everything printed is also saved under $OUT (default ./bench_out)
+# 1. preflight: $PYTHON (default python3) imports torch, triton, numpy and pytest and sees a CUDA
+#    device, or the script stops at once with the reason (exit 3), before anything is compiled
 # 2. the kernel tests compiled for the GPU (TRITON_INTERPRET=0; pytest -k "attention or
 #    scan_triton_gpu": bf16, full sizes, dK/dV determinism), within TEST_BUDGET_S seconds
-# 3. python3 bench.py attention, then python3 bench.py scan, each within its own budget; they run
+# 3. python -m lab.bench attention, then python -m lab.bench scan, each within its own budget; they run
 #    even when the tests failed or ran out of time
 # 4. a summary: PASS/FAIL per correctness target, the speed targets, and every measured kernel
 #    error against the bound its test holds it to ($OUT/kernel_errors.tsv)
@@ -14,7 +14,7 @@
 # time; 3 preflight failed; 4 the tests passed but a benchmark failed or ran out of time.
 # Budgets (seconds): TEST_BUDGET_S=240 ATTENTION_BENCH_S=180 SCAN_BENCH_S=120; PYTHON=python3.
 set -u
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repository root
 PYTHON=${PYTHON:-python3}
 TEST_BUDGET_S=${TEST_BUDGET_S:-240}
 ATTENTION_BENCH_S=${ATTENTION_BENCH_S:-180}
@@ -26,7 +26,7 @@ LOG="$OUT/gpu_check.txt"
 log() { printf '%s\n' "$*" | tee -a "$LOG"; }
 preflight_failed() {
     log "preflight FAILED: $*"
-    log "nothing was compiled or run on the GPU; fix the above and run bash gpu_check.sh again"
+    log "nothing was compiled or run on the GPU; fix the above and run bash lab/gpu_check.sh again"
     exit 3
 }
 
@@ -69,8 +69,8 @@ bench_rc=0
 for section in attention scan; do
     budget=$([ "$section" = attention ] && echo "$ATTENTION_BENCH_S" || echo "$SCAN_BENCH_S")
     log ""
-    log "== bench ($PYTHON bench.py $section, at most ${budget}s)"
-    timeout -s INT -k 15 "$budget" "$PYTHON" bench.py "$section" 2>&1 | tee "$OUT/bench_$section.txt" | tee -a "$LOG"
+    log "== bench ($PYTHON -m lab.bench $section, at most ${budget}s)"
+    timeout -s INT -k 15 "$budget" "$PYTHON" -m lab.bench "$section" 2>&1 | tee "$OUT/bench_$section.txt" | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     [ "$rc" = 124 ] && log "bench $section: OUT OF TIME after ${budget}s"
     [ "$rc" != 0 ] && bench_rc=$rc
@@ -103,7 +103,7 @@ log "($(wc -l < "$KERNEL_ERROR_LOG") measurements in all)"
 log ""
 log "== speed targets (from the benchmarks above)"
 grep -h "PASS\|FAIL" "$OUT/bench_attention.txt" "$OUT/bench_scan.txt" | tee -a "$LOG"
-printf '%-62s %s\n' "bench.py attention and scan finished (exit $bench_rc)" \
+printf '%-62s %s\n' "lab.bench attention and scan finished (exit $bench_rc)" \
     "$([ "$bench_rc" = 0 ] && echo PASS || echo FAIL)" | tee -a "$LOG"
 log ""
 if [ "$correct" = 0 ]; then
