@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import data
 import train
 from train import COLOURS, svg_lines
@@ -185,13 +186,13 @@ def svg_bars(title, xlabel, bars, width=640, origin=None):
 
 
 def model_module(name):
-    return data.MODELS[name]
+    return cli.MODELS[name]
 
 
 def data_of(dataset, data_dir, **opts):
     """The dataset as train.py will see it (vocab_size; a text's train split)."""
     o = {**{k: v for k, (v, _) in train.OPTIONS.items()}, "dataset": dataset, "data_dir": data_dir, **opts}
-    return data.SynthData(o) if dataset in data.SYNTHETIC else data.TextData(o)
+    return train.load_data(o)
 
 
 def vocab_of(dataset, data_dir, **opts):
@@ -777,7 +778,7 @@ def positions(lab):
         schemes = [s for s in schemes if s[0] in ("learned", "rope", "alibi")]
     train_args = SHAKESPEARE + ["--max_iters=1200", "--eval_interval=400", "--n_kv_head=4"]
     runs = seeded(lab, [(key, train_args + [f"--pos={key}"]) for key, _ in schemes])
-    val = data.TextData({"dataset": "pydoc" if lab.quick else "shakespeare_char", "data_dir": lab.data_dir, "tokenizer": ""}).val
+    val = data.TextData("pydoc" if lab.quick else "shakespeare_char", lab.data_dir).val
     T = model_of(train_args, lab.quick).config.block_size
     n_windows = 16 if lab.quick else 128
     gen = torch.Generator().manual_seed(0)  # the same windows for every model
@@ -1072,7 +1073,7 @@ OPTIONS = {
 
 
 def main(argv):
-    from data import UsageError, die, read_args, typed
+    from cli import UsageError, die, read_args, typed
     if not argv or "-h" in argv or "--help" in argv:
         print(__doc__.strip(), "\n\nexperiments:")
         for name, fn in EXPERIMENTS.items():
