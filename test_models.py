@@ -4,6 +4,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU 
 
 import base64
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -79,20 +80,7 @@ def train_args(name):
     return [f"--model={name}", *(a for a in TINY_ARGS if a[2:].split("=")[0] in known)]
 
 
-def tiny_transformer(**kw):
-    return tiny("transformer", **kw)
-
-
-def tiny_moe(**kw):
-    return tiny("moe", **kw)
-
-
-def tiny_mamba(**kw):
-    return tiny("mamba", **kw)
-
-
-def tiny_hybrid(**kw):
-    return tiny("hybrid", **kw)
+tiny_transformer, tiny_moe, tiny_mamba, tiny_hybrid = (functools.partial(tiny, name) for name in ("transformer", "moe", "mamba", "hybrid"))
 
 
 # The variants each model is held to: each of its switches at least once
@@ -290,27 +278,41 @@ def test_train_and_sample_end_to_end(name, tmp_path, data_dir):
 # ----------------------------------------------------------------------------- attention
 # The explicit formula against the fast path, MHA/GQA/MQA head counts (the KV cache: the contract)
 
-@pytest.mark.parametrize("variant", [dict(pos="alibi", n_kv_head=2), dict(pos="rope", n_kv_head=1)], ids=ID)
-def test_explicit_attention_equals_fast_path(variant):
-    fast = tiny_transformer(**variant, flash=True)
-    slow = tiny_transformer(**variant, flash=False)
+def assert_same_loss_and_grads(fast, slow):
+    """Two paths of one model (slow takes fast's weights): the same loss and gradients on one batch."""
     slow.load_state_dict(fast.state_dict())
     idx, targets = torch.randint(0, 61, (2, 23)), torch.randint(0, 61, (2, 23))
-    grads = []
-    for m in (fast, slow):
-        _, loss = m(idx, targets)
-        grads.append(torch.autograd.grad(loss, list(m.parameters())))
-        grads[-1] = (loss.detach(),) + grads[-1]
-    for a, b in zip(*grads):
+    results = [(loss.detach(), *torch.autograd.grad(loss, list(m.parameters()))) for m in (fast, slow)
+               for loss in [m(idx, targets)[1]]]
+    for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
-def test_config_rejects_impossible_values():
-    for kw, msg in [(dict(n_head=6, n_kv_head=4), "divisible by n_kv_head"), (dict(d_model=50, n_head=4), "divisible by n_head"),
-                    (dict(n_layer=0), "n_layer must be positive"), (dict(pos="xpos"), "pos must be one of"),
-                    (dict(d_model=36, n_head=4, n_kv_head=2), "even head dim")]:
-        with pytest.raises(ValueError, match=msg):
-            model_transformer.Config(**kw)
+@pytest.mark.parametrize("variant", [dict(pos="alibi", n_kv_head=2), dict(pos="rope", n_kv_head=1)], ids=ID)
+def test_explicit_attention_equals_fast_path(variant):
+    assert_same_loss_and_grads(tiny_transformer(**variant, flash=True), tiny_transformer(**variant, flash=False))
+
+
+CONFIG_ERRORS = [  # (model, impossible fields, the one-line message)
+    ("transformer", dict(n_head=6, n_kv_head=4), "divisible by n_kv_head"), ("transformer", dict(d_model=50), "divisible by n_head"),
+    ("transformer", dict(n_layer=0), "n_layer must be positive"), ("transformer", dict(pos="xpos"), "pos must be one of"),
+    ("transformer", dict(d_model=36, n_kv_head=2), "even head dim"), ("transformer", dict(init="xavier"), "init must be one of"),
+    ("transformer", dict(rope_scaling="yarn"), "rope_scaling must be one of"), ("transformer", dict(rope_factor=0.0), "rope_factor"),
+    ("mamba", dict(n_layer=0), "n_layer must be positive"), ("mamba", dict(dt_min=0.2, dt_max=0.1), "dt_min <= dt_max"),
+    ("mamba", dict(scan="fft"), "scan must be one of"), ("mamba", dict(dt_rank=-1), "dt_rank must be positive"),
+    ("moe", dict(top_k=9), "top_k must be between 1 and n_expert"), ("moe", dict(router="hash"), "router must be one of"),
+    ("moe", dict(d_expert=20), "divisible by 8"), ("moe", dict(moe_every=2, moe_offset=2), "moe_offset < moe_every"),
+    ("hybrid", dict(layers="Md Xq"), "'Xq' is not a layer"), ("hybrid", dict(layers="Sd"), "'Sd' is not a layer"),
+    ("hybrid", dict(layers=" "), "no layers"), ("hybrid", dict(top_k=9), "top_k must be between"),
+    ("hybrid", dict(n_head=6), "divisible"), ("hybrid", dict(scan="fast"), "scan must be one of"),
+    ("hybrid", dict(dt_min=0.2, dt_max=0.1), "dt_min <= dt_max"),
+]
+
+
+@pytest.mark.parametrize("name, kw, msg", CONFIG_ERRORS, ids=[f"{n}-{ID(kw)}" for n, kw, _ in CONFIG_ERRORS])
+def test_config_rejects_impossible_values(name, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        tiny_config(name, **kw)
 
 
 # ----------------------------------------------------------------------------- positions
@@ -345,9 +347,6 @@ def test_rope_scaling_none_is_plain_rope_and_pi_divides_positions():
     for scaling in ("pi", "ntk"):  # factor 1 changes nothing
         same = tiny_transformer(rope_scaling=scaling, rope_factor=1.0)
         torch.testing.assert_close(same(idx)[0], plain(idx)[0], atol=0, rtol=0)
-    for kw in (dict(rope_scaling="yarn"), dict(rope_factor=0.0)):
-        with pytest.raises(ValueError):
-            model_transformer.Config(**kw)
 
 
 @pytest.mark.parametrize("module", [model_transformer, model_moe], ids=["transformer", "moe"])
@@ -419,8 +418,6 @@ def test_init_and_optimizer_groups():
     assert abs(q["blocks.0.attn.out_proj.weight"].std().item() - 0.02 / 4) < 0.0007  # scaled for depth
     assert abs(gpt2.wte.weight.std().item() - 0.02) < 0.002 and gpt2.lm_head.weight is gpt2.wte.weight
     assert all(not q[n].any() for n in q if n.endswith(".bias"))
-    with pytest.raises(ValueError, match="init must be one of"):
-        tiny_transformer(init="xavier")
     decay, keep = m.optim_groups(0.1)  # matrices decay, vectors (norms, biases) do not
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in keep["params"])
 
@@ -438,20 +435,12 @@ def test_moe_init_follows_the_transformer():
 # ----------------------------------------------------------------------------- kernels: FlashAttention
 # The Triton kernel (interpreted on the CPU) and the torch path against float64; full sizes on a GPU only
 
-# The Triton kernel runs under the interpreter on the CPU here (on a GPU when TRITON_INTERPRET=0,
-# see gpu_check.sh). Each case is checked, output and all three gradients, against the float64
-# formula; the kernel's error must be within 2x the error of PyTorch doing the same math at the
-# input precision (attention_ref on the same fp32/fp16 tensors), the flash-attention project's
-# rule. Plus a floor of 16 float32 ulps of the largest reference value: the kernel accumulates in
-# float32 in another order than PyTorch and rebuilds p = exp(s - lse) from the stored row
-# log-sum-exp, which measured up to ~11 ulps (200 fp32 runs of these cases), so below that
-# neither error means anything. It is 4e-6 relative at most, far under what a wrong mask or
-# scale costs, and ~1/500 of one fp16 ulp, so the fp16 cases are held to the plain 2x rule.
-# Compiled for a GPU, tl.exp2, tl.log2 and `/` in float32 become approximate instructions (about
-# 2 ulps each by CUDA's tables, where numpy rounds correctly): a few ulps more per probability, and
-# the output and gradients are weighted sums of probabilities, so by that estimate the errors stay
-# under the floor. The floor is kept, not widened; record_error logs error / floor for every case
-# (gpu_check.sh prints them), so the first GPU run shows the actual margin.
+# Output and all three gradients against the float64 formula: the kernel's error within 2x that of
+# PyTorch doing the same math at the input precision (the flash-attention project's rule), plus a
+# floor of 16 float32 ulps of the largest value: another summation order and p = exp(s - lse)
+# rebuilt from the row log-sum-exp measured up to ~11 ulps (200 fp32 runs); 4e-6 relative at most,
+# ~1/500 of an fp16 ulp. On a GPU exp2, log2 and `/` are approximate (~2 ulps each): record_error
+# logs error / floor per case (gpu_check.sh prints them), so the first GPU run shows the margin.
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
@@ -866,25 +855,13 @@ def test_mamba_shapes_and_initial_loss():
 
 @pytest.mark.parametrize("scan", ["chunked", "triton", "loop"])
 def test_mamba_scan_paths_agree_in_the_model(scan):
-    fast, slow = tiny_mamba(scan=scan), tiny_mamba(scan="ref")
-    slow.load_state_dict(fast.state_dict())
-    idx, targets = torch.randint(0, 61, (2, 23)), torch.randint(0, 61, (2, 23))
-    grads = []
-    for m in (fast, slow):
-        _, loss = m(idx, targets)
-        grads.append((loss.detach(),) + torch.autograd.grad(loss, list(m.parameters())))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    assert_same_loss_and_grads(tiny_mamba(scan=scan), tiny_mamba(scan="ref"))
 
 
 def test_mamba_config():
     cfg = model_mamba.Config(d_model=40)
     assert cfg.dt_rank == 3 and cfg.d_inner == 80  # ceil(40 / 16), expand * d_model
     assert "d_inner 80" in model_mamba.Model(cfg).summary()
-    for kw, msg in [(dict(n_layer=0), "n_layer must be positive"), (dict(dt_min=0.2, dt_max=0.1), "dt_min <= dt_max"),
-                    (dict(scan="fft"), "scan must be one of"), (dict(dt_rank=-1), "dt_rank must be positive")]:
-        with pytest.raises(ValueError, match=msg):
-            model_mamba.Config(**kw)
 
 
 def test_mamba_init_and_optimizer_groups():
@@ -1056,17 +1033,14 @@ def test_moe_counts_active_parameters_and_flops():
     assert moe.flops_per_token() == dense.flops_per_token() + 6 * router
 
 
-def test_moe_config_rejects_impossible_values():
-    for kw, msg in [(dict(top_k=9), "top_k must be between 1 and n_expert"), (dict(router="hash"), "router must be one of"),
-                    (dict(d_expert=20), "divisible by 8"), (dict(moe_every=2, moe_offset=2), "moe_offset < moe_every")]:
-        with pytest.raises(ValueError, match=msg):
-            model_moe.Config(**kw)
-    model_moe.Config(d_expert=20, expert_path="loop")
+def test_moe_grouped_path_alone_needs_multiples_of_8():
+    model_moe.Config(d_expert=20, expert_path="loop")  # grouped: CONFIG_ERRORS
 
 
 def test_moe_copies_the_new_transformer_features():
     src = inspect.getsource
     assert src(model_moe.MLP) == src(model_transformer.MLP)
+    assert src(model_moe.check) == src(model_mamba.check) == src(model_transformer.check)
     assert src(model_moe.Model.rope) == src(model_transformer.Model.rope)
 
 
@@ -1084,18 +1058,13 @@ def test_hybrid_layer_pattern():
     assert m.cache_index == [0, 0, 1, 1, 2, 2]  # place among the attention uses (A, S), or among the Mamba layers
     cache = m.new_cache(3)
     assert cache.k.shape[:2] == (3, 3) and cache.ssm.shape[:2] == (3, 3) and cache.conv.shape[:2] == (3, 3)
-    for kw, msg in [(dict(layers="Md Xq"), "'Xq' is not a layer"), (dict(layers="Sd"), "'Sd' is not a layer"),
-                    (dict(layers=" "), "no layers"), (dict(top_k=9), "top_k must be between"),
-                    (dict(n_head=6), "divisible"), (dict(scan="fast"), "scan must be one of")]:
-        with pytest.raises(ValueError, match=msg):
-            model_hybrid.Config(**kw)
 
 
 def test_hybrid_blocks_match_their_sources():
     """The guide: copied blocks stay identical (text), and where the hybrid's copy is cut down (no
     ALiBi, one router, experts as modules), the same weights give the same outputs."""
     src = inspect.getsource
-    for name in ("RMSNorm", "SwiGLU", "sample_next"):
+    for name in ("RMSNorm", "SwiGLU", "sample_next", "check"):
         assert src(getattr(model_hybrid, name)) == src(getattr(model_transformer, name)), name
     assert src(model_hybrid.Model.optim_groups) == src(model_transformer.Model.optim_groups)
     torch.manual_seed(0)
