@@ -1,135 +1,27 @@
 """
-What train.py and sample.py share: tokenizers, datasets, checkpoint files and the few command-line
-helpers both need. Nothing here knows how a model works inside.
+Tokens in and out: what train.py and sample.py read and write besides the models. Nothing here
+knows how a model works inside.
 
     Tokenizer, bpe_spec       characters, words (synthetic tasks) or tiktoken byte-pair encoding
     TextData                  the built-in pydoc corpus, tiny Shakespeare, any text file: token caches
     SynthData                 selective_copy, induction, mqar, generated from a random generator
-    load_checkpoint, ...      weights_only loading, atomic writes
+    load_checkpoint, ...      checkpoint files: weights_only loading, atomic writes; a checkpoint
+                              carries its tokenizer, so restoring one builds a Tokenizer here
 """
 import base64
 import dataclasses
 import hashlib
 import json
 import os
-import sys
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import model_hybrid
-import model_mamba
-import model_moe
-import model_transformer
+from cli import MODELS, UsageError, one_line, read_text
 
-MODELS = {"transformer": model_transformer, "moe": model_moe, "mamba": model_mamba, "hybrid": model_hybrid}
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit code 2."""
-
-
-def die(msg, code=2):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(code)
-
-
-def one_line(e):
-    """An exception as one line of text, for messages that quote it."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[-1].strip() if lines else ''}"
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def parse_value(name, text, kind):
-    """'--n_layer=4' -> 4, checked against the type of the default."""
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-    else:
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    raise UsageError(f"--{name} expects {kind.__name__}, got {text!r}")
-
-
-def read_args(argv):
-    """Presets (*.py files of assignments) and --name=value overrides, in order: [(name, value)].
-    Values from the command line are still text; values from presets are python objects."""
-    raw = []
-    for arg in argv:
-        if arg.endswith(".py") and not arg.startswith("--"):
-            if not os.path.isfile(arg):
-                raise UsageError(f"no preset file {arg}")
-            ns = {}
-            try:  # a preset is trusted python, like nanoGPT's configurator; its mistakes are still one line
-                exec(compile(read_text(arg, "preset"), arg, "exec"), {}, ns)
-            except Exception as e:
-                raise UsageError(f"preset {arg} fails: {one_line(e)}") from None
-            raw += [(k, v) for k, v in ns.items() if not k.startswith("_")]
-        elif arg.startswith("--"):
-            name, eq, value = arg[2:].partition("=")
-            raw.append((name, value if eq else "true"))  # a bare --flag is true
-        else:
-            raise UsageError(f"unexpected argument {arg!r} (options look like --name=value)")
-    return raw
-
-
-def typed(raw, kinds, script="train.py"):
-    """Check every name against `kinds` {name: type} and convert command-line text to that type."""
-    out = {}
-    for name, value in raw:
-        if name not in kinds:
-            raise UsageError(f"unknown option --{name} (python {script} --help lists them)")
-        kind = kinds[name]
-        if isinstance(value, str) and kind is not str:
-            value = parse_value(name, value, kind)
-        elif not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
-            raise UsageError(f"{name} expects {kind.__name__}, got {value!r}")
-        out[name] = kind(value)
-    return out
-
-
-def read_text(path, what):
-    """A UTF-8 text file, or one line saying why not."""
-    if not os.path.isfile(path):
-        raise UsageError(f"{what} {path} is not a file")
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
-    except OSError as e:
-        raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
-
-
-def pick_device(opts):
-    """'auto' -> the best there is; anything named must exist on this machine."""
-    device = opts["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
-        raise UsageError(f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device=cpu")
-    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
-        raise UsageError(f"device {device}: there are only {torch.cuda.device_count()} CUDA devices")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("device mps is not available here; use --device=cpu")
-    dtype = opts["dtype"]
-    if dtype == "auto":
-        dtype = "bfloat16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype not in ("float32", "bfloat16"):
-        raise UsageError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
-    return device, dtype
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -212,6 +104,8 @@ def bpe_spec(name_or_path, data_dir):
     ranks = "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in enc._mergeable_ranks.items())
     return {"kind": "bpe", "name": name_or_path, "pat_str": enc._pat_str, "ranks": ranks,
             "special": dict(enc._special_tokens)}
+
+
 # ----------------------------------------------------------------------------- datasets
 
 
@@ -235,25 +129,25 @@ def shakespeare_text(data_dir):
     return read_text(path, "dataset")
 
 
-def prepare_text(opts):
-    """Tokenize a corpus once and cache train/val token files under data_dir. Returns
-    (train tokens, val tokens, tokenizer spec). The split is the first 90% / last 10%."""
-    name, data_dir = opts["dataset"], Path(opts["data_dir"])
+def prepare_text(name, data_dir, tokenizer=""):
+    """Tokenize a corpus once and cache train/val token files under data_dir. tokenizer '' means the
+    dataset's own. Returns (train tokens, val tokens, tokenizer spec). The split is the first 90% / last 10%."""
+    data_dir = Path(data_dir)
     if name in ("pydoc", "shakespeare_char", "shakespeare"):
         default_tok = "gpt2" if name == "shakespeare" else "char"
         load = builtin_text if name == "pydoc" else lambda: shakespeare_text(data_dir)
-        key = f"{name}" if not opts["tokenizer"] else f"{name}-{Path(opts['tokenizer']).stem}"
+        key = f"{name}" if not tokenizer else f"{name}-{Path(tokenizer).stem}"
     elif os.path.isdir(name):
         raise UsageError(f"dataset {name} is a directory; give a text file")
     elif os.path.isfile(name):
         default_tok, load = "char", lambda: read_text(name, "dataset")
         digest = hashlib.sha1(Path(name).read_bytes()).hexdigest()[:10]
-        key = f"{Path(name).stem}-{Path(opts['tokenizer'] or 'char').stem}-{digest}"
+        key = f"{Path(name).stem}-{Path(tokenizer or 'char').stem}-{digest}"
     else:
         raise UsageError(f"unknown dataset {name!r}: pydoc, shakespeare_char, shakespeare or a path to a text file")
     if data_dir.exists() and not data_dir.is_dir():
         raise UsageError(f"data_dir {data_dir} is a file, not a directory")
-    tok_name = opts["tokenizer"] or default_tok
+    tok_name = tokenizer or default_tok
     cache = data_dir / key
     if (cache / "meta.json").is_file():
         meta = json.loads((cache / "meta.json").read_text())
@@ -279,10 +173,10 @@ class TextData:
     extrapolate = 0  # no evaluation at longer lengths
     guess = None  # no no-recall baseline for text
 
-    def __init__(self, opts):
-        self.train, self.val, self.tokenizer_spec = prepare_text(opts)
+    def __init__(self, dataset, data_dir="data", tokenizer=""):
+        self.train, self.val, self.tokenizer_spec = prepare_text(dataset, data_dir, tokenizer)
         self.vocab_size = Tokenizer(self.tokenizer_spec).vocab_size
-        self.describe = (f"{opts['dataset']} ({self.tokenizer_spec['kind']}, vocab {self.vocab_size}): "
+        self.describe = (f"{dataset} ({self.tokenizer_spec['kind']}, vocab {self.vocab_size}): "
                          f"{len(self.train):,} train / {len(self.val):,} val tokens")
 
     def check(self, block_size):
@@ -327,23 +221,23 @@ class SynthData:
     induction answers the smallest symbol that is not a key (the value is never a key, so
     1 / (task_vocab - induction_queries))."""
 
-    def __init__(self, opts):
-        self.task, V = opts["dataset"], opts["task_vocab"]
-        self.opts = opts
+    def __init__(self, task, *, task_vocab, copy_tokens, mqar_pairs, mqar_queries, induction_queries, extrapolate=0):
+        self.task, V = task, task_vocab
+        self.task_vocab, self.copy_tokens, self.induction_queries = task_vocab, copy_tokens, induction_queries
+        self.mqar_pairs, self.mqar_queries = mqar_pairs, mqar_queries
         symbols = [str(i) for i in range(V)]
         words = {"selective_copy": [".", ">"] + symbols, "induction": ["!"] + symbols,
                  "mqar": ["."] + [f"k{i}" for i in range(V)] + [f"v{i}" for i in range(V)]}[self.task]
         self.tokenizer_spec = {"kind": "words", "words": words}
         self.vocab_size = len(words)
-        self.extrapolate = opts["extrapolate"] if self.task == "induction" else 0
+        self.extrapolate = extrapolate if self.task == "induction" else 0
         self.describe = (f"{self.task} (synthetic, words, vocab {self.vocab_size}): generated from the seed, "
                          f"scored on the answers only; chance {1 / V:.3f}, no-recall baseline: val_baseline")
 
     def check(self, block_size):
-        o = self.opts
-        need = {"selective_copy": (2 * o["copy_tokens"], "2 * copy_tokens"),
-                "induction": (5 * o["induction_queries"] - 1, "5 * induction_queries - 1"),
-                "mqar": (2 * o["mqar_pairs"] + 2 * o["mqar_queries"] - 1, "2 * (mqar_pairs + mqar_queries) - 1")}
+        need = {"selective_copy": (2 * self.copy_tokens, "2 * copy_tokens"),
+                "induction": (5 * self.induction_queries - 1, "5 * induction_queries - 1"),
+                "mqar": (2 * self.mqar_pairs + 2 * self.mqar_queries - 1, "2 * (mqar_pairs + mqar_queries) - 1")}
         least, formula = need[self.task]
         if block_size < least:
             raise UsageError(f"{self.task} needs block_size >= {formula} = {least}, got {block_size}")
@@ -351,11 +245,11 @@ class SynthData:
     def batch(self, split, batch_size, block_size, gen):
         if split == "val":  # a generator of its own, seeded apart from the training stream
             gen = torch.Generator().manual_seed(VAL_SEED + int(torch.randint(2**31, (), generator=gen)))
-        B, L, V, o = batch_size, block_size + 1, self.opts["task_vocab"], self.opts
+        B, L, V = batch_size, block_size + 1, self.task_vocab
         seq = torch.zeros(B, L, dtype=torch.long)  # (B, L): token 0 is the noise '.' (induction: '!')
         answer = torch.zeros(B, L, dtype=torch.bool)  # (B, L): which tokens are answers
         if self.task == "selective_copy":  # symbols are tokens 2 .. V+1
-            n = o["copy_tokens"]
+            n = self.copy_tokens
             body = L - 1 - n
             data = 2 + torch.randint(V, (B, n), generator=gen)  # (B, n)
             where = torch.rand(B, body, generator=gen).argsort(dim=1)[:, :n].sort(dim=1).values  # (B, n) distinct, in order
@@ -364,7 +258,7 @@ class SynthData:
             seq[:, body + 1:] = data
             answer[:, body + 1:] = True
         elif self.task == "induction":  # symbols are tokens 1 .. V; the tail is Q times '!' key value
-            Q = o["induction_queries"]
+            Q = self.induction_queries
             body = L - 3 * Q
             order = 1 + torch.rand(B, V, generator=gen).argsort(dim=1)  # (B, V): keys first, then the rest
             key, other = order[:, :Q], order[:, Q:]  # (B, Q), (B, V-Q)
@@ -378,7 +272,7 @@ class SynthData:
             seq[:, tail + 1], seq[:, tail + 2] = key.gather(1, asked), value.gather(1, asked)
             answer[:, tail + 2] = True
         else:  # mqar: keys are tokens 1 .. V, values V+1 .. 2V
-            P, Q = o["mqar_pairs"], o["mqar_queries"]
+            P, Q = self.mqar_pairs, self.mqar_queries
             keys = 1 + torch.rand(B, V, generator=gen).argsort(dim=1)[:, :P]  # (B, P) distinct
             values = 1 + V + torch.randint(V, (B, P), generator=gen)  # (B, P)
             seq[:, 0:2 * P:2], seq[:, 1:2 * P:2] = keys, values
@@ -390,20 +284,18 @@ class SynthData:
 
     def guess(self, x):
         """x (B, T) -> (B,): the no-recall rule's one answer for every question of a sequence (class text)."""
-        B, T, V, o = *x.shape, self.opts["task_vocab"], self.opts
+        B, T, V = *x.shape, self.task_vocab
         if self.task == "induction":  # the keys are the tokens right after each '!'
             keys = torch.zeros(B, V + 1, dtype=torch.bool).scatter_(1, x[:, 1:][x[:, :-1] == 0].view(B, -1), True)
             keys[:, 0] = True  # '!' is no answer either
             return (~keys).int().argmax(1)  # (B,): the smallest symbol that is not a key
         if self.task == "mqar":
-            data = x[:, 1:2 * o["mqar_pairs"]:2]  # (B, P): the values of the pairs
+            data = x[:, 1:2 * self.mqar_pairs:2]  # (B, P): the values of the pairs
         else:
-            data = x[:, :T - o["copy_tokens"]]  # (B, body): the noise and the data symbols before '>'
+            data = x[:, :T - self.copy_tokens]  # (B, body): the noise and the data symbols before '>'
         counts = torch.zeros(B, self.vocab_size, dtype=torch.long).scatter_add_(1, data, torch.ones_like(data))
         counts[:, :2] = 0  # the noise '.' and '>' (mqar: '.' and k0, never among the values) are no answers
         return counts.argmax(1)  # (B,): the most frequent data symbol
-
-
 
 
 # ----------------------------------------------------------------------------- checkpoints

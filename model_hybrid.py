@@ -29,7 +29,7 @@ shrinks by the share of Mamba layers (with one attention layer in eight, to 1/8 
             and the output joins the stream, where Zamba adds it only to the next Mamba layer's input.
 
 Shapes: B batch, T time (tokens in this call), S cached + new tokens, C d_model, V vocabulary;
-attention: H query heads, K key/value heads, D head dim; feed-forward: F hidden size of a SwiGLU
+attention: H query heads, G key/value heads (the groups of GQA), D head dim; feed-forward: F hidden size of a SwiGLU
 (d_ff, or d_expert in an expert), E experts, k experts per token (top_k); Mamba: I d_inner
 (expand * C), N state size, R dt_rank, W d_conv (taps of the convolution). (In `layers`, S is
 the shared block; in shapes, S is a length.)
@@ -42,6 +42,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+
+
+def check(ok, message):
+    """One rule of a Config: a ValueError of one line (train.py reports it and exits with code 2)."""
+    if not ok:
+        raise ValueError(message)
 
 
 @dataclass
@@ -58,6 +64,9 @@ class Config:
     d_conv: int = 4  # taps of the causal depthwise convolution
     expand: int = 2  # d_inner = expand * d_model
     dt_rank: int = 0  # rank of the projection that makes dt; 0 picks ceil(d_model / 16)
+    dt_min: float = 1e-3  # dt is initialised log-uniform in [dt_min, dt_max]
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
     inner_norm: bool = True  # RMSNorm on dt, B and C (Jamba)
     scan: str = "auto"  # auto (Triton on CUDA, chunked elsewhere) | chunked | triton | ref
     # feed-forward (d, e and inside S)
@@ -73,26 +82,21 @@ class Config:
     tie_embeddings: bool = False  # True: the output head reuses the token embedding matrix
     norm_eps: float = 1e-5
 
-    def __post_init__(self):
+    def __post_init__(self):  # one line per rule: an impossible value fails here, before any weight is made
         words = self.layers.split()
         bad = [w for w in words if not (w == "S" or (w[0] in "AM" and w[1:] in ("", "d", "e")))]
-        if bad or not words:
-            why = f"{bad[0]!r} is not a layer" if bad else "no layers"
-            raise ValueError(f"layers={self.layers!r}: {why}; each word is A (attention) or M (Mamba), then d (dense), "
-                             f"e (experts) or nothing; or S (the shared attention block)")
-        for name in ("vocab_size", "block_size", "d_model", "n_head", "n_kv_head", "d_state", "d_conv", "expand",
+        check(words and not bad, f"layers={self.layers!r}: {f'{bad[0]!r} is not a layer' if bad else 'no layers'}; each word is "
+              f"A (attention) or M (Mamba), then d (dense), e (experts) or nothing; or S (the shared attention block)")
+        for name in ("vocab_size", "block_size", "d_model", "n_head", "n_kv_head", "d_state", "d_conv", "expand", "dt_init_floor",
                      "n_expert", "top_k"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.n_head % self.n_kv_head or self.d_model % self.n_head:
-            raise ValueError(f"need n_head divisible by n_kv_head and d_model by n_head, got n_head={self.n_head}, "
-                             f"n_kv_head={self.n_kv_head}, d_model={self.d_model}")
-        if self.scan not in ("auto", "chunked", "triton", "ref"):
-            raise ValueError(f"scan must be one of auto|chunked|triton|ref, got {self.scan!r}")
-        if self.top_k > self.n_expert:
-            raise ValueError(f"top_k must be between 1 and n_expert ({self.n_expert}), got {self.top_k}")
-        if min(self.d_ff, self.d_expert, self.dt_rank) < 0 or not 0 <= self.dropout < 1:
-            raise ValueError("d_ff, d_expert and dt_rank must be >= 0 (0 for the default), dropout in [0, 1)")
+            check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        check(self.n_head % self.n_kv_head == 0, f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        check(self.d_model % self.n_head == 0, f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        check(0 < self.dt_min <= self.dt_max, f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+        check(self.scan in ("auto", "chunked", "triton", "ref"), f"scan must be one of auto|chunked|triton|ref, got {self.scan!r}")
+        check(self.top_k <= self.n_expert, f"top_k must be between 1 and n_expert ({self.n_expert}), got {self.top_k}")
+        check(min(self.d_ff, self.d_expert, self.dt_rank) >= 0, "d_ff, d_expert and dt_rank must be >= 0 (0 for the default)")
+        check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         self.layers, self.n_layer = " ".join(words), len(words)
         self.n_attn = sum(w[0] in "AS" for w in words)  # attention uses, each with its own KV cache
         self.head_dim = self.d_model // self.n_head
@@ -131,7 +135,7 @@ class HybridCache:
         self.len = 0  # tokens seen; the model advances it after each forward
 
     def update(self, layer, k, v):
-        """Append this call's k, v (B, K, T, D); return everything so far (B, K, S, D)."""
+        """Append this call's k, v (B, G, T, D); return everything so far (B, G, S, D)."""
         end = self.len + k.size(2)
         self.k[layer, :, :, self.len:end] = k
         self.v[layer, :, :, self.len:end] = v
@@ -148,18 +152,18 @@ class Attention(nn.Module):
     def __init__(self, cfg, d_in):
         super().__init__()
         self.cfg = cfg
-        H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.qkv = nn.Linear(d_in, (H + 2 * K) * D, bias=cfg.bias)
+        H, G, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.qkv = nn.Linear(d_in, (H + 2 * G) * D, bias=cfg.bias)
         self.out_proj = nn.Linear(H * D, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cache, layer):
         cfg = self.cfg
         B, T, _ = x.shape
-        H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        q, k, v = self.qkv(x).view(B, T, H + 2 * K, D).transpose(1, 2).split([H, K, K], dim=1)  # (B, H|K|K, T, D)
+        H, G, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        q, k, v = self.qkv(x).view(B, T, H + 2 * G, D).transpose(1, 2).split([H, G, G], dim=1)  # (B, H|G|G, T, D)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, K, S, D)
+            k, v = cache.update(layer, k, v)  # (B, G, S, D)
         y = kernels.attention(q, k, v, causal=True)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.drop(self.out_proj(y))
@@ -189,11 +193,13 @@ class MambaLayer(nn.Module):
     @torch.no_grad()
     def reset_ssm_parameters(self):
         """The official code's initialisation; the model calls it after its generic init."""
-        I, N, R = self.cfg.d_inner, self.cfg.d_state, self.cfg.dt_rank
+        cfg = self.cfg
+        I, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
         nn.init.uniform_(self.dt_proj.weight, -R ** -0.5, R ** -0.5)
-        # dt = softplus(dt_proj(...) + bias) starts log-uniform in [1e-3, 0.1]: the bias is the
-        # inverse softplus of such a dt, log(exp(dt) - 1) = dt + log(1 - exp(-dt))
-        dt = torch.exp(torch.rand(I) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        # dt = softplus(dt_proj(...) + bias) starts log-uniform in [dt_min, dt_max]: the bias
+        # is the inverse softplus of such a dt, log(exp(dt) - 1) = dt + log(1 - exp(-dt))
+        dt = torch.exp(torch.rand(I) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt = dt.clamp(min=cfg.dt_init_floor)
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         # S4D-real: A = -(1, 2, ..., N) in every channel, stored as log(-A) so that A stays negative
         self.A_log.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(I, 1))  # (I, N)

@@ -23,8 +23,8 @@ a fixed-size cache, whatever the length of the context, where a Transformer's KV
 with every token. The prompt goes through the full-sequence scan, which also returns those
 states, and each new token is a single step of the recurrence (kernels.selective_state_update).
 
-Shapes: B batch, T time (tokens in this call), C d_model, E d_inner (expand * C), N state
-size, R dt_rank, K d_conv, V vocabulary.
+Shapes: B batch, T time (tokens in this call), C d_model, I d_inner (expand * C), N state
+size, R dt_rank, W d_conv (taps of the convolution), V vocabulary.
 """
 import math
 from dataclasses import dataclass
@@ -34,6 +34,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+
+
+def check(ok, message):
+    """One rule of a Config: a ValueError of one line (train.py reports it and exits with code 2)."""
+    if not ok:
+        raise ValueError(message)
 
 
 @dataclass
@@ -56,17 +62,15 @@ class Config:
     norm_eps: float = 1e-5
     scan: str = "auto"  # auto (Triton on CUDA, chunked elsewhere) | chunked | triton | ref | loop (selective_scan_loop)
 
-    def __post_init__(self):  # impossible values fail here, in one line, before any weight is made
+    def __post_init__(self):  # one line per rule: an impossible value fails here, before any weight is made
         for name in ("vocab_size", "block_size", "d_model", "n_layer", "d_state", "d_conv", "expand", "dt_init_floor", "norm_eps"):
-            if getattr(self, name) <= 0: raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.dt_rank < 0: raise ValueError(f"dt_rank must be positive (or 0 for the default), got {self.dt_rank}")
-        if not 0 < self.dt_min <= self.dt_max: raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
-        if not 0 <= self.dropout < 1: raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.scan not in ("auto", "chunked", "triton", "ref", "loop"):
-            raise ValueError(f"scan must be one of auto|chunked|triton|ref|loop, got {self.scan!r}")
+            check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        check(self.dt_rank >= 0, f"dt_rank must be positive (or 0 for the default), got {self.dt_rank}")
+        check(0 < self.dt_min <= self.dt_max, f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+        check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.scan in ("auto", "chunked", "triton", "ref", "loop"), f"scan must be one of auto|chunked|triton|ref|loop, got {self.scan!r}")
         self.d_inner = self.expand * self.d_model
-        if self.dt_rank == 0:
-            self.dt_rank = math.ceil(self.d_model / 16)
+        self.dt_rank = self.dt_rank or math.ceil(self.d_model / 16)
 
 
 # ----------------------------------------------------------------------------- small blocks
@@ -86,7 +90,7 @@ class RMSNorm(nn.Module):
 
 class MambaCache:
     """What generation carries from token to token, for all layers: the convolution's last
-    K - 1 inputs and the scan state. Its size does not depend on the context length."""
+    W - 1 inputs and the scan state. Its size does not depend on the context length."""
 
     def __init__(self, n_layer, batch_size, d_inner, d_conv, d_state, device, dtype):
         self.conv = torch.zeros(n_layer, batch_size, d_inner, d_conv - 1, device=device, dtype=dtype)
@@ -98,45 +102,45 @@ def selective_scan_loop(x, dt, A, Bm, Cm, D, z, dt_bias, h=None):
     """The selective scan as the recurrence of the paper, one time step after another; the same
     result as kernels.selective_scan, which computes it fast (the tests hold the two equal).
     Glossary, the paper's symbols on the left:
-        x   x (B, E, T)     the input of each of the E channels      h  h (B, E, N)  the state
-        Δ   softplus(dt + dt_bias) (B, E, T): a step size per channel and position, > 0
-        A   A (E, N)        diagonal and negative, the same at every position
-        B   Bm (B, N, T)    C  Cm (B, N, T): computed from the input, shared by the E channels
-        D   D (E,)          a skip connection from x straight to y
-        y   the output (B, E, T), gated by SiLU(z) as in the Mamba block
+        x   x (B, I, T)     the input of each of the I channels      h  h (B, I, N)  the state
+        Δ   softplus(dt + dt_bias) (B, I, T): a step size per channel and position, > 0
+        A   A (I, N)        diagonal and negative, the same at every position
+        B   Bm (B, N, T)    C  Cm (B, N, T): computed from the input, shared by the I channels
+        D   D (I,)          a skip connection from x straight to y
+        y   the output (B, I, T), gated by SiLU(z) as in the Mamba block
     A is discretised exactly (zero-order hold, exp(Δ A)), B with Euler's step Δ B, as in Mamba.
     h is the state before the first position (None: zeros); returns y and the state after the last."""
-    delta = F.softplus(dt.float() + dt_bias.float()[:, None])  # (B, E, T)
+    delta = F.softplus(dt.float() + dt_bias.float()[:, None])  # (B, I, T)
     x_in, x, Bm, Cm = x, x.float(), Bm.float(), Cm.float()
-    h = x.new_zeros(x.size(0), x.size(1), A.size(1)) if h is None else h.float()  # (B, E, N)
+    h = x.new_zeros(x.size(0), x.size(1), A.size(1)) if h is None else h.float()  # (B, I, N)
     ys = []
     for t in range(x.size(-1)):
-        delta_t = delta[:, :, t, None]  # (B, E, 1)
-        h = torch.exp(delta_t * A) * h + delta_t * Bm[:, None, :, t] * x[:, :, t, None]  # (B, E, N)
-        ys.append((h * Cm[:, None, :, t]).sum(-1) + D * x[:, :, t])  # (B, E): C_t h_t + D x_t
-    y = torch.stack(ys, dim=-1) if ys else x.new_zeros(x.shape)  # (B, E, T)
+        delta_t = delta[:, :, t, None]  # (B, I, 1)
+        h = torch.exp(delta_t * A) * h + delta_t * Bm[:, None, :, t] * x[:, :, t, None]  # (B, I, N)
+        ys.append((h * Cm[:, None, :, t]).sum(-1) + D * x[:, :, t])  # (B, I): C_t h_t + D x_t
+    y = torch.stack(ys, dim=-1) if ys else x.new_zeros(x.shape)  # (B, I, T)
     return (y * F.silu(z.float())).type_as(x_in), h
 
 
 # ----------------------------------------------------------------------------- the layer
 
 
-class Mixer(nn.Module):
+class MambaLayer(nn.Module):
     """The Mamba block: in_proj -> (causal conv -> SiLU -> selective scan) * SiLU(z) -> out_proj."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        E, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
-        self.in_proj = nn.Linear(cfg.d_model, 2 * E, bias=cfg.bias)
-        self.conv1d = nn.Conv1d(E, E, cfg.d_conv, groups=E, bias=cfg.conv_bias)  # depthwise; padded by hand
-        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)  # dt (low rank), B and C from the input
-        self.dt_proj = nn.Linear(R, E, bias=True)
-        self.A_log = nn.Parameter(torch.empty(E, N))
-        self.D = nn.Parameter(torch.empty(E))
+        I, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
+        self.in_proj = nn.Linear(cfg.d_model, 2 * I, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(I, I, cfg.d_conv, groups=I, bias=cfg.conv_bias)  # depthwise; padded by hand
+        self.x_proj = nn.Linear(I, R + 2 * N, bias=False)  # dt (low rank), B and C from the input
+        self.dt_proj = nn.Linear(R, I, bias=True)
+        self.A_log = nn.Parameter(torch.empty(I, N))
+        self.D = nn.Parameter(torch.empty(I))
         self.A_log._no_weight_decay = True  # decay would pull A towards -1 and D towards 0
         self.D._no_weight_decay = True
-        self.out_proj = nn.Linear(E, cfg.d_model, bias=cfg.bias)
+        self.out_proj = nn.Linear(I, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
         self.reset_ssm_parameters()
 
@@ -145,47 +149,47 @@ class Mixer(nn.Module):
         """The initialisation of the official code for dt_proj, A and D. Model.init_weights calls it
         after its generic pass, which zeroes every Linear bias, dt_proj's included."""
         cfg = self.cfg
-        E, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
+        I, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
         nn.init.uniform_(self.dt_proj.weight, -R ** -0.5, R ** -0.5)
         # dt = softplus(dt_proj(...) + bias) starts log-uniform in [dt_min, dt_max]: the bias
         # is the inverse softplus of such a dt, log(exp(dt) - 1) = dt + log(1 - exp(-dt))
-        dt = torch.exp(torch.rand(E) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt = torch.exp(torch.rand(I) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
         dt = dt.clamp(min=cfg.dt_init_floor)
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         # S4D-real: A = -(1, 2, ..., N) in every channel, stored as log(-A) so that A stays negative
-        self.A_log.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))  # (E, N)
+        self.A_log.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(I, 1))  # (I, N)
         self.D.fill_(1.0)
 
     def forward(self, x, cache, layer):
         cfg = self.cfg
         B, T, C = x.shape
-        R, N, K = cfg.dt_rank, cfg.d_state, cfg.d_conv
-        x, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, E, T) each
-        # causal convolution: the K - 1 inputs before this chunk are zeros or come from the cache
-        past = F.pad(x, (K - 1, 0))[..., :K - 1] if cache is None else cache.conv[layer]  # (B, E, K-1)
-        x_full = torch.cat((past.to(x.dtype), x), dim=-1)  # (B, E, K-1+T)
+        R, N, W = cfg.dt_rank, cfg.d_state, cfg.d_conv
+        x, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, I, T) each
+        # causal convolution: the W - 1 inputs before this chunk are zeros or come from the cache
+        past = F.pad(x, (W - 1, 0))[..., :W - 1] if cache is None else cache.conv[layer]  # (B, I, W-1)
+        x_full = torch.cat((past.to(x.dtype), x), dim=-1)  # (B, I, W-1+T)
         if cache is not None:
-            cache.conv[layer] = x_full[..., x_full.size(-1) - (K - 1):]  # the last K-1 inputs (none if K = 1)
-        x = F.silu(self.conv1d(x_full))  # (B, E, T)
+            cache.conv[layer] = x_full[..., x_full.size(-1) - (W - 1):]  # the last W-1 inputs (none if W = 1)
+        x = F.silu(self.conv1d(x_full))  # (B, I, T)
         dt, Bm, Cm = self.x_proj(x.transpose(1, 2)).split([R, N, N], dim=-1)  # (B, T, R), (B, T, N) x2
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, E, T); the bias goes in the scan
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, I, T); the bias goes in the scan
         Bm, Cm = Bm.transpose(1, 2), Cm.transpose(1, 2)  # (B, N, T)
-        A = -torch.exp(self.A_log.float())  # (E, N)
+        A = -torch.exp(self.A_log.float())  # (I, N)
         if cache is not None and T == 1:  # decoding: one step of the recurrence
             y, cache.ssm[layer] = kernels.selective_state_update(
                 cache.ssm[layer], x[..., 0], dt[..., 0], A, Bm[..., 0], Cm[..., 0], self.D.float(), z[..., 0],
                 dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
-            y = y[..., None]  # (B, E, 1)
+            y = y[..., None]  # (B, I, 1)
         elif cfg.scan == "loop":
             y, last = selective_scan_loop(x, dt, A, Bm, Cm, self.D.float(), z, self.dt_proj.bias,
-                                          None if cache is None else cache.ssm[layer])  # (B, E, T), (B, E, N)
+                                          None if cache is None else cache.ssm[layer])  # (B, I, T), (B, I, N)
             if cache is not None:
                 cache.ssm[layer] = last
         else:
             impl = None if cfg.scan == "auto" else cfg.scan
             y = kernels.selective_scan(x, dt, A, Bm, Cm, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
                                        delta_softplus=True, initial_state=None if cache is None else cache.ssm[layer],
-                                       return_last_state=cache is not None, impl=impl)  # (B, E, T)
+                                       return_last_state=cache is not None, impl=impl)  # (B, I, T)
             if cache is not None:
                 y, cache.ssm[layer] = y
         return self.drop(self.out_proj(y.transpose(1, 2)))  # (B, T, C)
@@ -195,7 +199,7 @@ class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = Mixer(cfg)
+        self.mixer = MambaLayer(cfg)  # "mixer": the official name, kept for its checkpoints
 
     def forward(self, x, cache, layer):
         return x + self.mixer(self.norm(x), cache, layer)  # one residual branch per layer, no separate MLP
@@ -289,7 +293,7 @@ class Model(nn.Module):
     def flops_per_token(self):
         """Training FLOPs per token: 6 per weight in a matrix multiply or the convolution (2 forward,
         4 backward), plus the scan, about 9 per state element forward (exp, the update, the
-        readout), tripled for the backward: 27 * layers * E * N."""
+        readout), tripled for the backward: 27 * layers * I * N."""
         cfg = self.config
         weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
         return 6 * weights + 27 * cfg.n_layer * cfg.d_inner * cfg.d_state

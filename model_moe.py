@@ -19,8 +19,8 @@ them, so the parameter count grows with E while the compute per token grows only
               the MoE layers, added to the loss with balance_coef and z_coef.
   capacity    dropless by default: every token reaches its k experts, so a token's output does
               not depend on any other token in its layer and the model stays causal. With
-              capacity_factor > 0 each expert takes at most capacity_factor * N * k / E
-              assignments of the N tokens in the call and the rest are dropped (the residual
+              capacity_factor > 0 each expert takes at most capacity_factor * B*T * k / E
+              assignments of the B*T tokens in the call and the rest are dropped (the residual
               carries them); which ones fit depends on the whole batch, later positions
               included, so training is no longer causal (see within_capacity).
   experts     one weight layout: stacked matrices w_in (E, C, 2F) and w_out (E, F, C). Two
@@ -31,8 +31,8 @@ them, so the parameter count grows with E while the compute per token grows only
               put MoE in every n-th layer with a dense feed-forward between (Switch, GShard).
 
 Shapes: B batch, T time (tokens in this call), S cached + new tokens, C d_model,
-H query heads, K key/value heads, D head dim, F feed-forward hidden size, V vocabulary,
-E experts, N tokens in the call (B * T), M token-to-expert assignments (N * top_k, less dropped).
+H query heads, G key/value heads (the groups of GQA), D head dim, F feed-forward hidden size, V vocabulary,
+E experts, k experts per token (top_k), M token-to-expert assignments (B*T * k, less dropped).
 """
 import math
 from dataclasses import dataclass, replace
@@ -42,6 +42,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+
+
+def check(ok, message):
+    """One rule of a Config: a ValueError of one line (train.py reports it and exits with code 2)."""
+    if not ok:
+        raise ValueError(message)
 
 
 @dataclass
@@ -81,40 +87,30 @@ class Config:
     capacity_factor: float = 0.0  # 0 = dropless; > 0 drops assignments beyond the capacity (not causal)
     expert_path: str = "grouped"  # grouped (sorted tokens, grouped matmuls) | loop (readable)
 
-    def __post_init__(self):  # impossible values fail here, in one line, before any weight is made
-        sizes = ("vocab_size", "block_size", "d_model", "n_layer", "n_head", "n_kv_head", "rope_theta", "norm_eps",
-                 "rope_factor")
-        choices = {"pos": "rope|alibi|learned|sinusoidal|none", "ffn": "swiglu|gelu|relu", "norm": "rmsnorm|layernorm",
-                   "rope_scaling": "none|pi|ntk"}
-        for name in sizes:
-            if getattr(self, name) <= 0: raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed.split("|"):
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+    def __post_init__(self):  # one line per rule: an impossible value fails here, before any weight is made
+        for name in ("vocab_size", "block_size", "d_model", "n_layer", "n_head", "n_kv_head", "rope_theta", "norm_eps", "rope_factor"):
+            check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        for name, allowed in dict(pos="rope|alibi|learned|sinusoidal|none", ffn="swiglu|gelu|relu", norm="rmsnorm|layernorm",
+                                  rope_scaling="none|pi|ntk", init="fan_in|gpt2").items():
+            check(getattr(self, name) in allowed.split("|"), f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check(self.n_head % self.n_kv_head == 0, f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        check(self.d_model % self.n_head == 0, f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         self.head_dim = self.d_model // self.n_head
-        if (self.pos == "rope" and self.head_dim % 2) or (self.pos == "sinusoidal" and self.d_model % 2):
-            raise ValueError(f"{self.pos} positions need an even head dim / d_model, got {self.head_dim} / {self.d_model}")
-        if not (0 <= self.dropout < 1 and self.d_ff >= 0):
-            raise ValueError(f"need 0 <= dropout < 1 and d_ff >= 0 (0: default), got {self.dropout} and {self.d_ff}")
+        check(self.pos != "rope" or self.head_dim % 2 == 0, f"rope positions need an even head dim, got {self.head_dim}")
+        check(self.pos != "sinusoidal" or self.d_model % 2 == 0, f"sinusoidal positions need an even d_model, got {self.d_model}")
+        check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.d_ff >= 0, f"d_ff must be >= 0 (0: the default), got {self.d_ff}")
         if self.d_ff == 0:  # SwiGLU has three matrices to GELU's two: 3 * C * F = 2 * C * 4C
             self.d_ff = 4 * self.d_model if self.ffn != "swiglu" else 8 * math.ceil(8 * self.d_model / 3 / 8)
         self.d_expert = self.d_expert or self.d_ff
-        for name, allowed in {"router": "softmax|sigmoid", "expert_path": "grouped|loop"}.items():
-            if getattr(self, name) not in allowed.split("|"):
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not 1 <= self.top_k <= self.n_expert:
-            raise ValueError(f"top_k must be between 1 and n_expert ({self.n_expert}), got {self.top_k}")
-        if min(self.d_expert, self.n_shared, self.capacity_factor, self.balance_coef, self.z_coef, self.bias_rate) < 0:
-            raise ValueError("d_expert, n_shared, capacity_factor, balance_coef, z_coef and bias_rate must be >= 0")
-        if not 0 <= self.moe_offset < self.moe_every:
-            raise ValueError(f"need 0 <= moe_offset < moe_every, got {self.moe_offset} and {self.moe_every}")
-        if self.expert_path == "grouped" and (self.d_expert % 8 or self.d_model % 8):  # grouped_mm wants 16-byte rows
-            raise ValueError(f"expert_path=grouped needs d_expert and d_model divisible by 8, got {self.d_expert} and "
-                             f"{self.d_model}; use expert_path=loop")
+        for name, allowed in dict(router="softmax|sigmoid", expert_path="grouped|loop").items():
+            check(getattr(self, name) in allowed.split("|"), f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check(1 <= self.top_k <= self.n_expert, f"top_k must be between 1 and n_expert ({self.n_expert}), got {self.top_k}")
+        check(min(self.d_expert, self.n_shared, self.capacity_factor, self.balance_coef, self.z_coef, self.bias_rate) >= 0,
+              "d_expert, n_shared, capacity_factor, balance_coef, z_coef and bias_rate must be >= 0")
+        check(0 <= self.moe_offset < self.moe_every, f"need 0 <= moe_offset < moe_every, got {self.moe_offset} and {self.moe_every}")
+        check(self.expert_path == "loop" or (self.d_expert % 8 == 0 and self.d_model % 8 == 0),  # grouped_mm: 16-byte rows
+              f"expert_path=grouped needs d_expert and d_model divisible by 8, got {self.d_expert} and {self.d_model}; use expert_path=loop")
 
 
 # ----------------------------------------------------------------------------- small blocks
@@ -173,7 +169,7 @@ class KVCache:
         self.len = 0  # positions filled; the model advances it after each forward
 
     def update(self, layer, k, v):
-        """Append this call's k, v (B, K, T, D); return everything so far (B, K, S, D)."""
+        """Append this call's k, v (B, G, T, D); return everything so far (B, G, S, D)."""
         end = self.len + k.size(2)
         self.k[layer, :, :, self.len:end] = k
         self.v[layer, :, :, self.len:end] = v
@@ -187,8 +183,8 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, (H + 2 * K) * D, bias=cfg.bias)
+        H, G, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (H + 2 * G) * D, bias=cfg.bias)
         self.out_proj = nn.Linear(H * D, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
         if cfg.pos == "alibi":
@@ -197,15 +193,15 @@ class Attention(nn.Module):
     def forward(self, x, rope, cache, layer):
         cfg = self.cfg
         B, T, C = x.shape
-        H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        qk, v = self.qkv(x).split([(H + K) * D, K * D], dim=-1)
-        qk = qk.view(B, T, H + K, D)  # queries and keys side by side: RoPE rotates both in one go
+        H, G, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        qk, v = self.qkv(x).split([(H + G) * D, G * D], dim=-1)
+        qk = qk.view(B, T, H + G, D)  # queries and keys side by side: RoPE rotates both in one go
         if rope is not None:
             qk = apply_rope(qk, *rope)
-        q, k = qk.transpose(1, 2).split([H, K], dim=1)  # (B, H, T, D), (B, K, T, D)
-        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        q, k = qk.transpose(1, 2).split([H, G], dim=1)  # (B, H, T, D), (B, G, T, D)
+        v = v.view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, K, S, D)
+            k, v = cache.update(layer, k, v)  # (B, G, S, D)
         alibi = self.alibi if cfg.pos == "alibi" else None
         if cfg.flash:
             y = kernels.attention(q, k, v, causal=True, alibi_slopes=alibi)  # (B, H, T, D)
@@ -218,7 +214,7 @@ class Attention(nn.Module):
         """softmax(q k^T / sqrt(D) + bias, masked to the past) v, exactly as written in the paper."""
         H, T, D = q.size(1), q.size(2), q.size(3)
         S = k.size(2)
-        k = k.repeat_interleave(H // k.size(1), dim=1)  # (B, H, S, D): each K/V head serves H/K query heads
+        k = k.repeat_interleave(H // k.size(1), dim=1)  # (B, H, S, D): each K/V head serves H/G query heads
         v = v.repeat_interleave(H // v.size(1), dim=1)  # (B, H, S, D)
         scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(D)  # (B, H, T, S)
         i = torch.arange(S - T, S, device=q.device)[:, None]  # query positions (T, 1): the last T of S
@@ -291,7 +287,7 @@ class MoE(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        x = x.reshape(B * T, C)  # (N, C): routing is per token, batch and time do not matter
+        x = x.reshape(B * T, C)  # (B*T, C): routing is per token, batch and time do not matter
         tok, expert, weight = self.route(x)  # (M,) each: who goes where, with what weight
         if self.cfg.expert_path == "grouped":
             y = self.experts_grouped(x, tok, expert, weight)
@@ -302,20 +298,43 @@ class MoE(nn.Module):
         return self.drop(y).view(B, T, C)
 
     def route(self, x):
-        cfg, N, E, k = self.cfg, x.size(0), self.cfg.n_expert, self.cfg.top_k
-        with torch.autocast(x.device.type, enabled=False):  # float32 even under bf16 autocast, so that
-            logits = F.linear(x.float(), self.router.weight.float())  # (N, E)  # rounding cannot flip a choice
-        if cfg.router == "softmax":
-            probs = logits.softmax(dim=-1)  # (N, E)
-            weight, expert = probs.topk(k, dim=-1)  # (N, k) each; k distinct experts per token
-        else:
-            probs = logits.sigmoid()  # (N, E)
-            expert = (probs + self.route_bias).topk(k, dim=-1).indices  # (N, k): the bias chooses...
-            weight = probs.gather(-1, expert)  # (N, k)                 # ...but does not weight
-        if cfg.norm_topk:
+        """x (B*T, C) -> tok, expert, weight (M,) each: which token goes to which expert, with what weight."""
+        logits, probs = self.scores(x)  # (B*T, E) each
+        expert, weight = self.choose(probs)  # (B*T, k) each
+        load = self.balance(logits, probs, expert)  # (E,)
+        self.last = {"load": load.detach(), "dropped": torch.zeros(()),
+                     "top1": (probs.max(dim=-1).values / probs.sum(dim=-1)).mean().detach()}
+        tok = torch.arange(x.size(0), device=x.device).repeat_interleave(self.cfg.top_k)  # (B*T*k,) token-major, like expert
+        if self.cfg.capacity_factor == 0:
+            return tok, expert.flatten(), weight.flatten()  # (M,) each
+        keep = self.within_capacity(expert).flatten()  # (B*T*k,)
+        self.last["dropped"] = 1 - keep.float().mean()
+        return tok[keep], expert.flatten()[keep], weight.flatten()[keep]  # (M,) each
+
+    def scores(self, x):
+        """The router's logits and probabilities, in float32 even under bf16 autocast, so that
+        rounding cannot flip a choice."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.router.weight.float())  # (B*T, E)
+        return logits, logits.softmax(dim=-1) if self.cfg.router == "softmax" else logits.sigmoid()
+
+    def choose(self, probs):
+        """Each token's top_k experts and their weights."""
+        if self.cfg.router == "softmax":
+            weight, expert = probs.topk(self.cfg.top_k, dim=-1)  # (B*T, k) each; k distinct experts per token
+        else:  # DeepSeek-V3: the bias chooses the experts, but does not weight them
+            expert = (probs + self.route_bias).topk(self.cfg.top_k, dim=-1).indices  # (B*T, k)
+            weight = probs.gather(-1, expert)  # (B*T, k)
+        if self.cfg.norm_topk:
             weight = weight / weight.sum(dim=-1, keepdim=True)
+        return expert, weight
+
+    def balance(self, logits, probs, expert):
+        """What keeps the experts evenly loaded: the softmax router's balance and z-losses (for
+        Model.forward to add to the loss), or the sigmoid router's bias nudge. Returns the load f_e."""
+        cfg, E = self.cfg, self.cfg.n_expert
         counts = torch.bincount(expert.flatten(), minlength=E)  # (E,) assignments each expert was asked for
-        load = counts.float() / (N * k)  # (E,) f_e, sums to 1
+        load = counts.float() / expert.numel()  # (E,) f_e, sums to 1
         if cfg.router == "softmax":
             balance = E * (load * probs.mean(dim=0)).sum()  # gradient flows through P_e, not the counts
             z = torch.logsumexp(logits, dim=-1).square().mean()
@@ -326,28 +345,21 @@ class MoE(nn.Module):
             # likely to be chosen, underloaded ones more. It changes no output of this forward.
             with torch.no_grad():
                 self.route_bias += cfg.bias_rate * torch.sign(counts.float().mean() - counts)
-        self.last = {"load": load.detach(), "dropped": torch.zeros(()),
-                     "top1": (probs.max(dim=-1).values / probs.sum(dim=-1)).mean().detach()}
-        tok = torch.arange(N, device=x.device).repeat_interleave(k)  # (N * k,) token-major, like expert and weight
-        if cfg.capacity_factor == 0:
-            return tok, expert.flatten(), weight.flatten()  # (M,) each
-        keep = self.within_capacity(expert).flatten()  # (N * k,)
-        self.last["dropped"] = 1 - keep.float().mean()
-        return tok[keep], expert.flatten()[keep], weight.flatten()[keep]  # (M,) each
+        return load
 
     def within_capacity(self, expert):
-        """Which of the (N, k) assignments fit: each expert takes at most capacity_factor * N * k / E.
+        """Which of the (B*T, k) assignments fit: each expert takes at most capacity_factor * B*T * k / E.
         As in GShard, every token's first choice queues before any second choice, each in token
         order (batch-major). So a later token's first choice can push out an earlier token's
         second choice, and sequence 0 fills the queues before sequence 1: an output depends on
-        later positions and on other sequences. The capacity also depends on N, so a prefix, or
+        later positions and on other sequences. The capacity also depends on B*T, so a prefix, or
         one decoding step, drops differently from the full sequence. Not causal: for training only."""
-        N, k = expert.shape
+        n_tok, k = expert.shape
         E = self.cfg.n_expert
-        capacity = math.ceil(self.cfg.capacity_factor * N * k / E)
-        queue = F.one_hot(expert.t().reshape(-1), E)  # (k * N, E): slot-major
-        place = (queue.cumsum(dim=0) * queue).sum(dim=-1) - 1  # (k * N,) place in its expert's queue
-        return (place < capacity).view(k, N).t()  # (N, k)
+        capacity = math.ceil(self.cfg.capacity_factor * n_tok * k / E)
+        queue = F.one_hot(expert.t().reshape(-1), E)  # (k*B*T, E): slot-major
+        place = (queue.cumsum(dim=0) * queue).sum(dim=-1) - 1  # (k*B*T,) place in its expert's queue
+        return (place < capacity).view(k, n_tok).t()  # (B*T, k)
 
     def act(self, h):
         if self.cfg.ffn == "swiglu":
@@ -357,7 +369,7 @@ class MoE(nn.Module):
 
     def experts_loop(self, x, tok, expert, weight):
         """The readable path: for each expert, gather its tokens, run its feed-forward, add back weighted."""
-        y = torch.zeros_like(x)  # (N, C)
+        y = torch.zeros_like(x)  # (B*T, C)
         for e in range(self.cfg.n_expert):
             mine = expert == e
             t = tok[mine]  # tokens routed to e
@@ -379,6 +391,15 @@ class MoE(nn.Module):
 
     def num_expert_params(self):
         return self.w_in[0].numel() + self.w_out[0].numel()  # one routed expert
+
+    def stats(self):
+        """From the last forward: the load share of every expert, max violation (max load / mean
+        load - 1), load entropy / ln E (1 = uniform), experts that got no token, share of
+        assignments dropped for capacity, mean top-1 router probability."""
+        load = self.last["load"]  # (E,)
+        entropy = -(load * load.clamp_min(1e-12).log()).sum() / math.log(len(load))
+        return {"load": load.tolist(), "max_violation": (load.max() / load.mean() - 1).item(), "entropy": entropy.item(),
+                "dead": int((load == 0).sum()), "dropped": self.last["dropped"].item(), "top1": self.last["top1"].item()}
 
 
 class Block(nn.Module):
@@ -410,10 +431,8 @@ class Model(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.pos == "learned":
             self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
-        if cfg.pos == "sinusoidal":  # the table's entries have RMS 1/sqrt(2): added as is to token embeddings of
-            # std 0.02 (GPT-2's init), positions drown the tokens (val loss 3.22 against 2.21 with learned positions,
-            # tied head, `train.py --d_model=64 --n_layer=2 --block_size=32 --max_iters=600`). So the table is scaled
-            # to the embeddings' init RMS (2.23 there). Vaswani et al. multiply the embeddings by sqrt(d_model) instead.
+        if cfg.pos == "sinusoidal":  # entries of RMS 1/sqrt(2) would drown embeddings of std 0.02: scaled to the
+            # embeddings' init RMS (Vaswani et al. multiply the embeddings by sqrt(d_model)); results/positions.md
             emb_std = 0.02 if cfg.init == "gpt2" else 1.0  # init_weights: N(0, 0.02) or N(0, 1)
             self.register_buffer("sinusoids", sinusoids(cfg.block_size, cfg.d_model) * emb_std * math.sqrt(2), persistent=False)
         if cfg.pos == "rope":
@@ -437,20 +456,15 @@ class Model(nn.Module):
         """Two rules, chosen by cfg.init; biases start at zero in both.
         gpt2: every matrix N(0, 0.02), a tied head, and each residual branch's output layer (out_proj)
           scaled by 1/sqrt(2 * n_layer) since both branches of every layer add to the stream (Radford
-          et al. 2019). 0.02 is a fixed number: about 0.55 / sqrt(fan_in) at GPT-2's width 768 but
-          0.16 / sqrt(fan_in) at width 64, where the q.k scores start some 40x too flat; the attention
-          scores then carry almost no gradient and a small model sits on a long plateau before it
-          learns in-context recall.
+          et al. 2019). 0.02 is a fixed number, tuned for GPT-2's width: at a small width the q.k
+          scores start far too flat and carry almost no gradient.
         fan_in (the default): PyTorch's own defaults. Every matrix, the head included, is uniform in
           +-1/sqrt(fan_in) (LeCun et al. 1998), so a layer's output has the scale of its input at any
           width; embeddings are N(0, 1), the scale of the normalised stream they feed; the head is
           untied, since one matrix cannot be both a unit-scale embedding and a 1/sqrt(d_model) readout
-          (tied, it keeps the readout's scale). No further depth scaling. With it a 2-layer width-64
-          model learns multi-query associative recall in 1000 steps, where the gpt2 rule stays at the
-          accuracy of always answering the most frequent value."""
+          (tied, it keeps the readout's scale). No further depth scaling.
+        The two compared: results/ladder.md (text) and results/mqar.md (recall)."""
         cfg = self.config
-        if cfg.init not in ("fan_in", "gpt2"):
-            raise ValueError(f"init must be one of fan_in|gpt2, got {cfg.init!r}")
         for name, m in self.named_modules():
             if cfg.init == "fan_in" and isinstance(m, (nn.Linear, nn.Embedding)):
                 m.reset_parameters()  # Linear: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)); Embedding: N(0, 1)
@@ -567,18 +581,8 @@ class Model(nn.Module):
                 f"{f'capacity factor {cfg.capacity_factor}' if cfg.capacity_factor else 'dropless'}, {cfg.expert_path} path")
 
     def layer_stats(self):
-        """Per MoE layer, from its last forward: the load share of every expert, max violation
-        (max load / mean load - 1), load entropy / ln E (1 = uniform), experts that got no token,
-        share of assignments dropped for capacity, mean top-1 router probability."""
-        out = []
-        for m in self.modules():
-            if isinstance(m, MoE) and m.last is not None:
-                load = m.last["load"]  # (E,)
-                entropy = -(load * load.clamp_min(1e-12).log()).sum() / math.log(len(load))
-                out.append({"load": load.tolist(), "max_violation": (load.max() / load.mean() - 1).item(),
-                            "entropy": entropy.item(), "dead": int((load == 0).sum()),
-                            "dropped": m.last["dropped"].item(), "top1": m.last["top1"].item()})
-        return out
+        """MoE.stats of every MoE layer that has run."""
+        return [m.stats() for m in self.modules() if isinstance(m, MoE) and m.last is not None]
 
     def stats(self):
         """A compact summary of layer_stats for the log: mean over MoE layers and the worst layer."""

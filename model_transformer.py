@@ -27,7 +27,7 @@ GPT-2, Radford et al. 2019). The switches:
 The defaults are the modern recipe: RoPE, RMSNorm, pre-norm, SwiGLU, GQA.
 
 Shapes: B batch, T time (tokens in this call), S cached + new tokens, C d_model,
-H query heads, K key/value heads, D head dim, F feed-forward hidden size, V vocabulary.
+H query heads, G key/value heads (the groups of GQA), D head dim, F feed-forward hidden size, V vocabulary.
 """
 import math
 from dataclasses import dataclass
@@ -37,6 +37,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+
+
+def check(ok, message):
+    """One rule of a Config: a ValueError of one line (train.py reports it and exits with code 2)."""
+    if not ok:
+        raise ValueError(message)
 
 
 @dataclass
@@ -62,25 +68,19 @@ class Config:
     flash: bool = True  # kernels.attention; False runs the explicit formula
     norm_eps: float = 1e-5
 
-    def __post_init__(self):  # impossible values fail here, in one line, before any weight is made
-        sizes = ("vocab_size", "block_size", "d_model", "n_layer", "n_head", "n_kv_head", "rope_theta", "norm_eps",
-                 "rope_factor")
-        choices = {"pos": "rope|alibi|learned|sinusoidal|none", "ffn": "swiglu|gelu|relu", "norm": "rmsnorm|layernorm",
-                   "rope_scaling": "none|pi|ntk"}
-        for name in sizes:
-            if getattr(self, name) <= 0: raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed.split("|"):
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+    def __post_init__(self):  # one line per rule: an impossible value fails here, before any weight is made
+        for name in ("vocab_size", "block_size", "d_model", "n_layer", "n_head", "n_kv_head", "rope_theta", "norm_eps", "rope_factor"):
+            check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        for name, allowed in dict(pos="rope|alibi|learned|sinusoidal|none", ffn="swiglu|gelu|relu", norm="rmsnorm|layernorm",
+                                  rope_scaling="none|pi|ntk", init="fan_in|gpt2").items():
+            check(getattr(self, name) in allowed.split("|"), f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check(self.n_head % self.n_kv_head == 0, f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        check(self.d_model % self.n_head == 0, f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         self.head_dim = self.d_model // self.n_head
-        if (self.pos == "rope" and self.head_dim % 2) or (self.pos == "sinusoidal" and self.d_model % 2):
-            raise ValueError(f"{self.pos} positions need an even head dim / d_model, got {self.head_dim} / {self.d_model}")
-        if not (0 <= self.dropout < 1 and self.d_ff >= 0):
-            raise ValueError(f"need 0 <= dropout < 1 and d_ff >= 0 (0: default), got {self.dropout} and {self.d_ff}")
+        check(self.pos != "rope" or self.head_dim % 2 == 0, f"rope positions need an even head dim, got {self.head_dim}")
+        check(self.pos != "sinusoidal" or self.d_model % 2 == 0, f"sinusoidal positions need an even d_model, got {self.d_model}")
+        check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.d_ff >= 0, f"d_ff must be >= 0 (0: the default), got {self.d_ff}")
         if self.d_ff == 0:  # SwiGLU has three matrices to GELU's two: 3 * C * F = 2 * C * 4C
             self.d_ff = 4 * self.d_model if self.ffn != "swiglu" else 8 * math.ceil(8 * self.d_model / 3 / 8)
 
@@ -141,7 +141,7 @@ class KVCache:
         self.len = 0  # positions filled; the model advances it after each forward
 
     def update(self, layer, k, v):
-        """Append this call's k, v (B, K, T, D); return everything so far (B, K, S, D)."""
+        """Append this call's k, v (B, G, T, D); return everything so far (B, G, S, D)."""
         end = self.len + k.size(2)
         self.k[layer, :, :, self.len:end] = k
         self.v[layer, :, :, self.len:end] = v
@@ -155,8 +155,8 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, (H + 2 * K) * D, bias=cfg.bias)
+        H, G, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (H + 2 * G) * D, bias=cfg.bias)
         self.out_proj = nn.Linear(H * D, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
         if cfg.pos == "alibi":
@@ -165,15 +165,15 @@ class Attention(nn.Module):
     def forward(self, x, rope, cache, layer):
         cfg = self.cfg
         B, T, C = x.shape
-        H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        qk, v = self.qkv(x).split([(H + K) * D, K * D], dim=-1)
-        qk = qk.view(B, T, H + K, D)  # queries and keys side by side: RoPE rotates both in one go
+        H, G, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        qk, v = self.qkv(x).split([(H + G) * D, G * D], dim=-1)
+        qk = qk.view(B, T, H + G, D)  # queries and keys side by side: RoPE rotates both in one go
         if rope is not None:
             qk = apply_rope(qk, *rope)
-        q, k = qk.transpose(1, 2).split([H, K], dim=1)  # (B, H, T, D), (B, K, T, D)
-        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        q, k = qk.transpose(1, 2).split([H, G], dim=1)  # (B, H, T, D), (B, G, T, D)
+        v = v.view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, K, S, D)
+            k, v = cache.update(layer, k, v)  # (B, G, S, D)
         alibi = self.alibi if cfg.pos == "alibi" else None
         if cfg.flash:
             y = kernels.attention(q, k, v, causal=True, alibi_slopes=alibi)  # (B, H, T, D)
@@ -186,7 +186,7 @@ class Attention(nn.Module):
         """softmax(q k^T / sqrt(D) + bias, masked to the past) v, exactly as written in the paper."""
         H, T, D = q.size(1), q.size(2), q.size(3)
         S = k.size(2)
-        k = k.repeat_interleave(H // k.size(1), dim=1)  # (B, H, S, D): each K/V head serves H/K query heads
+        k = k.repeat_interleave(H // k.size(1), dim=1)  # (B, H, S, D): each K/V head serves H/G query heads
         v = v.repeat_interleave(H // v.size(1), dim=1)  # (B, H, S, D)
         scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(D)  # (B, H, T, S)
         i = torch.arange(S - T, S, device=q.device)[:, None]  # query positions (T, 1): the last T of S
@@ -251,10 +251,8 @@ class Model(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.pos == "learned":
             self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
-        if cfg.pos == "sinusoidal":  # the table's entries have RMS 1/sqrt(2): added as is to token embeddings of
-            # std 0.02 (GPT-2's init), positions drown the tokens (val loss 3.22 against 2.21 with learned positions,
-            # tied head, `train.py --d_model=64 --n_layer=2 --block_size=32 --max_iters=600`). So the table is scaled
-            # to the embeddings' init RMS (2.23 there). Vaswani et al. multiply the embeddings by sqrt(d_model) instead.
+        if cfg.pos == "sinusoidal":  # entries of RMS 1/sqrt(2) would drown embeddings of std 0.02: scaled to the
+            # embeddings' init RMS (Vaswani et al. multiply the embeddings by sqrt(d_model)); results/positions.md
             emb_std = 0.02 if cfg.init == "gpt2" else 1.0  # init_weights: N(0, 0.02) or N(0, 1)
             self.register_buffer("sinusoids", sinusoids(cfg.block_size, cfg.d_model) * emb_std * math.sqrt(2), persistent=False)
         if cfg.pos == "rope":
@@ -278,20 +276,15 @@ class Model(nn.Module):
         """Two rules, chosen by cfg.init; biases start at zero in both.
         gpt2: every matrix N(0, 0.02), a tied head, and each residual branch's output layer (out_proj)
           scaled by 1/sqrt(2 * n_layer) since both branches of every layer add to the stream (Radford
-          et al. 2019). 0.02 is a fixed number: about 0.55 / sqrt(fan_in) at GPT-2's width 768 but
-          0.16 / sqrt(fan_in) at width 64, where the q.k scores start some 40x too flat; the attention
-          scores then carry almost no gradient and a small model sits on a long plateau before it
-          learns in-context recall.
+          et al. 2019). 0.02 is a fixed number, tuned for GPT-2's width: at a small width the q.k
+          scores start far too flat and carry almost no gradient.
         fan_in (the default): PyTorch's own defaults. Every matrix, the head included, is uniform in
           +-1/sqrt(fan_in) (LeCun et al. 1998), so a layer's output has the scale of its input at any
           width; embeddings are N(0, 1), the scale of the normalised stream they feed; the head is
           untied, since one matrix cannot be both a unit-scale embedding and a 1/sqrt(d_model) readout
-          (tied, it keeps the readout's scale). No further depth scaling. With it a 2-layer width-64
-          model learns multi-query associative recall in 1000 steps, where the gpt2 rule stays at the
-          accuracy of always answering the most frequent value."""
+          (tied, it keeps the readout's scale). No further depth scaling.
+        The two compared: results/ladder.md (text) and results/mqar.md (recall)."""
         cfg = self.config
-        if cfg.init not in ("fan_in", "gpt2"):
-            raise ValueError(f"init must be one of fan_in|gpt2, got {cfg.init!r}")
         for name, m in self.named_modules():
             if cfg.init == "fan_in" and isinstance(m, (nn.Linear, nn.Embedding)):
                 m.reset_parameters()  # Linear: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)); Embedding: N(0, 1)

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from data import UsageError, die, load_checkpoint, model_from_checkpoint, pick_device, read_args, read_text, typed
+from cli import UsageError, die, pick_device, read_args, read_text, typed
+from data import load_checkpoint, model_from_checkpoint
 
 OPTIONS = {
     "ckpt": ("out/ckpt_best.pt", "checkpoint to sample from"),
@@ -45,7 +46,7 @@ def main(argv):
         if not 0 < opts["top_p"] <= 1:
             raise UsageError(f"top_p must be in (0, 1], got {opts['top_p']}")
         prompt = read_text(opts["prompt_file"], "prompt file") if opts["prompt_file"] else opts["prompt"]
-        device, _ = pick_device({"device": opts["device"], "dtype": "float32"})
+        device, _ = pick_device(opts["device"], "float32")
         ckpt = load_checkpoint(opts["ckpt"])
         model, tok = model_from_checkpoint(ckpt)
         ids = tok.encode(prompt or "\n")

@@ -4,6 +4,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU 
 
 import base64
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -25,13 +26,14 @@ import model_moe
 import model_transformer
 import data
 import train
+from cli import MODELS, UsageError
 
 # The suite reads top to bottom like the README: first the contract every model file keeps, then one
 # section per concept in the order of the README's "Concept -> code -> flag" table, then the scripts.
 
 REPO = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TINY = ["--n_layer=1", "--d_model=32", "--n_head=2", "--n_kv_head=1", "--block_size=32", "--batch_size=4",
+TINY_ARGS = ["--n_layer=1", "--d_model=32", "--n_head=2", "--n_kv_head=1", "--block_size=32", "--batch_size=4",
         "--eval_iters=2", "--warmup_iters=2"]
 # The kernel tests run Triton under the interpreter on the CPU, or compiled on a GPU when
 # TRITON_INTERPRET=0 (gpu_check.sh); needs_gpu marks the checks at full size on a GPU.
@@ -55,35 +57,30 @@ def data_dir(tmp_path_factory):
 # ----------------------------------------------------------------------------- the contract of every model file
 # The four model files, each on its tiny config and variants: what train.py and sample.py rely on
 
-MODELS = {  # the module and a tiny config of each model file
-    "transformer": (model_transformer, dict(vocab_size=61, block_size=40, d_model=48, n_layer=2, n_head=4)),
-    "moe": (model_moe, dict(vocab_size=61, block_size=40, d_model=48, n_layer=2, n_head=4)),
-    "mamba": (model_mamba, dict(vocab_size=61, block_size=40, d_model=32, n_layer=2, d_state=8)),
-    "hybrid": (model_hybrid, dict(vocab_size=61, block_size=40, d_model=32, layers="Md Me Ad Me", n_head=4,
-                                  d_state=8, n_expert=4)),
-}
+# Every model registered in cli.MODELS is held to the contract below, at a tiny size: the fields of
+# TINY that its Config has, then the shape the shipped files are tested at (SHAPE), then the case.
+TINY = dict(vocab_size=61, block_size=40, d_model=48, n_layer=2, n_head=4)
+SHAPE = {"mamba": dict(d_model=32, d_state=8), "hybrid": dict(d_model=32, layers="Md Me Ad Me", d_state=8, n_expert=4)}
+
+
+def tiny_config(name, **kw):
+    module = MODELS[name]
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    return module.Config(**{**{k: v for k, v in TINY.items() if k in fields}, **SHAPE.get(name, {}), **kw})
 
 
 def tiny(name, **kw):
     torch.manual_seed(0)
-    module, base = MODELS[name]
-    return module.Model(module.Config(**{**base, **kw})).eval()
+    return MODELS[name].Model(tiny_config(name, **kw)).eval()
 
 
-def tiny_transformer(**kw):
-    return tiny("transformer", **kw)
+def train_args(name):
+    """TINY_ARGS that this model's Config or train.py takes: a tiny train.py run of any registered model."""
+    known = {f.name for f in dataclasses.fields(MODELS[name].Config)} | set(train.OPTIONS)
+    return [f"--model={name}", *(a for a in TINY_ARGS if a[2:].split("=")[0] in known)]
 
 
-def tiny_moe(**kw):
-    return tiny("moe", **kw)
-
-
-def tiny_mamba(**kw):
-    return tiny("mamba", **kw)
-
-
-def tiny_hybrid(**kw):
-    return tiny("hybrid", **kw)
+tiny_transformer, tiny_moe, tiny_mamba, tiny_hybrid = (functools.partial(tiny, name) for name in ("transformer", "moe", "mamba", "hybrid"))
 
 
 # The variants each model is held to: each of its switches at least once
@@ -109,9 +106,9 @@ HYBRID_VARIANTS = [  # both mixers, both feed-forwards, MoE after either mixer, 
     dict(layers="Ae Md M Ad", n_kv_head=1, inner_norm=False, scan="ref"),
     dict(layers="M S Me S", n_kv_head=4),
 ]
-CASES = [pytest.param(name, v, id="-".join([name, ID(v)] if v else [name])) for name, variants in
-         (("transformer", VARIANTS), ("moe", MOE_VARIANTS), ("mamba", MAMBA_VARIANTS), ("hybrid", HYBRID_VARIANTS))
-         for v in variants]
+CASE_VARIANTS = {"transformer": VARIANTS, "moe": MOE_VARIANTS, "mamba": MAMBA_VARIANTS, "hybrid": HYBRID_VARIANTS}
+CASES = [pytest.param(name, v, id="-".join([name, ID(v)] if v else [name]))
+         for name in MODELS for v in CASE_VARIANTS.get(name, [dict()])]
 
 
 def check_cached_generation(m, new_tokens=25):
@@ -178,7 +175,7 @@ PREFILL = {"transformer": dict(pos="alibi"), "moe": dict(), "mamba": dict(), "hy
 
 @pytest.mark.parametrize("name", MODELS)
 def test_chunked_prefill_equals_token_by_token(name):
-    m = tiny(name, **PREFILL[name])
+    m = tiny(name, **PREFILL.get(name, {}))
     idx = torch.randint(0, 61, (2, 30))
     full = m(idx)[0]
     cache1 = m.new_cache(2)
@@ -202,7 +199,7 @@ SLIDE = {"transformer": dict(pos="learned"), "moe": dict(), "mamba": dict(), "hy
 
 @pytest.mark.parametrize("name", MODELS)
 def test_generation_slides_past_block_size(name):
-    m = tiny(name, block_size=16, **SLIDE[name])
+    m = tiny(name, block_size=16, **SLIDE.get(name, {}))
     for prompt_len in (1, 2, 20):  # a one-token prompt takes the single-step path from the start; 20 > block_size
         out = list(m.generate(torch.randint(0, 61, (1, prompt_len)), 40, temperature=1.0, top_k=5, top_p=0.9))
         assert len(out) == 40 and all(t.shape == (1, 1) and 0 <= t.item() < 61 for t in out)
@@ -214,7 +211,7 @@ OVERFIT = {"transformer": (dict(), 3e-3), "moe": (dict(n_expert=4, top_k=2), 3e-
 
 @pytest.mark.parametrize("name", MODELS)
 def test_tiny_batch_overfits(name):
-    kw, lr = OVERFIT[name]
+    kw, lr = OVERFIT.get(name, (dict(), 3e-3))
     torch.manual_seed(0)
     assert overfit(tiny(name, **kw).train(), lr=lr) < 0.1
 
@@ -229,7 +226,7 @@ GROUPS = {  # biases and norm weights, and a weight used twice (a tied head, Zam
 
 @pytest.mark.parametrize("name", MODELS)
 def test_optimizer_groups_hold_every_parameter_once(name):
-    for kw in GROUPS[name]:
+    for kw in GROUPS.get(name, [dict()]):
         m = tiny(name, **kw)
         decay, keep = m.optim_groups(0.1)
         assert decay["weight_decay"] == 0.1 and keep["weight_decay"] == 0.0
@@ -239,10 +236,10 @@ def test_optimizer_groups_hold_every_parameter_once(name):
 
 
 E2E = {  # train.py options, and what train.py must print about the model
-    "transformer": ([*TINY], []),
-    "moe": ([*TINY, "--model=moe", "--n_expert=4"], ["active)", "top-2 of 4 experts"]),
-    "mamba": (["--model=mamba", *[a for a in TINY if "_head" not in a]], ["Mamba layers"]),
-    "hybrid": ([*TINY[1:], "--model=hybrid", "--layers=Md Ae", "--n_expert=4"],
+    "transformer": ([*TINY_ARGS], []),
+    "moe": ([*TINY_ARGS, "--model=moe", "--n_expert=4"], ["active)", "top-2 of 4 experts"]),
+    "mamba": (train_args("mamba"), ["Mamba layers"]),
+    "hybrid": ([*TINY_ARGS[1:], "--model=hybrid", "--layers=Md Ae", "--n_expert=4"],
                ["architecture: layers Md Ae (A attention, M Mamba"]),
 }
 
@@ -250,7 +247,7 @@ E2E = {  # train.py options, and what train.py must print about the model
 @pytest.mark.parametrize("name", MODELS)
 def test_train_and_sample_end_to_end(name, tmp_path, data_dir):
     out = tmp_path / "out"
-    args, says = E2E[name]
+    args, says = E2E.get(name, (train_args(name), []))
     r = run("train.py", *args, "--max_iters=30", "--eval_interval=15", "--log_interval=10",
             f"--out_dir={out}", f"--data_dir={data_dir}")
     assert r.returncode == 0, r.stderr
@@ -265,6 +262,9 @@ def test_train_and_sample_end_to_end(name, tmp_path, data_dir):
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 30 and all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in steps)
+    parts = {"ce_loss", "balance_loss", "z_loss"} if name in ("moe", "hybrid") else {"ce_loss"}  # the model's aux, logged
+    assert all({k for k in r if k.endswith("_loss")} == parts for r in steps)
+    assert all(r["ce_loss"] <= r["loss"] < r["ce_loss"] + 0.1 for r in steps)  # the auxiliary losses are small
     svg = ET.parse(out / "loss.svg").getroot()  # valid XML, one line per series, each named
     lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
     assert len(lines) == 2 and [len(l.get("points").split()) for l in lines] == [30, 3]
@@ -278,27 +278,41 @@ def test_train_and_sample_end_to_end(name, tmp_path, data_dir):
 # ----------------------------------------------------------------------------- attention
 # The explicit formula against the fast path, MHA/GQA/MQA head counts (the KV cache: the contract)
 
-@pytest.mark.parametrize("variant", [dict(pos="alibi", n_kv_head=2), dict(pos="rope", n_kv_head=1)], ids=ID)
-def test_explicit_attention_equals_fast_path(variant):
-    fast = tiny_transformer(**variant, flash=True)
-    slow = tiny_transformer(**variant, flash=False)
+def assert_same_loss_and_grads(fast, slow):
+    """Two paths of one model (slow takes fast's weights): the same loss and gradients on one batch."""
     slow.load_state_dict(fast.state_dict())
     idx, targets = torch.randint(0, 61, (2, 23)), torch.randint(0, 61, (2, 23))
-    grads = []
-    for m in (fast, slow):
-        _, loss = m(idx, targets)
-        grads.append(torch.autograd.grad(loss, list(m.parameters())))
-        grads[-1] = (loss.detach(),) + grads[-1]
-    for a, b in zip(*grads):
+    results = [(loss.detach(), *torch.autograd.grad(loss, list(m.parameters()))) for m in (fast, slow)
+               for loss in [m(idx, targets)[1]]]
+    for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
-def test_config_rejects_impossible_values():
-    for kw, msg in [(dict(n_head=6, n_kv_head=4), "divisible by n_kv_head"), (dict(d_model=50, n_head=4), "divisible by n_head"),
-                    (dict(n_layer=0), "n_layer must be positive"), (dict(pos="xpos"), "pos must be one of"),
-                    (dict(d_model=36, n_head=4, n_kv_head=2), "even head dim")]:
-        with pytest.raises(ValueError, match=msg):
-            model_transformer.Config(**kw)
+@pytest.mark.parametrize("variant", [dict(pos="alibi", n_kv_head=2), dict(pos="rope", n_kv_head=1)], ids=ID)
+def test_explicit_attention_equals_fast_path(variant):
+    assert_same_loss_and_grads(tiny_transformer(**variant, flash=True), tiny_transformer(**variant, flash=False))
+
+
+CONFIG_ERRORS = [  # (model, impossible fields, the one-line message)
+    ("transformer", dict(n_head=6, n_kv_head=4), "divisible by n_kv_head"), ("transformer", dict(d_model=50), "divisible by n_head"),
+    ("transformer", dict(n_layer=0), "n_layer must be positive"), ("transformer", dict(pos="xpos"), "pos must be one of"),
+    ("transformer", dict(d_model=36, n_kv_head=2), "even head dim"), ("transformer", dict(init="xavier"), "init must be one of"),
+    ("transformer", dict(rope_scaling="yarn"), "rope_scaling must be one of"), ("transformer", dict(rope_factor=0.0), "rope_factor"),
+    ("mamba", dict(n_layer=0), "n_layer must be positive"), ("mamba", dict(dt_min=0.2, dt_max=0.1), "dt_min <= dt_max"),
+    ("mamba", dict(scan="fft"), "scan must be one of"), ("mamba", dict(dt_rank=-1), "dt_rank must be positive"),
+    ("moe", dict(top_k=9), "top_k must be between 1 and n_expert"), ("moe", dict(router="hash"), "router must be one of"),
+    ("moe", dict(d_expert=20), "divisible by 8"), ("moe", dict(moe_every=2, moe_offset=2), "moe_offset < moe_every"),
+    ("hybrid", dict(layers="Md Xq"), "'Xq' is not a layer"), ("hybrid", dict(layers="Sd"), "'Sd' is not a layer"),
+    ("hybrid", dict(layers=" "), "no layers"), ("hybrid", dict(top_k=9), "top_k must be between"),
+    ("hybrid", dict(n_head=6), "divisible"), ("hybrid", dict(scan="fast"), "scan must be one of"),
+    ("hybrid", dict(dt_min=0.2, dt_max=0.1), "dt_min <= dt_max"),
+]
+
+
+@pytest.mark.parametrize("name, kw, msg", CONFIG_ERRORS, ids=[f"{n}-{ID(kw)}" for n, kw, _ in CONFIG_ERRORS])
+def test_config_rejects_impossible_values(name, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        tiny_config(name, **kw)
 
 
 # ----------------------------------------------------------------------------- positions
@@ -333,9 +347,6 @@ def test_rope_scaling_none_is_plain_rope_and_pi_divides_positions():
     for scaling in ("pi", "ntk"):  # factor 1 changes nothing
         same = tiny_transformer(rope_scaling=scaling, rope_factor=1.0)
         torch.testing.assert_close(same(idx)[0], plain(idx)[0], atol=0, rtol=0)
-    for kw in (dict(rope_scaling="yarn"), dict(rope_factor=0.0)):
-        with pytest.raises(ValueError):
-            model_transformer.Config(**kw)
 
 
 @pytest.mark.parametrize("module", [model_transformer, model_moe], ids=["transformer", "moe"])
@@ -407,8 +418,6 @@ def test_init_and_optimizer_groups():
     assert abs(q["blocks.0.attn.out_proj.weight"].std().item() - 0.02 / 4) < 0.0007  # scaled for depth
     assert abs(gpt2.wte.weight.std().item() - 0.02) < 0.002 and gpt2.lm_head.weight is gpt2.wte.weight
     assert all(not q[n].any() for n in q if n.endswith(".bias"))
-    with pytest.raises(ValueError, match="init must be one of"):
-        tiny_transformer(init="xavier")
     decay, keep = m.optim_groups(0.1)  # matrices decay, vectors (norms, biases) do not
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in keep["params"])
 
@@ -426,20 +435,12 @@ def test_moe_init_follows_the_transformer():
 # ----------------------------------------------------------------------------- kernels: FlashAttention
 # The Triton kernel (interpreted on the CPU) and the torch path against float64; full sizes on a GPU only
 
-# The Triton kernel runs under the interpreter on the CPU here (on a GPU when TRITON_INTERPRET=0,
-# see gpu_check.sh). Each case is checked, output and all three gradients, against the float64
-# formula; the kernel's error must be within 2x the error of PyTorch doing the same math at the
-# input precision (attention_ref on the same fp32/fp16 tensors), the flash-attention project's
-# rule. Plus a floor of 16 float32 ulps of the largest reference value: the kernel accumulates in
-# float32 in another order than PyTorch and rebuilds p = exp(s - lse) from the stored row
-# log-sum-exp, which measured up to ~11 ulps (200 fp32 runs of these cases), so below that
-# neither error means anything. It is 4e-6 relative at most, far under what a wrong mask or
-# scale costs, and ~1/500 of one fp16 ulp, so the fp16 cases are held to the plain 2x rule.
-# Compiled for a GPU, tl.exp2, tl.log2 and `/` in float32 become approximate instructions (about
-# 2 ulps each by CUDA's tables, where numpy rounds correctly): a few ulps more per probability, and
-# the output and gradients are weighted sums of probabilities, so by that estimate the errors stay
-# under the floor. The floor is kept, not widened; record_error logs error / floor for every case
-# (gpu_check.sh prints them), so the first GPU run shows the actual margin.
+# Output and all three gradients against the float64 formula: the kernel's error within 2x that of
+# PyTorch doing the same math at the input precision (the flash-attention project's rule), plus a
+# floor of 16 float32 ulps of the largest value: another summation order and p = exp(s - lse)
+# rebuilt from the row log-sum-exp measured up to ~11 ulps (200 fp32 runs); 4e-6 relative at most,
+# ~1/500 of an fp16 ulp. On a GPU exp2, log2 and `/` are approximate (~2 ulps each): record_error
+# logs error / floor per case (gpu_check.sh prints them), so the first GPU run shows the margin.
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
@@ -857,25 +858,13 @@ def test_mamba_shapes_and_initial_loss():
 
 @pytest.mark.parametrize("scan", ["chunked", "triton", "loop"])
 def test_mamba_scan_paths_agree_in_the_model(scan):
-    fast, slow = tiny_mamba(scan=scan), tiny_mamba(scan="ref")
-    slow.load_state_dict(fast.state_dict())
-    idx, targets = torch.randint(0, 61, (2, 23)), torch.randint(0, 61, (2, 23))
-    grads = []
-    for m in (fast, slow):
-        _, loss = m(idx, targets)
-        grads.append((loss.detach(),) + torch.autograd.grad(loss, list(m.parameters())))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    assert_same_loss_and_grads(tiny_mamba(scan=scan), tiny_mamba(scan="ref"))
 
 
 def test_mamba_config():
     cfg = model_mamba.Config(d_model=40)
     assert cfg.dt_rank == 3 and cfg.d_inner == 80  # ceil(40 / 16), expand * d_model
     assert "d_inner 80" in model_mamba.Model(cfg).summary()
-    for kw, msg in [(dict(n_layer=0), "n_layer must be positive"), (dict(dt_min=0.2, dt_max=0.1), "dt_min <= dt_max"),
-                    (dict(scan="fft"), "scan must be one of"), (dict(dt_rank=-1), "dt_rank must be positive")]:
-        with pytest.raises(ValueError, match=msg):
-            model_mamba.Config(**kw)
 
 
 def test_mamba_init_and_optimizer_groups():
@@ -1047,17 +1036,14 @@ def test_moe_counts_active_parameters_and_flops():
     assert moe.flops_per_token() == dense.flops_per_token() + 6 * router
 
 
-def test_moe_config_rejects_impossible_values():
-    for kw, msg in [(dict(top_k=9), "top_k must be between 1 and n_expert"), (dict(router="hash"), "router must be one of"),
-                    (dict(d_expert=20), "divisible by 8"), (dict(moe_every=2, moe_offset=2), "moe_offset < moe_every")]:
-        with pytest.raises(ValueError, match=msg):
-            model_moe.Config(**kw)
-    model_moe.Config(d_expert=20, expert_path="loop")
+def test_moe_grouped_path_alone_needs_multiples_of_8():
+    model_moe.Config(d_expert=20, expert_path="loop")  # grouped: CONFIG_ERRORS
 
 
 def test_moe_copies_the_new_transformer_features():
     src = inspect.getsource
     assert src(model_moe.MLP) == src(model_transformer.MLP)
+    assert src(model_moe.check) == src(model_mamba.check) == src(model_transformer.check)
     assert src(model_moe.Model.rope) == src(model_transformer.Model.rope)
 
 
@@ -1075,18 +1061,13 @@ def test_hybrid_layer_pattern():
     assert m.cache_index == [0, 0, 1, 1, 2, 2]  # place among the attention uses (A, S), or among the Mamba layers
     cache = m.new_cache(3)
     assert cache.k.shape[:2] == (3, 3) and cache.ssm.shape[:2] == (3, 3) and cache.conv.shape[:2] == (3, 3)
-    for kw, msg in [(dict(layers="Md Xq"), "'Xq' is not a layer"), (dict(layers="Sd"), "'Sd' is not a layer"),
-                    (dict(layers=" "), "no layers"), (dict(top_k=9), "top_k must be between"),
-                    (dict(n_head=6), "divisible"), (dict(scan="fast"), "scan must be one of")]:
-        with pytest.raises(ValueError, match=msg):
-            model_hybrid.Config(**kw)
 
 
 def test_hybrid_blocks_match_their_sources():
     """The guide: copied blocks stay identical (text), and where the hybrid's copy is cut down (no
     ALiBi, one router, experts as modules), the same weights give the same outputs."""
     src = inspect.getsource
-    for name in ("RMSNorm", "SwiGLU", "sample_next"):
+    for name in ("RMSNorm", "SwiGLU", "sample_next", "check"):
         assert src(getattr(model_hybrid, name)) == src(getattr(model_transformer, name)), name
     assert src(model_hybrid.Model.optim_groups) == src(model_transformer.Model.optim_groups)
     torch.manual_seed(0)
@@ -1102,7 +1083,7 @@ def test_hybrid_blocks_match_their_sources():
         kv.len = kv_ref.len = b
     # the Mamba layer (without Jamba's inner norm) is model_mamba's, full sequence and step by step
     mcfg = model_mamba.Config(d_model=32, d_state=8)
-    ref, mamba = model_mamba.Mixer(mcfg), model_hybrid.MambaLayer(tiny_hybrid(inner_norm=False).config)
+    ref, mamba = model_mamba.MambaLayer(mcfg), model_hybrid.MambaLayer(tiny_hybrid(inner_norm=False).config)
     mamba.load_state_dict(ref.state_dict())
     torch.testing.assert_close(mamba(x, None, 0), ref(x, None, 0), atol=0, rtol=0)
     c_ref, c = (model_mamba.MambaCache(1, 2, 64, 4, 8, "cpu", torch.float32) for _ in range(2))
@@ -1285,7 +1266,7 @@ def synthetic_oracle(task, x, o):
 @pytest.mark.parametrize("task", data.SYNTHETIC)
 def test_synthetic_generators_are_deterministic_with_disjoint_streams(task):
     kw, T = SMALL_TASKS[task]
-    synth = data.SynthData(synthetic_opts(task, **kw))
+    synth = train.load_data(synthetic_opts(task, **kw))
     draw = lambda split, seed: synth.batch(split, 16, T, torch.Generator().manual_seed(seed))
     for split in ("train", "val"):
         (x1, y1), (x2, y2), (x3, _) = draw(split, 5), draw(split, 5), draw(split, 6)
@@ -1298,11 +1279,11 @@ def test_synthetic_generators_are_deterministic_with_disjoint_streams(task):
 def test_synthetic_oracle_scores_100_percent_and_only_answers_are_scored(task):
     kw, T = SMALL_TASKS[task]
     o = synthetic_opts(task, **kw)
-    synth = data.SynthData(o)
+    synth = train.load_data(o)
     answers = {"selective_copy": o["copy_tokens"], "induction": o["induction_queries"], "mqar": o["mqar_queries"]}[task]
     shortest = {"selective_copy": 6, "induction": 9, "mqar": 11}[task]
     synth.check(shortest)
-    with pytest.raises(data.UsageError, match="needs block_size >="):
+    with pytest.raises(UsageError, match="needs block_size >="):
         synth.check(shortest - 1)
     for length in (shortest, T, T + 1, 4 * T + 3):
         x, y = synth.batch("train", 64, length, torch.Generator().manual_seed(length))
@@ -1325,23 +1306,23 @@ def no_recall_guess(task, row, o):
 def test_synthetic_baseline_equals_the_rule_computed_by_hand(task):
     kw, T = SMALL_TASKS[task]
     o = synthetic_opts(task, **kw)
-    synth = data.SynthData(o)
+    synth = train.load_data(o)
     x, y = synth.batch("val", 200, T, torch.Generator().manual_seed(3))
     by_hand = torch.tensor([no_recall_guess(task, row, o) for row in x.tolist()])
     assert torch.equal(synth.guess(x), by_hand)
     right = sum(by_hand[b].item() == t for b, row in enumerate(y.tolist()) for t in row if t != -1)
     if task == "induction":  # the value is uniform over the non-keys: any fixed non-key is right that often
         assert abs(right / (y != -1).sum().item() - 1 / (kw["task_vocab"] - kw["induction_queries"])) < 0.05
-    big_x, big_y = data.SynthData(synthetic_opts(task)).batch("val", 2000, 64, torch.Generator().manual_seed(4))
+    big_x, big_y = train.load_data(synthetic_opts(task)).batch("val", 2000, 64, torch.Generator().manual_seed(4))
     if task != "induction":  # the bag rule at 8 of 16 symbols: E[largest count] / 8 = 0.258
-        g = data.SynthData(synthetic_opts(task)).guess(big_x)
+        g = train.load_data(synthetic_opts(task)).guess(big_x)
         assert abs((g[:, None] == big_y)[big_y != -1].float().mean().item() - 0.258) < 0.015
 
 
 @pytest.mark.parametrize("task", data.SYNTHETIC)
 def test_synthetic_tasks_are_learned_above_chance(task):
     kw, T = SMALL_TASKS[task] if task != "induction" else (dict(task_vocab=6, induction_queries=1), 8)  # one key: quick
-    synth = data.SynthData(synthetic_opts(task, **kw))
+    synth = train.load_data(synthetic_opts(task, **kw))
     torch.manual_seed(0)
     m = model_transformer.Model(model_transformer.Config(vocab_size=synth.vocab_size, block_size=T, d_model=32,
                                                          n_layer=2, n_head=2, n_kv_head=1))
@@ -1360,7 +1341,7 @@ def test_synthetic_tasks_are_learned_above_chance(task):
 
 
 def test_synthetic_train_py_reports_accuracy_extrapolation_and_samples_words(tmp_path):
-    args = [*TINY, "--dataset=induction", "--task_vocab=6", "--induction_queries=1", "--block_size=8", "--max_iters=4",
+    args = [*TINY_ARGS, "--dataset=induction", "--task_vocab=6", "--induction_queries=1", "--block_size=8", "--max_iters=4",
             "--eval_interval=2"]
     r = run("train.py", *args, f"--out_dir={tmp_path / 'rope'}")
     assert r.returncode == 0, r.stderr
@@ -1384,7 +1365,7 @@ def test_synthetic_bad_options(tmp_path):
     for kw, message in [(dict(task_vocab=1), "task_vocab must be >= 2"), (dict(mqar_queries=0), "positive"),
                         (dict(dataset="mqar", mqar_pairs=20), "needs as many distinct keys"), (dict(extrapolate=-1), "extrapolate"),
                         (dict(dataset="induction", induction_queries=16), "less than task_vocab")]:
-        with pytest.raises(data.UsageError, match=message):
+        with pytest.raises(UsageError, match=message):
             train.parse_args([f"--{k}={v}" for k, v in kw.items()])
 
 
@@ -1405,7 +1386,7 @@ def sample_set(logits, **kw):
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, data_dir):
-    args = [*TINY, "--max_iters=160", "--eval_interval=40", "--log_interval=1000", "--dropout=0.1",
+    args = [*TINY_ARGS, "--max_iters=160", "--eval_interval=40", "--log_interval=1000", "--dropout=0.1",
             f"--data_dir={data_dir}"]
     whole = run("train.py", *args, f"--out_dir={tmp_path / 'a'}")
     assert whole.returncode == 0, whole.stderr
@@ -1433,7 +1414,7 @@ def test_bpe_from_a_local_ranks_file_travels_in_the_checkpoint(tmp_path):
     merges = [bytes([i]) for i in range(256)] + [b"th", b"the", b"at", b" the"]
     (tmp_path / "tiny.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(merges)))
     out = tmp_path / "out"
-    r = run("train.py", *TINY, "--max_iters=4", "--eval_interval=2", f"--dataset={tmp_path / 'corpus.txt'}",
+    r = run("train.py", *TINY_ARGS, "--max_iters=4", "--eval_interval=2", f"--dataset={tmp_path / 'corpus.txt'}",
             f"--tokenizer={tmp_path / 'tiny.tiktoken'}", f"--data_dir={tmp_path / 'data'}", f"--out_dir={out}")
     assert r.returncode == 0, r.stderr
     assert "bpe, vocab 261" in r.stdout
@@ -1448,7 +1429,7 @@ def test_shakespeare_without_network_says_where_to_put_the_file(tmp_path):
                        cwd=REPO, env=offline, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and f"{tmp_path}/tinyshakespeare.txt" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "tinyshakespeare.txt").write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 300)
-    r = run("train.py", *TINY, "--dataset=shakespeare_char", f"--data_dir={tmp_path}", "--max_iters=2",
+    r = run("train.py", *TINY_ARGS, "--dataset=shakespeare_char", f"--data_dir={tmp_path}", "--max_iters=2",
             "--eval_interval=1", f"--out_dir={tmp_path / 'out'}")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "shakespeare_char" / "meta.json").is_file()
@@ -1501,7 +1482,7 @@ def assert_one_line_error(r, message):
     (["H/missing.py"], "no preset file H/missing.py"),
     (["--lr=nan"], "lr > 0"),
     (["--beta2=1.5"], "beta1 and beta2 must be in [0, 1)"),
-    (["--dropout=1"], "0 <= dropout < 1"),
+    (["--dropout=1"], "dropout must be in [0, 1), got 1.0"),
     (["--norm_eps=0"], "norm_eps must be positive"),
     (["--model=moe", "--top_k=9"], "top_k must be between 1 and n_expert"),
     (["--model=mamba", "--dt_min=1", "--dt_max=0.1"], "dt_min <= dt_max"),
@@ -1527,7 +1508,7 @@ def test_bad_input_exits_2_with_one_line(args, message, data_dir, hostile):
 
 def test_bad_checkpoints_get_clear_errors(tmp_path, data_dir, hostile):
     out = tmp_path / "out"
-    assert run("train.py", *TINY, "--max_iters=2", "--eval_interval=1", f"--out_dir={out}", f"--data_dir={data_dir}").returncode == 0
+    assert run("train.py", *TINY_ARGS, "--max_iters=2", "--eval_interval=1", f"--out_dir={out}", f"--data_dir={data_dir}").returncode == 0
     saved = {p.name: p.read_bytes() for p in out.iterdir()}
     good = saved["ckpt_last.pt"]
     ckpt = torch.load(out / "ckpt_last.pt", weights_only=True)
@@ -1551,7 +1532,7 @@ def test_bad_checkpoints_get_clear_errors(tmp_path, data_dir, hostile):
     assert_one_line_error(run("sample.py", ok, "--top_p=0"), "top_p must be in (0, 1]")
     assert_one_line_error(run("sample.py", ok, "--prompt=\u65e5\u672c"), "outside the vocabulary")
     # a failing --resume leaves everything that was saved as it was
-    resume = ["train.py", *TINY, "--resume", f"--out_dir={out}", f"--data_dir={data_dir}"]
+    resume = ["train.py", *TINY_ARGS, "--resume", f"--out_dir={out}", f"--data_dir={data_dir}"]
     assert_one_line_error(run(*resume, "--n_layer=2"), "--n_layer=2 differs from the checkpoint's n_layer=1")
     assert_one_line_error(run(*resume, "--model=moe"), "holds a transformer model, not moe")
     assert_one_line_error(run(*resume, f"--dataset={hostile / 'text.txt'}"), "trained with another tokenizer")
@@ -1562,10 +1543,10 @@ def test_bad_checkpoints_get_clear_errors(tmp_path, data_dir, hostile):
     stripped = tmp_path / "stripped"
     stripped.mkdir()
     torch.save({k: v for k, v in ckpt.items() if k != "optimizer"}, stripped / "ckpt_last.pt")
-    assert_one_line_error(run("train.py", *TINY, "--resume", f"--out_dir={stripped}", f"--data_dir={data_dir}"),
+    assert_one_line_error(run("train.py", *TINY_ARGS, "--resume", f"--out_dir={stripped}", f"--data_dir={data_dir}"),
                           "cannot be resumed (no optimizer)")
     # a non-finite loss stops the run and leaves the good checkpoint untouched
-    r = run("train.py", *TINY, "--max_iters=40", "--resume", "--lr=1e30", "--grad_clip=0", f"--out_dir={out}",
+    r = run("train.py", *TINY_ARGS, "--max_iters=40", "--resume", "--lr=1e30", "--grad_clip=0", f"--out_dir={out}",
             f"--data_dir={data_dir}")
     assert r.returncode == 1 and ("loss is nan" in r.stderr or "loss is inf" in r.stderr), r.stderr
     assert (out / "ckpt_last.pt").read_bytes() == good
@@ -1573,7 +1554,7 @@ def test_bad_checkpoints_get_clear_errors(tmp_path, data_dir, hostile):
 
 def test_torchrun_two_processes(tmp_path, data_dir):
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(REPO / "train.py"), *TINY, "--max_iters=6", "--eval_interval=3", "--log_interval=2",
+                          str(REPO / "train.py"), *TINY_ARGS, "--max_iters=6", "--eval_interval=3", "--log_interval=2",
                           f"--out_dir={tmp_path}", f"--data_dir={data_dir}"],
                          cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (MODELS, SYNTHETIC, SynthData, TextData, UsageError, atomic_write, die, load_checkpoint,
-                  model_from_checkpoint, pick_device, read_args, typed)
+from cli import MODELS, UsageError, die, pick_device, read_args, typed
+from data import SYNTHETIC, SynthData, TextData, atomic_write, load_checkpoint, model_from_checkpoint
 
 # name: (default, help). Every name can be set as --name=value or in a preset file; the fields
 # of the chosen model's Config (python train.py --help lists them) can be set the same way.
@@ -62,6 +62,7 @@ OPTIONS = {
     "induction_queries": (4, "induction: keys hidden in the noise and asked at the end (answers per sequence)"),
     "extrapolate": (4, "induction: also measure accuracy at this many times block_size (0 = off)"),
 }
+TASK_OPTIONS = ("task_vocab", "copy_tokens", "mqar_pairs", "mqar_queries", "induction_queries", "extrapolate")
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
 
@@ -152,6 +153,12 @@ def plot_losses(out_dir, tokens_per_iter):
 def record(path, row):
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def load_data(opts):
+    if opts["dataset"] in SYNTHETIC:
+        return SynthData(opts["dataset"], **{k: opts[k] for k in TASK_OPTIONS})
+    return TextData(opts["dataset"], opts["data_dir"], opts["tokenizer"])
 
 
 def new_model(module, overrides, data):
@@ -255,7 +262,7 @@ def train(opts, overrides, module):
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     ddp, master = world > 1, rank == 0
     log = print if master else (lambda *a, **k: None)
-    device, dtype = pick_device(opts)
+    device, dtype = pick_device(opts["device"], opts["dtype"])
     out_dir = Path(opts["out_dir"])
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"out_dir {out_dir} is a file, not a directory")
@@ -268,7 +275,7 @@ def train(opts, overrides, module):
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
     torch.manual_seed(opts["seed"])  # the same initial weights on every rank
-    data = SynthData(opts) if opts["dataset"] in SYNTHETIC else TextData(opts)
+    data = load_data(opts)
     if ckpt is not None and ckpt["tokenizer"] != data.tokenizer_spec:
         raise UsageError(f"{last_path} was trained with another tokenizer than dataset {opts['dataset']} has")
     model = model_from_checkpoint(ckpt)[0] if ckpt is not None else new_model(module, overrides, data)
@@ -342,7 +349,7 @@ def train(opts, overrides, module):
         lr = lr_at(it, opts)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
+        loss_sum, parts = torch.zeros((), device=device), {}
         for micro in range(opts["grad_accum"]):
             x, y = data.batch("train", opts["batch_size"], cfg.block_size, gen)
             sync = not ddp or micro == opts["grad_accum"] - 1  # DDP: all-reduce only on the last micro-batch
@@ -351,6 +358,8 @@ def train(opts, overrides, module):
                     _, loss = model(x.to(device), y.to(device))
                 (loss / opts["grad_accum"]).backward()
             loss_sum += loss.detach() / opts["grad_accum"]
+            for name, part in raw_model.aux.items():  # the parts of the loss (cross-entropy, MoE's auxiliary losses)
+                parts[name] = parts.get(name, 0) + part / opts["grad_accum"]
         if ddp:
             dist.all_reduce(loss_sum)  # every rank sees the same mean loss and so stops together
             loss_sum /= world
@@ -364,7 +373,8 @@ def train(opts, overrides, module):
         optimizer.zero_grad(set_to_none=True)
         train_time += time.time() - t_step
         if master:
-            record(metrics_path, {"iter": it, "loss": loss_val, "lr": lr, "grad_norm": grad_norm})
+            record(metrics_path, {"iter": it, "loss": loss_val, **{f"{k}_loss": v.item() for k, v in parts.items()},
+                                  "lr": lr, "grad_norm": grad_norm})
         if (it + 1) % opts["log_interval"] == 0 or it == start_iter:
             now = time.time()
             dt = (now - t_last) / (opts["log_interval"] if it != start_iter else 1)

@@ -15,7 +15,7 @@ ladder_alone reads and writes OUT/runs/ladder/, mqar OUT/runs/recall/: they shar
 """
 import sys
 
-from data import UsageError, die, read_args, typed
+from cli import UsageError, die, read_args, typed
 from lab import architectures, attention, ladder, moe, norms, positions, recall, scaling
 from lab.runner import DEFAULT_SEEDS, Lab
 

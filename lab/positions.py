@@ -47,7 +47,7 @@ def positions(lab):
         schemes = [s for s in schemes if s[0] in ("learned", "rope", "alibi")]
     train_args = SHAKESPEARE + ["--max_iters=1200", "--eval_interval=400", "--n_kv_head=4"]
     runs = seeded(lab, [(key, train_args + [f"--pos={key}"]) for key, _ in schemes])
-    val = data.TextData({"dataset": "pydoc" if lab.quick else "shakespeare_char", "data_dir": lab.data_dir, "tokenizer": ""}).val
+    val = data.TextData("pydoc" if lab.quick else "shakespeare_char", lab.data_dir).val
     T = model_of(train_args, lab.quick).config.block_size
     n_windows = 16 if lab.quick else 128
     gen = torch.Generator().manual_seed(0)  # the same windows for every model

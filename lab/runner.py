@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-import data
+import cli
 import train
 from lab.measure import machine, timed_rounds, train_step
 
@@ -127,13 +127,13 @@ def mean_spread(values, spec=".3f"):
 
 
 def model_module(name):
-    return data.MODELS[name]
+    return cli.MODELS[name]
 
 
 def data_of(dataset, data_dir, **opts):
     """The dataset as train.py will see it (vocab_size; a text's train split)."""
     o = {**{k: v for k, (v, _) in train.OPTIONS.items()}, "dataset": dataset, "data_dir": data_dir, **opts}
-    return data.SynthData(o) if dataset in data.SYNTHETIC else data.TextData(o)
+    return train.load_data(o)
 
 
 def vocab_of(dataset, data_dir, **opts):
