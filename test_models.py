@@ -25,6 +25,7 @@ import model_mamba
 import model_moe
 import model_transformer
 import data
+import sample
 import train
 from cli import MODELS, UsageError
 
@@ -1459,6 +1460,22 @@ def assert_one_line_error(r, message):
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+def fails(capsys, script, *args, code=2):
+    """script.main(argv) in this process, as `python script.py` runs it: bad input reaches cli.die, so
+    SystemExit (any other exception is the traceback a user must never see). -> what it wrote on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        script.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert e.value.code == code, err
+    return err
+
+
+def assert_fails_in_one_line(capsys, script, args, message):
+    err = fails(capsys, script, *args)
+    assert message in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--dataset=H/empty.txt"], "is empty"),
     (["--dataset=H/binary.txt"], "is not UTF-8 text"),
@@ -1499,16 +1516,22 @@ def assert_one_line_error(r, message):
     (["--tokenizer=nonsense"], "unknown tokenizer 'nonsense'"),
     (["--resume", "--out_dir=/nonexistent/dir"], "no checkpoint at /nonexistent/dir/ckpt_last.pt"),
 ])
-def test_bad_input_exits_2_with_one_line(args, message, data_dir, hostile):
+def test_bad_input_exits_2_with_one_line(args, message, data_dir, hostile, capsys):
     args = [a.replace("H/", f"{hostile}/") for a in args]
     if not any(a.startswith("--data_dir") for a in args):
         args.append(f"--data_dir={data_dir}")
-    assert_one_line_error(run("train.py", *args), message.replace("H/", f"{hostile}/"))
+    assert_fails_in_one_line(capsys, train, args, message.replace("H/", f"{hostile}/"))
 
 
-def test_bad_checkpoints_get_clear_errors(tmp_path, data_dir, hostile):
+def test_bad_input_exits_2_from_the_command_line(hostile, data_dir):
+    """The real exit path of both scripts, once each (the cases above call main() in this process)."""
+    assert_one_line_error(run("train.py", f"--dataset={hostile / 'binary.txt'}", f"--data_dir={data_dir}"), "is not UTF-8 text")
+    assert_one_line_error(run("sample.py", f"--ckpt={hostile / 'none.pt'}"), "no checkpoint at")
+
+
+def test_bad_checkpoints_get_clear_errors(tmp_path, data_dir, hostile, capsys):
     out = tmp_path / "out"
-    assert run("train.py", *TINY_ARGS, "--max_iters=2", "--eval_interval=1", f"--out_dir={out}", f"--data_dir={data_dir}").returncode == 0
+    train.main([*TINY_ARGS, "--max_iters=2", "--eval_interval=1", f"--out_dir={out}", f"--data_dir={data_dir}"])
     saved = {p.name: p.read_bytes() for p in out.iterdir()}
     good = saved["ckpt_last.pt"]
     ckpt = torch.load(out / "ckpt_last.pt", weights_only=True)
@@ -1520,35 +1543,35 @@ def test_bad_checkpoints_get_clear_errors(tmp_path, data_dir, hostile):
     torch.save({**ckpt, "model_config": "n_layer=1"}, tmp_path / "flat.pt")
     torch.save({**ckpt, "model": {k: v for k, v in ckpt["model"].items() if ".0." not in k}}, tmp_path / "keys.pt")
     torch.save({**ckpt, "tokenizer": {"kind": "char"}}, tmp_path / "tok.pt")
-    for name, message in [("trunc", "not a readable checkpoint"), ("other", "not a checkpoint of this project"),
-                          ("rnn", "holds a 'rnn' model"), ("newer", "unknown Config fields [warp]"),
-                          ("older", "missing [pos]"), ("flat", "model_config is a str"), ("keys", "Missing key(s)"),
-                          ("tok", "does not match model_transformer.py"), ("missing", "no checkpoint at")]:
-        assert_one_line_error(run("sample.py", f"--ckpt={tmp_path / name}.pt"), message)
     ok = f"--ckpt={out / 'ckpt_last.pt'}"
-    assert_one_line_error(run("sample.py", ok, "--device=cuda:7"), "device cuda:7")
-    assert_one_line_error(run("sample.py", ok, f"--prompt_file={hostile / 'binary.txt'}"), "is not UTF-8 text")
-    assert_one_line_error(run("sample.py", ok, f"--prompt_file={hostile / 'folder'}"), "is not a file")
-    assert_one_line_error(run("sample.py", ok, "--top_p=0"), "top_p must be in (0, 1]")
-    assert_one_line_error(run("sample.py", ok, "--prompt=\u65e5\u672c"), "outside the vocabulary")
+    for args, message in [
+            *(([f"--ckpt={tmp_path / name}.pt"], message) for name, message in [
+                ("trunc", "not a readable checkpoint"), ("other", "not a checkpoint of this project"),
+                ("rnn", "holds a 'rnn' model"), ("newer", "unknown Config fields [warp]"), ("older", "missing [pos]"),
+                ("flat", "model_config is a str"), ("keys", "Missing key(s)"), ("tok", "does not match model_transformer.py"),
+                ("missing", "no checkpoint at")]),
+            ([ok, "--device=cuda:7"], "device cuda:7"), ([ok, f"--prompt_file={hostile / 'binary.txt'}"], "is not UTF-8 text"),
+            ([ok, f"--prompt_file={hostile / 'folder'}"], "is not a file"), ([ok, "--top_p=0"], "top_p must be in (0, 1]"),
+            ([ok, "--prompt=\u65e5\u672c"], "outside the vocabulary")]:
+        assert_fails_in_one_line(capsys, sample, args, message)
     # a failing --resume leaves everything that was saved as it was
-    resume = ["train.py", *TINY_ARGS, "--resume", f"--out_dir={out}", f"--data_dir={data_dir}"]
-    assert_one_line_error(run(*resume, "--n_layer=2"), "--n_layer=2 differs from the checkpoint's n_layer=1")
-    assert_one_line_error(run(*resume, "--model=moe"), "holds a transformer model, not moe")
-    assert_one_line_error(run(*resume, f"--dataset={hostile / 'text.txt'}"), "trained with another tokenizer")
-    assert_one_line_error(run(*resume, f"--dataset={hostile / 'binary.txt'}"), "is not UTF-8 text")
-    assert_one_line_error(run(*resume, "--device=cuda:7"), "device cuda:7")
-    assert_one_line_error(run(*resume, "--block_size=100000"), "differs from the checkpoint's block_size=32")
+    resume = [*TINY_ARGS, "--resume", f"--out_dir={out}", f"--data_dir={data_dir}"]
+    for args, message in [(["--n_layer=2"], "--n_layer=2 differs from the checkpoint's n_layer=1"),
+                          (["--model=moe"], "holds a transformer model, not moe"),
+                          ([f"--dataset={hostile / 'text.txt'}"], "trained with another tokenizer"),
+                          ([f"--dataset={hostile / 'binary.txt'}"], "is not UTF-8 text"), (["--device=cuda:7"], "device cuda:7"),
+                          (["--block_size=100000"], "differs from the checkpoint's block_size=32")]:
+        assert_fails_in_one_line(capsys, train, [*resume, *args], message)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == saved
     stripped = tmp_path / "stripped"
     stripped.mkdir()
     torch.save({k: v for k, v in ckpt.items() if k != "optimizer"}, stripped / "ckpt_last.pt")
-    assert_one_line_error(run("train.py", *TINY_ARGS, "--resume", f"--out_dir={stripped}", f"--data_dir={data_dir}"),
-                          "cannot be resumed (no optimizer)")
-    # a non-finite loss stops the run and leaves the good checkpoint untouched
-    r = run("train.py", *TINY_ARGS, "--max_iters=40", "--resume", "--lr=1e30", "--grad_clip=0", f"--out_dir={out}",
-            f"--data_dir={data_dir}")
-    assert r.returncode == 1 and ("loss is nan" in r.stderr or "loss is inf" in r.stderr), r.stderr
+    assert_fails_in_one_line(capsys, train, [*TINY_ARGS, "--resume", f"--out_dir={stripped}", f"--data_dir={data_dir}"],
+                             "cannot be resumed (no optimizer)")
+    # a non-finite loss stops the run (exit code 1) and leaves the good checkpoint untouched
+    err = fails(capsys, train, *TINY_ARGS, "--max_iters=40", "--resume", "--lr=1e30", "--grad_clip=0", f"--out_dir={out}",
+                f"--data_dir={data_dir}", code=1)
+    assert "loss is nan" in err or "loss is inf" in err, err
     assert (out / "ckpt_last.pt").read_bytes() == good
 
 
