@@ -41,6 +41,8 @@ OPTIONS = {
     "batch_size": (12, "sequences per micro-batch (per process)"),
     "grad_accum": (1, "micro-batches per optimizer step"),
     "max_iters": (1000, "optimizer steps"),
+    "stop_at": (0, "stop before this step as an interruption would, on max_iters' schedule (0 = never); "
+                   "--resume goes on from the last checkpoint"),
     "lr": (1e-3, "peak learning rate"),
     "min_lr": (1e-4, "learning rate at the end of the cosine decay"),
     "warmup_iters": (100, "linear warmup steps"),
@@ -83,8 +85,9 @@ def parse_args(argv):
     for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
         if opts[name] <= 0:
             raise UsageError(f"{name} must be positive, got {opts[name]}")
-    if not (opts["max_iters"] >= 0 and opts["lr"] > 0 and opts["min_lr"] >= 0 and opts["warmup_iters"] >= 0):  # NaN fails too
-        raise UsageError("max_iters, min_lr and warmup_iters must be >= 0 and lr > 0")
+    if not (opts["max_iters"] >= 0 and opts["stop_at"] >= 0 and opts["lr"] > 0 and opts["min_lr"] >= 0
+            and opts["warmup_iters"] >= 0):  # NaN fails too
+        raise UsageError("max_iters, stop_at, min_lr and warmup_iters must be >= 0 and lr > 0")
     if not (0 <= opts["beta1"] < 1 and 0 <= opts["beta2"] < 1 and opts["weight_decay"] >= 0 and opts["grad_clip"] >= 0):
         raise UsageError("beta1 and beta2 must be in [0, 1), weight_decay and grad_clip >= 0")
     if opts["task_vocab"] < 2 or min(opts["copy_tokens"], opts["mqar_pairs"], opts["mqar_queries"],
@@ -323,6 +326,8 @@ def train(opts, overrides, module):
     t_start = t_last = time.time()
     train_time = 0.0  # seconds in training steps alone (no evaluation, no checkpoints): for tokens/s
     for it in range(start_iter, opts["max_iters"] + 1):
+        if it == opts["stop_at"] and it > start_iter:
+            break
         # evaluate and checkpoint (not where we resume: the checkpoint we resume from was made there)
         if (it % opts["eval_interval"] == 0 or it == opts["max_iters"]) and not (ckpt is not None and it == start_iter):
             if master:
