@@ -199,11 +199,24 @@ SLIDE = {"transformer": dict(pos="learned"), "moe": dict(), "mamba": dict(), "hy
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_generation_slides_past_block_size(name):
+def test_generation_past_block_size_equals_a_full_forward_over_its_window(name):
+    """Every greedy token is the argmax of a plain forward over the context it was drawn from: with a
+    KV cache the last w tokens, w growing to block_size and then sliding back to its most recent half
+    (positions restart with the window); with a recurrent state, everything so far."""
     m = tiny(name, block_size=16, **SLIDE.get(name, {}))
+    with torch.no_grad():  # at init the stream is mostly the token's own embedding: let the context decide the argmax
+        m.wte.weight.mul_(0.01)
+    T, slides = m.config.block_size, hasattr(m.new_cache(1), "k")
     for prompt_len in (1, 2, 20):  # a one-token prompt takes the single-step path from the start; 20 > block_size
-        out = list(m.generate(torch.randint(0, 61, (1, prompt_len)), 40, temperature=1.0, top_k=5, top_p=0.9))
-        assert len(out) == 40 and all(t.shape == (1, 1) and 0 <= t.item() < 61 for t in out)
+        prompt = torch.randint(0, 61, (2, prompt_len))
+        seq = torch.cat([prompt, *m.generate(prompt, 40, temperature=0)], 1)  # (2, prompt_len + 40)
+        w = min(prompt_len, T)
+        for t in range(prompt_len, seq.size(1)):
+            context = seq[:, t - w:t] if slides else seq[:, :t]
+            assert torch.equal(m(context)[0][:, -1].argmax(-1), seq[:, t]), (prompt_len, t)
+            w = T // 2 if w == T else w + 1
+        sampled = torch.cat([prompt, *m.generate(prompt, 40, temperature=1.0, top_k=1, top_p=0.9)], 1)
+        assert torch.equal(sampled, seq)  # sampling among the top 1 is greedy
 
 
 OVERFIT = {"transformer": (dict(), 3e-3), "moe": (dict(n_expert=4, top_k=2), 3e-3), "mamba": (dict(), 1e-2),
