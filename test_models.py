@@ -1592,17 +1592,45 @@ def test_bad_checkpoints_get_clear_errors(tmp_path, data_dir, hostile, capsys):
     assert (out / "ckpt_last.pt").read_bytes() == good
 
 
-def test_torchrun_two_processes(tmp_path, data_dir):
+# torchrun runs train.main through this, which saves each rank's weights as its process group ends
+RANK_WEIGHTS = """
+import sys, torch, torch.distributed as dist
+import train
+models, destroy = [], dist.destroy_process_group
+train.DistributedDataParallel = lambda m, **kw: models.append(m) or torch.nn.parallel.DistributedDataParallel(m, **kw)
+dist.destroy_process_group = lambda: (torch.save(models[0].state_dict(), sys.argv[1] + f"/rank{dist.get_rank()}.pt"), destroy())
+train.main(sys.argv[2:])
+"""
+
+
+def torchrun(tmp_path, out, *args):
+    (tmp_path / "rank_weights.py").write_text(RANK_WEIGHTS)
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(REPO / "train.py"), *TINY_ARGS, "--max_iters=6", "--eval_interval=3", "--log_interval=2",
-                          f"--out_dir={tmp_path}", f"--data_dir={data_dir}"],
-                         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                          str(tmp_path / "rank_weights.py"), str(out), *args, f"--out_dir={out}"],
+                         cwd=REPO, env={**ENV, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
     try:
-        out, err = p.communicate(timeout=240)
+        stdout, stderr = p.communicate(timeout=240)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)  # a hung collective must not leave workers behind
         raise
-    assert p.returncode == 0, err[-2000:]
+    assert p.returncode == 0, stderr[-2000:]
+    return stdout
+
+
+def test_torchrun_ranks_stay_equal_and_equal_one_process_with_accumulation(tmp_path, data_dir):
+    """Two processes (gloo), stopped and resumed, against one process with grad_accum=2 on the same batches."""
+    args = [*TINY_ARGS, "--max_iters=6", "--eval_interval=3", "--log_interval=1", f"--data_dir={data_dir}"]
+    train.main([*args, "--grad_accum=2", f"--out_dir={tmp_path / 'one'}"])
+    two = tmp_path / "two"
+    torchrun(tmp_path, two, *args, "--stop_at=5")  # as if killed before step 5: the checkpoint is step 3's
+    out = torchrun(tmp_path, two, *args, "--resume")
     assert "2 processes" in out and out.count("eval 6 |") == 1  # rank 0 alone logs
-    assert (tmp_path / "ckpt_last.pt").is_file()
+    assert [int(l.split()[1]) for l in out.splitlines() if l.startswith("iter ")] == [4, 5, 6]  # from step 3 on
+    ranks = [torch.load(two / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    one, saved = (torch.load(d / "ckpt_last.pt", weights_only=True)["model"] for d in (tmp_path / "one", two))
+    for k in one:
+        assert torch.equal(ranks[0][k], ranks[1][k]) and torch.equal(ranks[0][k], saved[k]), k  # all-reduced
+        # (g0 + g1) / 2 against g0 / 2 + g1 / 2: halving is exact in binary floating point, so bit for bit
+        assert torch.equal(saved[k], one[k]), k
+    assert metrics(tmp_path / "one") == metrics(two)

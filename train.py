@@ -53,7 +53,7 @@ OPTIONS = {
     "eval_interval": (250, "evaluate and checkpoint every this many steps"),
     "eval_iters": (20, "batches per evaluation"),
     "log_interval": (50, "print a training line every this many steps"),
-    "seed": (1337, "random seed (each process adds its rank)"),
+    "seed": (1337, "random seed (the data stream is one for all processes; dropout: each adds its rank)"),
     "device": ("auto", "auto | cpu | cuda | cuda:N | mps"),
     "dtype": ("auto", "auto (bfloat16 where supported, else float32) | float32 | bfloat16"),
     "compile": (False, "torch.compile the model"),
@@ -289,7 +289,7 @@ def train(opts, overrides, module):
     long_model, why = stretched(module, raw_model, stretch, device) if stretch else (None, "")
     optimizer = torch.optim.AdamW(model.optim_groups(opts["weight_decay"]), lr=opts["lr"],
                                   betas=(opts["beta1"], opts["beta2"]))
-    gen = torch.Generator().manual_seed(opts["seed"] + rank)  # the data stream: each rank its own
+    gen = torch.Generator().manual_seed(opts["seed"])  # the data stream, one for all ranks (each keeps its share)
     torch.manual_seed(opts["seed"] + rank)  # dropout
     start_iter, best_val = (ckpt["iter"], ckpt["best_val"]) if ckpt is not None else (0, float("inf"))
     if ckpt is not None:
@@ -356,7 +356,9 @@ def train(opts, overrides, module):
             group["lr"] = lr
         loss_sum, parts = torch.zeros((), device=device), {}
         for micro in range(opts["grad_accum"]):
-            x, y = data.batch("train", opts["batch_size"], cfg.block_size, gen)
+            # every rank draws the micro-batches of all ranks and keeps its own: n processes train on the
+            # batches one process would with n times the grad_accum
+            x, y = [data.batch("train", opts["batch_size"], cfg.block_size, gen) for _ in range(world)][rank]
             sync = not ddp or micro == opts["grad_accum"] - 1  # DDP: all-reduce only on the last micro-batch
             with model.no_sync() if not sync else contextlib.nullcontext():
                 with autocast:
@@ -365,9 +367,10 @@ def train(opts, overrides, module):
             loss_sum += loss.detach() / opts["grad_accum"]
             for name, part in raw_model.aux.items():  # the parts of the loss (cross-entropy, MoE's auxiliary losses)
                 parts[name] = parts.get(name, 0) + part / opts["grad_accum"]
-        if ddp:
-            dist.all_reduce(loss_sum)  # every rank sees the same mean loss and so stops together
-            loss_sum /= world
+        if ddp:  # every rank sees the same mean loss, and so stops together; its logged parts are means too
+            means = torch.stack([loss_sum, *parts.values()]).detach()
+            dist.all_reduce(means)
+            loss_sum, parts = means[0] / world, dict(zip(parts, means[1:] / world))
         loss_val = loss_sum.item()
         if not math.isfinite(loss_val):
             die(f"loss is {loss_val} at iter {it}; stopping. {last_path} still holds the last good state "
