@@ -1054,6 +1054,31 @@ def test_moe_grouped_path_alone_needs_multiples_of_8():
     model_moe.Config(d_expert=20, expert_path="loop")  # grouped: CONFIG_ERRORS
 
 
+def loss_and_grads(m, idx, targets, names):
+    """The loss and the gradients of the named parameters, on one batch."""
+    loss = m(idx, targets)[1]
+    params = dict(m.named_parameters())
+    return [loss, *torch.autograd.grad(loss, [params[n] for n in names])]
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, dict(pos="sinusoidal", ffn="relu", norm="layernorm", bias=True)], ids=ID)
+def test_moe_with_one_expert_is_the_transformer(variant):
+    """model_moe.py's copies of the Transformer's parts, run: one expert at top-1 (weight 1) holding the
+    Transformer's feed-forward, and no auxiliary losses, give the Transformer's loss and gradients."""
+    dense = tiny_transformer(**variant)
+    moe = tiny_moe(**variant, n_expert=1, top_k=1, balance_coef=0.0, z_coef=0.0)
+    expert = lambda n: n.split(".ffn.")[0] + (".ffn.w_out" if "out_proj" in n else ".ffn.w_in")  # (1, F, C), (1, C, 2F)
+    names = {n: expert(n) if ".ffn." in n else n for n in dense.state_dict() if not (".ffn." in n and n.endswith("bias"))}
+    assert not any(v.any() for n, v in dense.state_dict().items() if n not in names)  # the experts have no biases
+    moe.load_state_dict({**{k: v for k, v in moe.state_dict().items() if "router" in k},
+                         **{names[n]: v.t()[None] if ".ffn." in n else v for n, v in dense.state_dict().items() if n in names}})
+    idx, targets = torch.randint(0, 61, (2, 23)), torch.randint(0, 61, (2, 23))
+    params = [n for n, _ in dense.named_parameters() if n in names]
+    want, got = loss_and_grads(dense, idx, targets, params), loss_and_grads(moe, idx, targets, [names[n] for n in params])
+    for n, a, b in zip(["loss", *params], got, want):
+        torch.testing.assert_close(a[0].t() if ".ffn." in n else a, b, atol=1e-6, rtol=1e-5, msg=n)
+
+
 def test_moe_copies_the_new_transformer_features():
     src = inspect.getsource
     assert src(model_moe.MLP) == src(model_transformer.MLP)
@@ -1077,6 +1102,19 @@ def test_hybrid_layer_pattern():
     assert cache.k.shape[:2] == (3, 3) and cache.ssm.shape[:2] == (3, 3) and cache.conv.shape[:2] == (3, 3)
 
 
+def assert_same_layer(mine, ref, x, mine_args, ref_args):
+    """A copied layer and its source, with the same weights: the same output and the same gradients
+    (input and every weight, for a random upstream gradient), bit for bit."""
+    x = x.clone().requires_grad_()
+    outs = [layer(x, *args) for layer, args in ((mine, mine_args), (ref, ref_args))]
+    g = torch.randn_like(outs[1])
+    names = [n for n, _ in ref.named_parameters()]
+    grads = [torch.autograd.grad(out, [x, *(dict(layer.named_parameters())[n] for n in names)], g)
+             for out, layer in zip(outs, (mine, ref))]
+    for name, a, b in zip(["output", "input", *names], [outs[0], *grads[0]], [outs[1], *grads[1]]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
 def test_hybrid_blocks_match_their_sources():
     """The guide: copied blocks stay identical (text), and where the hybrid's copy is cut down (no
     ALiBi, one router, experts as modules), the same weights give the same outputs."""
@@ -1090,7 +1128,7 @@ def test_hybrid_blocks_match_their_sources():
     tcfg = model_transformer.Config(d_model=32, n_head=4, n_kv_head=2, pos="none", block_size=40)
     ref, attn = model_transformer.Attention(tcfg), model_hybrid.Attention(tiny_hybrid().config, 32)
     attn.load_state_dict(ref.state_dict())
-    torch.testing.assert_close(attn(x, None, 0), ref(x, None, None, 0), atol=0, rtol=0)
+    assert_same_layer(attn, ref, x, (None, 0), (None, None, 0))
     kv_ref, kv = model_transformer.KVCache(1, 2, 2, 40, 8, "cpu", torch.float32), tiny_hybrid().new_cache(2)
     for a, b in ((0, 5), (5, 6), (6, 11)):
         torch.testing.assert_close(attn(x[:, a:b], kv, 0), ref(x[:, a:b], None, kv_ref, 0), atol=0, rtol=0)
@@ -1099,7 +1137,7 @@ def test_hybrid_blocks_match_their_sources():
     mcfg = model_mamba.Config(d_model=32, d_state=8)
     ref, mamba = model_mamba.MambaLayer(mcfg), model_hybrid.MambaLayer(tiny_hybrid(inner_norm=False).config)
     mamba.load_state_dict(ref.state_dict())
-    torch.testing.assert_close(mamba(x, None, 0), ref(x, None, 0), atol=0, rtol=0)
+    assert_same_layer(mamba, ref, x, (None, 0), (None, 0))
     c_ref, c = (model_mamba.MambaCache(1, 2, 64, 4, 8, "cpu", torch.float32) for _ in range(2))
     for t in range(3):
         torch.testing.assert_close(mamba(x[:, t:t + 1], c, 0), ref(x[:, t:t + 1], c_ref, 0), atol=0, rtol=0)
