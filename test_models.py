@@ -625,6 +625,32 @@ def test_attention_torch_path_alibi_mask_keeps_sdpa_on_its_flash_kernel(monkeypa
         assert torch._fused_sdp_choice(q, k, v, mask, 0.0, False, enable_gqa=True) == int(SDPBackend.FLASH_ATTENTION)
 
 
+TRITON_MODELS = {"transformer": dict(n_layer=1, pos="alibi", n_kv_head=2), "moe": dict(n_layer=1, n_kv_head=1),
+                 "mamba": dict(n_layer=1), "hybrid": dict(layers="Md Ae")}  # one layer of each kind: the interpreter is slow
+
+
+@needs_triton
+@pytest.mark.parametrize("name", MODELS)
+def test_models_through_the_triton_kernels(name, monkeypatch, poisoned):
+    """Each model on the dispatch a GPU takes (the Triton attention and scan, interpreted on the CPU)
+    against torch's paths: the same loss and gradients, and the same greedy tokens through the cache.
+    Inside a model q, k and v are views of one projection and the KV cache has its own buffers."""
+    m = tiny(name, **TRITON_MODELS.get(name, {})).to(TRITON_DEVICE)
+    idx, targets, prompt = (torch.randint(0, 61, shape, device=TRITON_DEVICE) for shape in ((2, 13), (2, 13), (2, 5)))
+    names = [n for n, _ in m.named_parameters()]
+    calls, flash, scan = [], kernels.FlashAttention.apply, kernels.selective_scan_triton
+    monkeypatch.setattr(kernels.FlashAttention, "apply", lambda *a: calls.append("flash") or flash(*a))
+    monkeypatch.setattr(kernels, "selective_scan_triton", lambda *a, **kw: calls.append("scan") or scan(*a, **kw))
+    results = []
+    for devices in (set(), {TRITON_DEVICE}):  # torch's paths, then Triton's
+        monkeypatch.setattr(kernels, "TRITON_DEVICES", devices)
+        results.append([*loss_and_grads(m, idx, targets, names), torch.cat(list(m.generate(prompt, 6, temperature=0)), 1)])
+    assert set(calls) == ({"scan"} if name == "mamba" else {"flash", "scan"} if name == "hybrid" else {"flash"})
+    for n, a, b in zip(["loss", *names], *results):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=n)
+    assert torch.equal(*[r[-1] for r in results]), "greedy tokens"
+
+
 # On a GPU only (gpu_check.sh): bf16, sizes at which the fast unmasked loop dominates, determinism.
 @needs_gpu
 @pytest.mark.parametrize("B,H,Hkv,Tq,Tk,D,causal,alibi,dtype", [
