@@ -11,7 +11,8 @@ import math
 import signal
 import subprocess
 import sys
-import time
+import urllib.error
+import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -33,9 +34,11 @@ from cli import MODELS, UsageError
 # section per concept in the order of the README's "Concept -> code -> flag" table, then the scripts.
 
 REPO = Path(__file__).resolve().parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# subprocesses: this interpreter (sys.executable), one thread, an explicit device, and the Triton interpreter
+# only where a test asks for it
+ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": "1"}
 TINY_ARGS = ["--n_layer=1", "--d_model=32", "--n_head=2", "--n_kv_head=1", "--block_size=32", "--batch_size=4",
-        "--eval_iters=2", "--warmup_iters=2"]
+             "--eval_iters=2", "--warmup_iters=2", "--device=cpu"]
 # The kernel tests run Triton under the interpreter on the CPU, or compiled on a GPU when
 # TRITON_INTERPRET=0 (gpu_check.sh); needs_gpu marks the checks at full size on a GPU.
 TRITON_DEVICE = "cpu" if kernels.INTERPRET else "cuda"
@@ -284,7 +287,7 @@ def test_train_and_sample_end_to_end(name, tmp_path, data_dir):
     assert len(lines) == 2 and [len(l.get("points").split()) for l in lines] == [30, 3]
     assert {"train", "val"} <= {t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")}
     # 40 new tokens: past block_size, through the KV cache's sliding window or the fixed-size state
-    s = run("sample.py", f"--ckpt={out}/ckpt_best.pt", "--prompt=def ", "--max_new_tokens=40", "--num_samples=2")
+    s = run("sample.py", f"--ckpt={out}/ckpt_best.pt", "--prompt=def ", "--max_new_tokens=40", "--num_samples=2", "--device=cpu")
     assert s.returncode == 0, s.stderr
     assert s.stdout.count("def ") >= 2 and "tokens/s" in s.stderr and f"({name}, " in s.stderr
 
@@ -1431,15 +1434,15 @@ def test_synthetic_train_py_reports_accuracy_extrapolation_and_samples_words(tmp
     r = run("train.py", *args, "--pos=learned", f"--out_dir={tmp_path / 'learned'}")  # no rows for 4x positions
     assert r.returncode == 0, r.stderr
     assert "no val_acc_4x, the weights do not fit" in r.stdout and "val_acc_4x" not in (tmp_path / "learned" / "metrics.jsonl").read_text()
-    s = run("sample.py", f"--ckpt={tmp_path / 'rope'}/ckpt_last.pt", "--prompt=3 1 4 ! 1", "--max_new_tokens=4")
+    s = run("sample.py", f"--ckpt={tmp_path / 'rope'}/ckpt_last.pt", "--prompt=3 1 4 ! 1", "--max_new_tokens=4", "--device=cpu")
     assert s.returncode == 0, s.stderr
     words = s.stdout.split("---")[-1].split()
     assert words[:5] == ["3", "1", "4", "!", "1"] and len(words) == 9 and set(words[5:]) <= set("!012345")
 
 
-def test_synthetic_bad_options(tmp_path):
-    r = run("train.py", "--dataset=selective_copy", "--copy_tokens=40", "--block_size=64", f"--out_dir={tmp_path}")
-    assert r.returncode == 2 and r.stderr.strip() == "error: selective_copy needs block_size >= 2 * copy_tokens = 80, got 64"
+def test_synthetic_bad_options(tmp_path, capsys):
+    err = fails(capsys, train, "--dataset=selective_copy", "--copy_tokens=40", "--block_size=64", "--device=cpu", f"--out_dir={tmp_path}")
+    assert err.strip() == "error: selective_copy needs block_size >= 2 * copy_tokens = 80, got 64"
     for kw, message in [(dict(task_vocab=1), "task_vocab must be >= 2"), (dict(mqar_queries=0), "positive"),
                         (dict(dataset="mqar", mqar_pairs=20), "needs as many distinct keys"), (dict(extrapolate=-1), "extrapolate"),
                         (dict(dataset="induction", induction_queries=16), "less than task_vocab")]:
@@ -1500,19 +1503,19 @@ def test_bpe_from_a_local_ranks_file_travels_in_the_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "bpe, vocab 261" in r.stdout
     (tmp_path / "tiny.tiktoken").unlink()  # sample.py needs only the checkpoint
-    s = run("sample.py", f"--ckpt={out}/ckpt_last.pt", "--prompt=the cat", "--max_new_tokens=5")
+    s = run("sample.py", f"--ckpt={out}/ckpt_last.pt", "--prompt=the cat", "--max_new_tokens=5", "--device=cpu")
     assert s.returncode == 0 and s.stdout.startswith("--- sample 1 ---\nthe cat"), s.stderr
 
 
-def test_shakespeare_without_network_says_where_to_put_the_file(tmp_path):
-    offline = {**ENV, "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}  # a dead proxy
-    r = subprocess.run([sys.executable, str(REPO / "train.py"), "--dataset=shakespeare_char", f"--data_dir={tmp_path}"],
-                       cwd=REPO, env=offline, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and f"{tmp_path}/tinyshakespeare.txt" in r.stderr and "Traceback" not in r.stderr
+def test_shakespeare_without_network_says_where_to_put_the_file(tmp_path, capsys, monkeypatch):
+    def offline(*args, **kw):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    assert_fails_in_one_line(capsys, train, ["--dataset=shakespeare_char", f"--data_dir={tmp_path}", "--device=cpu"],
+                             f"{tmp_path}/tinyshakespeare.txt")
     (tmp_path / "tinyshakespeare.txt").write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 300)
-    r = run("train.py", *TINY_ARGS, "--dataset=shakespeare_char", f"--data_dir={tmp_path}", "--max_iters=2",
-            "--eval_interval=1", f"--out_dir={tmp_path / 'out'}")
-    assert r.returncode == 0, r.stderr
+    train.main([*TINY_ARGS, "--dataset=shakespeare_char", f"--data_dir={tmp_path}", "--max_iters=2", "--eval_interval=1",
+                f"--out_dir={tmp_path / 'out'}"])
     assert (tmp_path / "shakespeare_char" / "meta.json").is_file()
 
 
@@ -1601,13 +1604,14 @@ def test_bad_input_exits_2_with_one_line(args, message, data_dir, hostile, capsy
     args = [a.replace("H/", f"{hostile}/") for a in args]
     if not any(a.startswith("--data_dir") for a in args):
         args.append(f"--data_dir={data_dir}")
-    assert_fails_in_one_line(capsys, train, args, message.replace("H/", f"{hostile}/"))
+    assert_fails_in_one_line(capsys, train, ["--device=cpu", *args], message.replace("H/", f"{hostile}/"))
 
 
 def test_bad_input_exits_2_from_the_command_line(hostile, data_dir):
     """The real exit path of both scripts, once each (the cases above call main() in this process)."""
-    assert_one_line_error(run("train.py", f"--dataset={hostile / 'binary.txt'}", f"--data_dir={data_dir}"), "is not UTF-8 text")
-    assert_one_line_error(run("sample.py", f"--ckpt={hostile / 'none.pt'}"), "no checkpoint at")
+    assert_one_line_error(run("train.py", f"--dataset={hostile / 'binary.txt'}", f"--data_dir={data_dir}", "--device=cpu"),
+                          "is not UTF-8 text")
+    assert_one_line_error(run("sample.py", f"--ckpt={hostile / 'none.pt'}", "--device=cpu"), "no checkpoint at")
 
 
 def test_bad_checkpoints_get_clear_errors(tmp_path, data_dir, hostile, capsys):
@@ -1634,7 +1638,7 @@ def test_bad_checkpoints_get_clear_errors(tmp_path, data_dir, hostile, capsys):
             ([ok, "--device=cuda:7"], "device cuda:7"), ([ok, f"--prompt_file={hostile / 'binary.txt'}"], "is not UTF-8 text"),
             ([ok, f"--prompt_file={hostile / 'folder'}"], "is not a file"), ([ok, "--top_p=0"], "top_p must be in (0, 1]"),
             ([ok, "--prompt=\u65e5\u672c"], "outside the vocabulary")]:
-        assert_fails_in_one_line(capsys, sample, args, message)
+        assert_fails_in_one_line(capsys, sample, ["--device=cpu", *args], message)
     # a failing --resume leaves everything that was saved as it was
     resume = [*TINY_ARGS, "--resume", f"--out_dir={out}", f"--data_dir={data_dir}"]
     for args, message in [(["--n_layer=2"], "--n_layer=2 differs from the checkpoint's n_layer=1"),
