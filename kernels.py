@@ -795,9 +795,9 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_s
     N = A.size(1)
     BLOCK_N = triton.next_power_of_2(N)
     n_ckpt = max(1, triton.cdiv(L, ckpt))
-    out = torch.empty_like(u)
-    hlast = u.new_empty(Bsz, Dm, N, dtype=torch.float32)
-    ckpts = u.new_empty(Bsz, n_ckpt, Dm, BLOCK_N, dtype=torch.float32) if save_ckpt else None
+    out = _new_output(u.shape, u.dtype, u.device)
+    hlast = _new_output((Bsz, Dm, N), torch.float32, u.device)
+    ckpts = _new_output((Bsz, n_ckpt, Dm, BLOCK_N), torch.float32, u.device) if save_ckpt else None
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     grid = (Bsz, triton.cdiv(Dm, block_d))
     _scan_fwd_kernel[grid](u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
@@ -827,15 +827,15 @@ class _SelectiveScanTriton(torch.autograd.Function):
         Bsz, Dm, L = u.shape
         N = A.size(1)
         n_dblk = triton.cdiv(Dm, block_d)
-        f32 = dict(device=u.device, dtype=torch.float32)
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-        dz = torch.empty_like(z) if z is not None else None
-        dA = torch.empty(Bsz, Dm, N, **f32)  # per sequence; summed below
-        dD, dbias = torch.empty(Bsz, Dm, **f32), torch.empty(Bsz, Dm, **f32)
-        dB, dC = torch.empty(Bsz, n_dblk, L, N, **f32), torch.empty(Bsz, n_dblk, L, N, **f32)  # every entry written
-        dh0 = torch.empty(Bsz, Dm, N, **f32)
-        work = torch.empty(Bsz, ckpt, Dm, BLOCK_N, **f32)
-        dhlast = torch.zeros(Bsz, Dm, N, **f32) if dhlast is None else dhlast.float().contiguous()
+        f32 = lambda *shape: _new_output(shape, torch.float32, u.device)
+        du, ddelta = _new_output(u.shape, u.dtype, u.device), _new_output(delta.shape, delta.dtype, u.device)
+        dz = _new_output(z.shape, z.dtype, u.device) if z is not None else None
+        dA = f32(Bsz, Dm, N)  # per sequence; summed below
+        dD, dbias = f32(Bsz, Dm), f32(Bsz, Dm)
+        dB, dC = f32(Bsz, n_dblk, L, N), f32(Bsz, n_dblk, L, N)  # every entry written
+        dh0 = f32(Bsz, Dm, N)
+        work = f32(Bsz, ckpt, Dm, BLOCK_N)  # scratch: the states of one checkpoint interval, recomputed
+        dhlast = torch.zeros(Bsz, Dm, N, device=u.device) if dhlast is None else dhlast.float().contiguous()
         _scan_bwd_kernel[(Bsz, n_dblk)](u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
                                         delta_bias if delta_bias is not None else u, ckpts,
                                         dout.contiguous(), dhlast, work,

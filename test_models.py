@@ -746,7 +746,7 @@ def test_chunked_scan_matches_reference(L, chunk_size):
 
 
 @pytest.mark.parametrize("L", [1, 7, 64, 127])
-def test_triton_scan_matches_reference(L):  # under TRITON_INTERPRET=1 on the CPU
+def test_triton_scan_matches_reference(L, poisoned):  # under TRITON_INTERPRET=1 on the CPU
     args = scan_inputs(L=L)
     # 2 channel blocks (the second half empty), N = 3 padded to 4, checkpoints every 16 steps
     assert_same(run_scan(kernels.selective_scan_triton, args, block_d=4, ckpt=16),
@@ -754,7 +754,7 @@ def test_triton_scan_matches_reference(L):  # under TRITON_INTERPRET=1 on the CP
 
 
 @pytest.mark.parametrize("impl", ["chunked", "triton"])
-def test_scan_without_optional_inputs(impl):
+def test_scan_without_optional_inputs(impl, poisoned):
     args = scan_inputs(L=9)
     for k in ("D", "z", "delta_bias", "initial_state"):
         args[k] = None
@@ -762,7 +762,7 @@ def test_scan_without_optional_inputs(impl):
 
 
 @pytest.mark.parametrize("impl", ["chunked", "triton"])
-def test_scan_plain_step_size(impl):
+def test_scan_plain_step_size(impl, poisoned):
     """delta_softplus=False, no bias: dt is delta itself (positive here)."""
     args = scan_inputs(L=9)
     args["delta"] = (args["delta"].detach().abs() + 0.1).requires_grad_()
@@ -772,7 +772,7 @@ def test_scan_plain_step_size(impl):
 
 
 @pytest.mark.parametrize("impl", ["chunked", "triton"])
-def test_scan_under_strong_decay(impl):
+def test_scan_under_strong_decay(impl, poisoned):
     args = scan_inputs(L=40, strong=True)
     dt = F.softplus(args["delta"] + args["delta_bias"][:, None])  # (B, D, L)
     assert (dt[:, :, :, None] * args["A"][None, :, None, :]).sum(2).abs().min() > 1000  # |sum dt A| huge
@@ -794,7 +794,7 @@ def test_chunked_scan_float64_exact():
                 run_scan(kernels.selective_scan_ref, args), atol=1e-12, rtol=1e-10)
 
 
-def test_triton_scan_bf16_inputs():
+def test_triton_scan_bf16_inputs(poisoned):
     args = {k: v.detach().to(torch.bfloat16) if k in ("u", "delta", "z", "B", "C") else v.detach()
             for k, v in scan_inputs(L=20).items()}
     out, last = kernels.selective_scan_triton(**args, return_last_state=True, block_d=4, ckpt=8)
