@@ -17,10 +17,10 @@ from lab import bench_attention, bench_scan, scaling
 
 # The lab's tests: the experiments' fits, command line and quick pages; the benchmarks' baseline and failure
 # handling; gpu_check.sh's preflight. Every subprocess runs this interpreter (sys.executable); every
-# training one on the CPU (--device=cpu).
+# training one on the CPU (--device=cpu), without the Triton interpreter that test_models.py switches on.
 
 REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": "1"}
 TRITON_DEVICE = "cpu" if kernels.INTERPRET else "cuda"
 needs_triton = pytest.mark.skipif(not kernels.INTERPRET and not torch.cuda.is_available(),
                                   reason="Triton needs TRITON_INTERPRET=1 or a CUDA GPU")
