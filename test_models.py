@@ -302,13 +302,18 @@ def test_train_and_sample_end_to_end(name, tmp_path, data_dir):
 # ----------------------------------------------------------------------------- attention
 # The explicit formula against the fast path, MHA/GQA/MQA head counts (the KV cache: the contract)
 
+def loss_and_grads(m, idx, targets, names):
+    """The loss and the gradients of the named parameters, on one batch."""
+    loss = m(idx, targets)[1]
+    params = dict(m.named_parameters())
+    return [loss, *torch.autograd.grad(loss, [params[n] for n in names])]
+
+
 def assert_same_loss_and_grads(fast, slow):
     """Two paths of one model (slow takes fast's weights): the same loss and gradients on one batch."""
     slow.load_state_dict(fast.state_dict())
-    idx, targets = torch.randint(0, 61, (2, 23)), torch.randint(0, 61, (2, 23))
-    results = [(loss.detach(), *torch.autograd.grad(loss, list(m.parameters()))) for m in (fast, slow)
-               for loss in [m(idx, targets)[1]]]
-    for a, b in zip(*results):
+    idx, targets, names = torch.randint(0, 61, (2, 23)), torch.randint(0, 61, (2, 23)), [n for n, _ in fast.named_parameters()]
+    for a, b in zip(*(loss_and_grads(m, idx, targets, names) for m in (fast, slow))):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
@@ -1111,13 +1116,6 @@ def test_moe_counts_active_parameters_and_flops():
 
 def test_moe_grouped_path_alone_needs_multiples_of_8():
     model_moe.Config(d_expert=20, expert_path="loop")  # grouped: CONFIG_ERRORS
-
-
-def loss_and_grads(m, idx, targets, names):
-    """The loss and the gradients of the named parameters, on one batch."""
-    loss = m(idx, targets)[1]
-    params = dict(m.named_parameters())
-    return [loss, *torch.autograd.grad(loss, [params[n] for n in names])]
 
 
 @pytest.mark.parametrize("variant", [*VARIANTS, dict(pos="sinusoidal", ffn="relu", norm="layernorm", bias=True)], ids=ID)
