@@ -270,8 +270,8 @@ def find(source):
         raise UsageError(f"no directory {source}, and the hub did not give it: {type(e).__name__}") from None
 
 
-def load_model(source, overrides=None):
-    """-> (model name in data.MODELS, model in float32). overrides: Config fields of FREE."""
+def read_config(source):
+    """-> (the folder, config.json as a dict)."""
     folder = find(source)
     if not (folder / "config.json").is_file():
         raise UsageError(f"{folder} has no config.json: not a Hugging Face model directory")
@@ -282,6 +282,18 @@ def load_model(source, overrides=None):
         raise UsageError(f"{folder / 'config.json'} is not a model config: {one_line(e)}") from None
     if kind not in ARCH:
         raise UsageError(f"config.json: model_type={json.dumps(kind)}: this loader reads {', '.join(ARCH)}")
+    return folder, hf
+
+
+def model_name(source):
+    """Which model file a Hugging Face model goes into: a name of data.MODELS."""
+    return MODEL_FILE[ARCH[read_config(source)[1]["model_type"]]]
+
+
+def load_model(source, overrides=None):
+    """-> (model name in data.MODELS, model in float32). overrides: Config fields of FREE."""
+    folder, hf = read_config(source)
+    kind = hf["model_type"]
     arch, bad = ARCH[kind], sorted(set(overrides or {}) - FREE)
     if bad:
         raise UsageError(f"--{bad[0]} would change what the pretrained model computes (free to set: {', '.join(sorted(FREE))})")
@@ -307,8 +319,8 @@ def load_model(source, overrides=None):
 def tokenizer_spec(source, data_dir="data"):
     """GPT-2's byte-pair encoding through tiktoken (data_dir/gpt2.tiktoken, or tiktoken's download);
     every other model's own tokenizer.json, read by the tokenizers package."""
-    folder = find(source)
-    if json.loads((folder / "config.json").read_text())["model_type"] == "gpt2":
+    folder, hf = read_config(source)
+    if hf["model_type"] == "gpt2":
         return bpe_spec("gpt2", data_dir)
     if not (folder / "tokenizer.json").is_file():
         raise UsageError(f"{folder} has no tokenizer.json")
