@@ -28,6 +28,8 @@ shrinks by the share of Mamba layers (with one attention layer in eight, to 1/8 
             [stream, token embeddings] concatenated; each use has its own KV cache and its own
             C x C output projection. Simplified: the attention heads are C / H wide (Zamba's 2C / H),
             and the output joins the stream, where Zamba adds it only to the next Mamba layer's input.
+            So a Zamba checkpoint does not load into S (test_models.py shows both places against
+            transformers' Zamba); Jamba's do (pretrained.py), and give its logits.
 
 Shapes: B batch, T time (tokens in this call), S cached + new tokens, C d_model, V vocabulary;
 attention: H query heads, G key/value heads (the groups of GQA), D head dim; feed-forward: F hidden size of a SwiGLU

@@ -1091,18 +1091,20 @@ def test_hybrid_blocks_match_their_sources():
     c_ref, c = (model_mamba.MambaCache(1, 2, 64, 4, 8, "cpu", torch.float32) for _ in range(2))
     for t in range(3):
         torch.testing.assert_close(mamba(x[:, t:t + 1], c, 0), ref(x[:, t:t + 1], c_ref, 0), atol=0, rtol=0)
-    # the MoE is model_moe's softmax top-k dropless router with SwiGLU experts
-    ecfg = model_moe.Config(d_model=32, n_head=4, n_expert=4, top_k=2, d_expert=24)
-    ref, moe = model_moe.MoE(ecfg), model_hybrid.MoE(tiny_hybrid(n_expert=4, top_k=2, d_expert=24).config)
-    nn.init.normal_(ref.router.weight, std=0.5)  # a trained router's spread, not the init's near-ties
-    with torch.no_grad():
-        moe.router.weight.copy_(ref.router.weight)
-        for e, expert in enumerate(moe.experts):
-            expert.gate_up.weight.copy_(ref.w_in[e].t())
-            expert.out_proj.weight.copy_(ref.w_out[e].t())
-    torch.testing.assert_close(moe(x), ref(x))
-    torch.testing.assert_close(torch.stack(moe.losses), torch.stack(ref.losses))
-    torch.testing.assert_close(moe.last[0], ref.last["load"])
+    # the MoE is model_moe's softmax top-k dropless router with SwiGLU experts (Jamba's weights, or Mixtral's renormalised)
+    for norm_topk in (False, True):
+        ecfg = model_moe.Config(d_model=32, n_head=4, n_expert=4, top_k=2, d_expert=24, norm_topk=norm_topk)
+        ref = model_moe.MoE(ecfg)
+        moe = model_hybrid.MoE(tiny_hybrid(n_expert=4, top_k=2, d_expert=24, norm_topk=norm_topk).config)
+        nn.init.normal_(ref.router.weight, std=0.5)  # a trained router's spread, not the init's near-ties
+        with torch.no_grad():
+            moe.router.weight.copy_(ref.router.weight)
+            for e, expert in enumerate(moe.experts):
+                expert.gate_up.weight.copy_(ref.w_in[e].t())
+                expert.out_proj.weight.copy_(ref.w_out[e].t())
+        torch.testing.assert_close(moe(x), ref(x))
+        torch.testing.assert_close(torch.stack(moe.losses), torch.stack(ref.losses))
+        torch.testing.assert_close(moe.last[0], ref.last["load"])
 
 
 def test_hybrid_all_attention_is_the_transformer():
