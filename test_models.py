@@ -1487,6 +1487,30 @@ def tiny_llama_with_tokenizer(folder):
     tok.save(str(folder / "tokenizer.json"))
 
 
+@pytest.mark.parametrize("style", ["byte-level", "sentencepiece"])
+def test_a_tokenizer_json_decodes_token_by_token(style):
+    """sample.py prints one token at a time: each must decode to its own bytes, whatever the style
+    (GPT-2's byte-level alphabet; SentencePiece's \u2581 for a space and <0xNN> byte tokens)."""
+    tokenizers = pytest.importorskip("tokenizers", reason="tokenizer.json needs the tokenizers package")
+    if style == "byte-level":
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        alphabet, special = tokenizers.pre_tokenizers.ByteLevel.alphabet(), []
+    else:
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE(byte_fallback=True, unk_token="<unk>"))
+        tok.normalizer = tokenizers.normalizers.Replace(" ", "\u2581")
+        tok.decoder = tokenizers.decoders.Sequence([tokenizers.decoders.Replace("\u2581", " "),
+                                                    tokenizers.decoders.ByteFallback(), tokenizers.decoders.Fuse()])
+        alphabet, special = [], ["<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator(["the cat sat on the mat.\n" * 50], tokenizers.trainers.BpeTrainer(
+        vocab_size=320, initial_alphabet=alphabet, special_tokens=special, show_progress=False))
+    t = data.Tokenizer({"kind": "hf", "json": tok.to_str()})
+    text = "the cat sat\non the mat, d\u00e9j\u00e0 vu \u2603"  # bytes the training text never had, too
+    ids = t.encode(text)
+    assert b"".join(t.decode_bytes([i]) for i in ids).decode() == text == t.decode(ids)
+
+
 def test_init_from_a_pretrained_directory_samples_and_fine_tunes(tmp_path):
     tiny_llama_with_tokenizer(tmp_path / "llama")
     (tmp_path / "corpus.txt").write_text("the cat sat on the mat. " * 200)
