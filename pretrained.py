@@ -113,11 +113,6 @@ def rope_fields(hf):
     return {**out, "rope_scaling": "pi", "rope_factor": float(rope["factor"])} if kind == "linear" else out
 
 
-def no_window(hf, length):
-    if hf.get("sliding_window") is not None and hf["sliding_window"] < length:
-        refuse("sliding_window", hf["sliding_window"], "attention here sees the whole context")
-
-
 def config_fields(hf):
     """config.json (a dict) -> this repository's Config fields. Refuses what the model file lacks."""
     arch = ARCH[hf["model_type"]]
@@ -150,7 +145,8 @@ def config_fields(hf):
     if hf.get("head_dim") not in (None, C // H):
         refuse("head_dim", hf["head_dim"], f"heads here are hidden_size / num_attention_heads = {C // H} wide")
     length = hf.get("max_position_embeddings", 4096)
-    no_window(hf, length)
+    if hf.get("sliding_window") is not None and hf["sliding_window"] < length:
+        refuse("sliding_window", hf["sliding_window"], "attention here sees the whole context")
     common = dict(vocab_size=hf["vocab_size"], block_size=length, d_model=C, n_layer=hf["num_hidden_layers"],
                   n_head=H, n_kv_head=K, tie_embeddings=tie, norm_eps=hf["rms_norm_eps"])
     if arch == "jamba":
@@ -200,9 +196,9 @@ def read_tensors(folder):
 
 
 def layer_parts(arch, cfg, i):
+    """The parts of TABLES[arch] that layer i has."""
     if arch == "jamba":
-        word = cfg.layers.split()[i]
-        return ["layer", word[0], word[1]]
+        return ["layer", *cfg.layers.split()[i]]  # "Me" -> layer, M, e
     return ["layer", "bias"] if getattr(cfg, "bias", False) and arch in ("llama", "mamba") else ["layer"]
 
 

@@ -92,7 +92,8 @@ def parse_args(argv):
     opts["model"] = model
     overrides = {k: v for k, v in given.items() if k not in OPTIONS}
     if opts["resume"] and opts["init_from"]:
-        raise UsageError("--resume continues out_dir's own run; --init_from starts a new one: give one of them")
+        raise UsageError("--resume continues out_dir's own run; --init_from starts a new one: give one of them "
+                         "(--init_from= clears a preset's)")
     for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
         if opts[name] <= 0:
             raise UsageError(f"{name} must be positive, got {opts[name]}")
