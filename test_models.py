@@ -1411,9 +1411,12 @@ def reference_pair(arch, folder, **fields):
     return ref, ours.eval()
 
 
-@pytest.mark.parametrize("arch", list(REFERENCES))
-def test_each_model_file_computes_its_reference_implementation(arch, tmp_path):
-    ref, ours = reference_pair(arch, tmp_path)
+@pytest.mark.parametrize("arch, fields", [(arch, {}) for arch in REFERENCES] + [
+    ("llama", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})),  # PI, another base
+    ("llama", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True, num_key_value_heads=1))],  # SmolLM2: tied
+    ids=["gpt2", "llama", "mixtral", "mamba", "jamba", "llama-linear-rope", "llama-tied-bias-mqa"])
+def test_each_model_file_computes_its_reference_implementation(arch, fields, tmp_path):
+    ref, ours = reference_pair(arch, tmp_path, **fields)
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = ref(idx).logits  # (B, T, V)
@@ -1421,7 +1424,7 @@ def test_each_model_file_computes_its_reference_implementation(arch, tmp_path):
         cache = ours.new_cache(2)  # a parallel prefill of 7 tokens, then 9 single steps (KV cache, conv + SSM state)
         steps = [ours(idx[:, :7], cache=cache)[0]] + [ours(idx[:, t:t + 1], cache=cache)[0] for t in range(7, 16)]
         cached = (torch.cat(steps, dim=1) - want).abs().max().item()
-    print(f"{arch}: max |difference| {full:.1e}, through the cache {cached:.1e}, logits up to {want.abs().max():.1f}")
+    print(f"{arch} {fields or ''}: max |difference| {full:.1e}, through the cache {cached:.1e}, logits up to {want.abs().max():.1f}")
     assert full < 1e-5 and cached < 1e-5
     assert want.std() > 0.1  # logits that differ between tokens: a wrong weight would show
     greedy = ref.generate(idx[:, :5], max_new_tokens=12, do_sample=False, min_new_tokens=12)[:, 5:]
