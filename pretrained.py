@@ -4,8 +4,9 @@ model_transformer.py, the Llama family (Llama, Mistral without a sliding window,
 TinyLlama, ...) in model_transformer.py, the Mixtral family in model_moe.py, Mamba in
 model_mamba.py, Jamba in model_hybrid.py.
 
-    name, model, tokenizer = load("gpt2")                     # a hub name: downloaded once, then cached
-    name, model, tokenizer = load("path/to/dir")              # config.json + *.safetensors (+ tokenizer.json)
+    name, model = load_model("gpt2")                   # a hub name: downloaded once, then cached
+    name, model = load_model("path/to/dir")            # config.json + *.safetensors
+    spec = tokenizer_spec("path/to/dir")               # for data.Tokenizer: tiktoken's GPT-2, or tokenizer.json
 
 The model files are not changed to fit a checkpoint: config.json becomes a Config, and each
 tensor is renamed (and, where the layouts differ, transposed or concatenated) into the model's own
@@ -42,10 +43,16 @@ TABLES = {
     "gpt2": {  # keys without the "transformer." that some checkpoints put in front
         "model": [("wte.weight", ["wte.weight"], keep), ("wpe.weight", ["wpe.weight"], keep),
                   ("norm_f.weight", ["ln_f.weight"], keep), ("norm_f.bias", ["ln_f.bias"], keep)],
-        "layer": [(f"blocks.{{i}}.{a}.{w}", [f"h.{{i}}.{b}.{w}"], transpose if w == "weight" and "norm" not in a else keep)
-                  for a, b in (("norm1", "ln_1"), ("attn.qkv", "attn.c_attn"), ("attn.out_proj", "attn.c_proj"),
-                               ("norm2", "ln_2"), ("ffn.fc", "mlp.c_fc"), ("ffn.out_proj", "mlp.c_proj"))
-                  for w in ("weight", "bias")]},
+        "layer": [("blocks.{i}.norm1.weight", ["h.{i}.ln_1.weight"], keep), ("blocks.{i}.norm1.bias", ["h.{i}.ln_1.bias"], keep),
+                  ("blocks.{i}.attn.qkv.weight", ["h.{i}.attn.c_attn.weight"], transpose),  # q, k, v side by side, as ours
+                  ("blocks.{i}.attn.qkv.bias", ["h.{i}.attn.c_attn.bias"], keep),
+                  ("blocks.{i}.attn.out_proj.weight", ["h.{i}.attn.c_proj.weight"], transpose),
+                  ("blocks.{i}.attn.out_proj.bias", ["h.{i}.attn.c_proj.bias"], keep),
+                  ("blocks.{i}.norm2.weight", ["h.{i}.ln_2.weight"], keep), ("blocks.{i}.norm2.bias", ["h.{i}.ln_2.bias"], keep),
+                  ("blocks.{i}.ffn.fc.weight", ["h.{i}.mlp.c_fc.weight"], transpose),
+                  ("blocks.{i}.ffn.fc.bias", ["h.{i}.mlp.c_fc.bias"], keep),
+                  ("blocks.{i}.ffn.out_proj.weight", ["h.{i}.mlp.c_proj.weight"], transpose),
+                  ("blocks.{i}.ffn.out_proj.bias", ["h.{i}.mlp.c_proj.bias"], keep)]},
     "llama": {
         "model": [("wte.weight", ["model.embed_tokens.weight"], keep), ("norm_f.weight", ["model.norm.weight"], keep)],
         "layer": [("blocks.{i}.norm1.weight", ["model.layers.{i}.input_layernorm.weight"], keep),
@@ -321,9 +328,3 @@ def tokenizer_spec(source, data_dir="data"):
     if not (folder / "tokenizer.json").is_file():
         raise UsageError(f"{folder} has no tokenizer.json")
     return {"kind": "hf", "json": (folder / "tokenizer.json").read_text()}
-
-
-def load(source, overrides=None, data_dir="data"):
-    """-> (model name, model, tokenizer spec for data.Tokenizer)."""
-    name, model = load_model(source, overrides)
-    return name, model, tokenizer_spec(source, data_dir)

@@ -80,8 +80,8 @@ def from_checkpoint(path):
 
 
 def from_pretrained(opts):
-    name, model, spec = pretrained.load(opts["init_from"], data_dir=opts["data_dir"])
-    tok = Tokenizer(spec)
+    name, model = pretrained.load_model(opts["init_from"])
+    tok = Tokenizer(pretrained.tokenizer_spec(opts["init_from"], opts["data_dir"]))
     if tok.vocab_size > model.config.vocab_size:
         raise UsageError(f"{opts['init_from']}: the tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
     return f"{name}, {opts['init_from']}", model, tok
