@@ -3,10 +3,9 @@ Decoding speed beside the reference: a GPT-2-124M-sized model (random weights) g
 model_transformer's KV cache, and the same weights in Hugging Face transformers' GPT2LMHeadModel with
 its own generate (and its own cache), in one process, rounds interleaved.
 
-    OMP_NUM_THREADS=1 python -m lab.bench_reference [--prompt=16] [--new=64] [--rounds=3]
+    OMP_NUM_THREADS=1 python -m lab.bench reference [--prompt=16] [--new=64] [--rounds=3]
 """
 import statistics
-import sys
 import tempfile
 import time
 
@@ -55,6 +54,3 @@ def bench_reference(args):
         print(f"| {name} | {new / m:.1f} | {m:.2f} | {base / m:.2f}x |")
     print(f"same greedy tokens: {'yes' if same else 'NO'}")
 
-
-if __name__ == "__main__":
-    bench_reference(dict(a[2:].partition("=")[::2] for a in sys.argv[1:] if a.startswith("--")))
