@@ -1473,7 +1473,7 @@ def test_pretrained_refuses_what_the_model_file_cannot_honour(tmp_path):
         shutil.copytree(tmp_path / arch, folder)
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, **change}))
-        with pytest.raises(data.UsageError, match=field) as e:
+        with pytest.raises(UsageError, match=field) as e:
             pretrained.load_model(folder)
         assert "\n" not in str(e.value)
 
@@ -1543,7 +1543,7 @@ def test_init_from_gpt2_uses_tiktoken_and_an_own_checkpoint_continues_longer(tmp
     longer = run("train.py", f"--init_from={tmp_path / 'a' / 'ckpt_last.pt'}", "--block_size=64", *common,
                  f"--out_dir={tmp_path / 'b'}")
     assert longer.returncode == 2 and "learned position table has no rows" in longer.stderr
-    rope = run("train.py", *TINY, *common, "--tokenizer=gpt2", f"--out_dir={tmp_path / 'c'}")
+    rope = run("train.py", *TINY_ARGS, *common, "--tokenizer=gpt2", f"--out_dir={tmp_path / 'c'}")
     assert rope.returncode == 0, rope.stderr
     twice = run("train.py", f"--init_from={tmp_path / 'c' / 'ckpt_last.pt'}", "--block_size=64", *common,
                 "--tokenizer=gpt2", f"--out_dir={tmp_path / 'd'}")
