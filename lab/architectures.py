@@ -28,7 +28,7 @@ def architectures(lab):
     if lab.quick:
         run.update(max_iters=4, eval_interval=2, eval_iters=2, warmup_iters=2)
     archs = {"transformer": ("transformer", {}), "moe": ("moe", {}), "mamba": ("mamba", {}),
-             "hybrid": ("hybrid", {"layers": "Md Me Ad Me"})}  # Jamba's block at a quarter of the depth
+             "hybrid": ("hybrid", {"layers": "Md Me Ad Me"})}  # Jamba's interleaving (attention 1 in 4 here, 1 in 8 in Jamba), at 4 layers
     text, synthetic = datasets[0], [ds for ds in datasets if ds in data.SYNTHETIC]
     vocabs = {ds: vocab_of(ds, lab.data_dir) for ds in datasets}
     sized = matched_archs(archs, vocabs[text], run["block_size"], 64, 2)  # sizes chosen on the text, kept for all
@@ -60,8 +60,8 @@ def architectures(lab):
     body = (f"Every run: {run['max_iters']} iters x {run['batch_size']} x {run['block_size']} = {tokens / 1e6:.2f}M "
             f"training tokens, lr {run['lr']}, the same options for every model (nothing tuned per architecture). "
             f"Sizes: the Transformer at d_model 64 x 2 layers sets the active-parameter target on `{text}`; every "
-            f"other model gets the width (and depth) nearest it, kept for all datasets. The hybrid is Jamba's block "
-            f"at a quarter of the depth, Md Me Ad Me.\n\n"
+            f"other model gets the width (and depth) nearest it, kept for all datasets. The hybrid is Jamba's "
+            f"interleaving at 4 layers, Md Me Ad Me (attention 1 layer in 4 where Jamba has 1 in 8).\n\n"
             f"Costs on `{text}` (decoding: batch 1, median of {steps} one-token steps after a {context - steps}-token "
             f"prefill, float32, random weights, {torch.get_num_threads()} thread(s), in this process after training):\n\n"
             + table(["model", "d_model x n_layer", "params", "active", "MFLOPs/token", "train tok/s",

@@ -61,6 +61,10 @@ def attention_memory(quick):
                   "explicit CPU ms", "tiled CPU ms", "max abs difference of outputs"], rows)
 
 
+def kind(n_head, n_kv_head):
+    return "MHA" if n_kv_head == n_head else "MQA" if n_kv_head == 1 else "GQA"
+
+
 def attention(lab):
     """MHA / GQA / MQA: KV cache, decode speed, loss; FlashAttention memory against T, D, H; speed, exactness"""
     heads = [(4, "MHA 4:4"), (2, "GQA 4:2"), (1, "MQA 4:1")]
@@ -73,7 +77,7 @@ def attention(lab):
         m = model_of(train_args + [f"--n_kv_head={K}"], lab.quick)
         rows.append([label + failed(runs[f"kv{K}"]), mean_spread(final_val(runs[f"kv{K}"])), f"{m.num_params():,}",
                      f"{kv_bytes_per_token(m):,}"])
-    decode_rows = [[f"{8}:{2 * K} ({label.split()[0]})", *(f"{ms[2 * K, c]:.2f}" for c in contexts)] for K, label in heads]
+    decode_rows = [[f"8:{2 * K} ({kind(8, 2 * K)})", *(f"{ms[2 * K, c]:.2f}" for c in contexts)] for K, label in heads]
     mem_panels, mem = attention_memory(lab.quick)
     body = quick_note(lab) + f"""
 Multi-query attention (Shazeer 2019) and grouped-query attention (Ainslie et al. 2023) let groups of query

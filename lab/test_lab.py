@@ -125,7 +125,7 @@ def test_experiment_architectures_quick(tmp_path):
     ("ladder_alone", ["GPT-2 style (learned, LayerNorm, GELU, MHA)", "+ SwiGLU only", "+ MQA 4:1 only"]),
     ("positions", ["learned (GPT-2)", "RoPE", "RoPE + position interpolation (PI)", "RoPE + NTK-aware scaling", "ALiBi"]),
     ("norms", ["2 | 3e-3 | pre | 100 steps", "2 | 3e-3 | post | none", "LayerNorm", "RMSNorm", "64 x 128", "256 x 512"]),
-    ("attention", ["MHA 4:4", "GQA 4:2", "MQA 4:1", "8:8 (MHA)", "8:2 (MQA)", "T | 4 | 256", "D | 4 | 256 | 64", "H | 1 |"]),
+    ("attention", ["MHA 4:4", "GQA 4:2", "MQA 4:1", "8:8 (MHA)", "8:2 (GQA)", "T | 4 | 256", "D | 4 | 256 | 64", "H | 1 |"]),
 ])
 def test_experiment_quick_page(name, rows, tmp_path, data_dir):
     r = experiments(name, "--quick", f"--out={tmp_path}", f"--data_dir={data_dir}", timeout=600)
