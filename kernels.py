@@ -835,7 +835,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
         dB, dC = f32(Bsz, n_dblk, L, N), f32(Bsz, n_dblk, L, N)  # every entry written
         dh0 = f32(Bsz, Dm, N)
         work = f32(Bsz, ckpt, Dm, BLOCK_N)  # scratch: the states of one checkpoint interval, recomputed
-        dhlast = torch.zeros(Bsz, Dm, N, device=u.device) if dhlast is None else dhlast.float().contiguous()
+        dhlast = torch.zeros(Bsz, Dm, N, device=u.device, dtype=torch.float32) if dhlast is None else dhlast.float().contiguous()
         _scan_bwd_kernel[(Bsz, n_dblk)](u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
                                         delta_bias if delta_bias is not None else u, ckpts,
                                         dout.contiguous(), dhlast, work,
