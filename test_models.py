@@ -100,7 +100,8 @@ MOE_VARIANTS = [  # router, paths, shared and fine-grained experts, dense layers
     dict(n_expert=16, top_k=4, d_expert=32, n_shared=1, moe_every=2, moe_offset=1),
     dict(ffn="gelu", norm_topk=False, n_kv_head=1, pos="alibi"),
 ]
-MAMBA_VARIANTS = [dict(), dict(d_conv=1), dict(scan="loop")]  # a one-tap conv (no conv state), the scan as a loop
+MAMBA_VARIANTS = [dict(), dict(d_conv=1), dict(scan="loop"),  # a one-tap conv (no conv state), the scan as a loop
+                  dict(selective="none"), dict(selective="dt", scan="loop"), dict(selective="bc")]  # LTI, half selective
 HYBRID_VARIANTS = [  # both mixers, both feed-forwards, MoE after either mixer, bare layers, the shared block
     dict(),  # "Md Me Ad Me"
     dict(layers="Ae Md M Ad", n_kv_head=1, inner_norm=False, scan="ref"),
@@ -300,6 +301,7 @@ CONFIG_ERRORS = [  # (model, impossible fields, the one-line message)
     ("transformer", dict(rope_scaling="yarn"), "rope_scaling must be one of"), ("transformer", dict(rope_factor=0.0), "rope_factor"),
     ("mamba", dict(n_layer=0), "n_layer must be positive"), ("mamba", dict(dt_min=0.2, dt_max=0.1), "dt_min <= dt_max"),
     ("mamba", dict(scan="fft"), "scan must be one of"), ("mamba", dict(dt_rank=-1), "dt_rank must be positive"),
+    ("mamba", dict(selective="b"), "selective must be one of"),
     ("moe", dict(top_k=9), "top_k must be between 1 and n_expert"), ("moe", dict(router="hash"), "router must be one of"),
     ("moe", dict(d_expert=20), "divisible by 8"), ("moe", dict(moe_every=2, moe_offset=2), "moe_offset < moe_every"),
     ("hybrid", dict(layers="Md Xq"), "'Xq' is not a layer"), ("hybrid", dict(layers="Sd"), "'Sd' is not a layer"),
@@ -859,6 +861,38 @@ def test_mamba_shapes_and_initial_loss():
 @pytest.mark.parametrize("scan", ["chunked", "triton", "loop"])
 def test_mamba_scan_paths_agree_in_the_model(scan):
     assert_same_loss_and_grads(tiny_mamba(scan=scan), tiny_mamba(scan="ref"))
+
+
+@pytest.mark.parametrize("selective", ["dt", "bc", "none"])
+@pytest.mark.parametrize("scan", ["chunked", "triton", "loop"])
+def test_mamba_scan_paths_agree_when_not_selective(scan, selective):
+    assert_same_loss_and_grads(tiny_mamba(scan=scan, selective=selective), tiny_mamba(scan="ref", selective=selective))
+
+
+@pytest.mark.parametrize("selective, dt_varies, bc_varies", [("all", True, True), ("dt", True, False),
+                                                             ("bc", False, True), ("none", False, False)])
+def test_mamba_selectivity_is_what_depends_on_the_input(selective, dt_varies, bc_varies, monkeypatch):
+    """The step size softplus(dt + bias) and B, C that reach the scan, for two different inputs: they vary with
+    the input (across batch and time) exactly where the layer is selective; elsewhere one learned constant each."""
+    seen = []
+    scan = kernels.selective_scan
+    monkeypatch.setattr(kernels, "selective_scan", lambda u, dt, A, Bm, Cm, *a, delta_bias, **kw: (
+        seen.append((F.softplus(dt + delta_bias[:, None]), Bm, Cm)), scan(u, dt, A, Bm, Cm, *a, delta_bias=delta_bias, **kw))[1])
+    m = tiny_mamba(selective=selective, n_layer=1)
+    m(torch.randint(0, 61, (3, 20)))
+    (delta, Bm, Cm), = seen  # (3, I, 20), (3, N, 20) x2
+    varies = lambda t: not torch.equal(t, t[:1, :, :1].expand_as(t))  # any entry other than batch 0, position 0's
+    assert (varies(delta), varies(Bm), varies(Cm)) == (dt_varies, bc_varies, bc_varies)
+    mx = m.blocks[0].mixer
+    if not dt_varies:  # the constants are the parameters: one step size per channel, one B and C per state entry
+        torch.testing.assert_close(delta[0, :, 0], F.softplus(mx.dt_bias), atol=0, rtol=0)
+    if not bc_varies:
+        assert torch.equal(Bm[0, :, 0], mx.B_lti) and torch.equal(Cm[0, :, 0], mx.C_lti)
+    I, N, R = m.config.d_inner, m.config.d_state, m.config.dt_rank  # x_proj and dt_proj shrink by what is constant
+    full = tiny_mamba(n_layer=1).num_params()
+    # constant dt: x_proj loses R outputs and dt_proj its matrix (its bias stays, as dt_bias); constant B, C: x_proj
+    # loses 2N outputs, B_lti and C_lti hold 2N
+    assert full - m.num_params() == 2 * I * R * (not dt_varies) + (2 * I * N - 2 * N) * (not bc_varies)
 
 
 def test_mamba_config():
