@@ -17,6 +17,7 @@ import sys
 
 from cli import UsageError, die, read_args, typed
 from lab import architectures, attention, ladder, moe, norms, positions, recall, scaling
+from lab import selectivity
 from lab.runner import DEFAULT_SEEDS, Lab
 
 # name: (function, run folder, first seed). The first line of the function's docstring is its --help line.
@@ -35,6 +36,7 @@ EXPERIMENTS = {
     "positions": (positions.positions, "positions", 0),
     "norms": (norms.norms, "norms", 0),
     "attention": (attention.attention, "attention", 0),
+    "selectivity": (selectivity.selectivity, "selectivity", 0),
 }
 
 OPTIONS = {
