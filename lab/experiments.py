@@ -17,7 +17,7 @@ import sys
 
 from cli import UsageError, die, read_args, typed
 from lab import architectures, attention, ladder, moe, norms, positions, recall, scaling
-from lab import selectivity
+from lab import balance, selectivity
 from lab.runner import DEFAULT_SEEDS, Lab
 
 # name: (function, run folder, first seed). The first line of the function's docstring is its --help line.
@@ -37,6 +37,7 @@ EXPERIMENTS = {
     "norms": (norms.norms, "norms", 0),
     "attention": (attention.attention, "attention", 0),
     "selectivity": (selectivity.selectivity, "selectivity", 0),
+    "balance": (balance.balance, "balance", 0),
 }
 
 OPTIONS = {

@@ -32,12 +32,12 @@ def fmt(values, spec=".3f"):
 
 
 def within_noise(a, b):
-    """True when |mean(a) - mean(b)| < 2 standard errors of the difference, sqrt(sd_a^2/n_a + sd_b^2/n_b);
+    """True when |mean(a) - mean(b)| <= 2 standard errors of the difference, sqrt(sd_a^2/n_a + sd_b^2/n_b);
     None when either side has fewer than 2 values (no spread: noise unknown)."""
     (ma, sa, na), (mb, sb, nb) = mean_sd(a), mean_sd(b)
     if na < 2 or nb < 2:
         return None
-    return abs(ma - mb) < 2 * math.sqrt(sa ** 2 / na + sb ** 2 / nb)
+    return abs(ma - mb) <= 2 * math.sqrt(sa ** 2 / na + sb ** 2 / nb)  # <=: equal values without spread are no difference
 
 
 def verdict(a, b, expect):
