@@ -17,7 +17,7 @@ import sys
 
 from cli import UsageError, die, read_args, typed
 from lab import architectures, attention, ladder, moe, norms, positions, recall, scaling
-from lab import balance, selectivity
+from lab import balance, inspection, selectivity
 from lab.runner import DEFAULT_SEEDS, Lab
 
 # name: (function, run folder, first seed). The first line of the function's docstring is its --help line.
@@ -38,6 +38,7 @@ EXPERIMENTS = {
     "attention": (attention.attention, "attention", 0),
     "selectivity": (selectivity.selectivity, "selectivity", 0),
     "balance": (balance.balance, "balance", 0),
+    "inspect": (inspection.inspect_models, "inspect", 0),
 }
 
 OPTIONS = {
