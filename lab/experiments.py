@@ -17,7 +17,7 @@ import sys
 
 from cli import UsageError, die, read_args, typed
 from lab import architectures, attention, ladder, moe, norms, positions, recall, scaling
-from lab import attn_scale, balance, inspection, selectivity
+from lab import attn_scale, balance, context_cost, inspection, selectivity
 from lab.runner import DEFAULT_SEEDS, Lab
 
 # name: (function, run folder, first seed). The first line of the function's docstring is its --help line.
@@ -40,6 +40,7 @@ EXPERIMENTS = {
     "balance": (balance.balance, "balance", 0),
     "inspect": (inspection.inspect_models, "inspect", 0),
     "attn_scale": (attn_scale.attn_scale, "attn_scale", 0),
+    "context_cost": (context_cost.context_cost, "context_cost", 0),
 }
 
 OPTIONS = {
