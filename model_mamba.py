@@ -110,7 +110,7 @@ def selective_scan_loop(x, dt, A, Bm, Cm, D, z, dt_bias, h=None):
         x   x (B, I, T)     the input of each of the I channels      h  h (B, I, N)  the state
         Δ   softplus(dt + dt_bias) (B, I, T): a step size per channel and position, > 0
         A   A (I, N)        diagonal and negative, the same at every position
-        B   Bm (B, N, T)    C  Cm (B, N, T): computed from the input, shared by the I channels
+        B   Bm (B, N, T)    C  Cm (B, N, T): from the input (constants, selective="none"), shared by the I channels
         D   D (I,)          a skip connection from x straight to y
         y   the output (B, I, T), gated by SiLU(z) as in the Mamba block
     A is discretised exactly (zero-order hold, exp(Δ A)), B with Euler's step Δ B, as in Mamba.

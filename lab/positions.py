@@ -1,6 +1,6 @@
 """
 Position schemes trained at context T and evaluated at 1x, 2x and 4x T; RoPE stretched by position
-interpolation and NTK-aware scaling.
+interpolation, NTK-aware scaling and YaRN.
 """
 import sys
 
@@ -40,7 +40,7 @@ def position_losses(ckpt_path, factor, scaling, windows):
 
 
 def positions(lab):
-    """position schemes trained at context T, evaluated at 1x, 2x, 4x T (loss beyond T apart); RoPE PI/NTK"""
+    """position schemes trained at context T, evaluated at 1x, 2x, 4x T (loss beyond T apart); RoPE PI/NTK/YaRN"""
     schemes = [("learned", "learned (GPT-2)"), ("sinusoidal", "sinusoidal (Vaswani et al.)"), ("rope", "RoPE"),
                ("alibi", "ALiBi"), ("none", "none (NoPE)")]
     if lab.quick:
@@ -55,7 +55,8 @@ def positions(lab):
     windows = val[start[:, None] + torch.arange(4 * T + 1)]  # (N, 4T+1)
     rows_def = [(key, label, "none") for key, label in schemes]
     at = next(i for i, (key, _, _) in enumerate(rows_def) if key == "rope") + 1  # PI and NTK right after RoPE
-    rows_def[at:at] = [("rope", "RoPE + position interpolation (PI)", "pi"), ("rope", "RoPE + NTK-aware scaling", "ntk")]
+    rows_def[at:at] = [("rope", "RoPE + position interpolation (PI)", "pi"), ("rope", "RoPE + NTK-aware scaling", "ntk"),
+                       ("rope", "RoPE + YaRN (NTK-by-parts, temperature)", "yarn")]
     rows, curves = [], {}
     for key, label, scaling in rows_def:
         per_factor = {}
@@ -86,20 +87,21 @@ ALiBi) report that sinusoidal and rotary positions degrade quickly beyond the tr
 extrapolates; learned absolute positions (GPT-2) have no embedding past T at all. Models without positional
 information (NoPE) still learn order from the causal mask (Haviv et al. 2022; Kazemnejad et al. 2023, who also
 report better length generalisation than the explicit schemes). For RoPE, position interpolation (Chen et al.
-2023) and NTK-aware base scaling (bloc97 2023; YaRN, Peng et al. 2023) stretch the rotation angles at
-evaluation time without retraining; Chen et al. fine-tune after interpolating, which is not done here.
+2023), NTK-aware base scaling (bloc97 2023) and YaRN (Peng et al. 2023: NTK-by-parts, with a softmax
+temperature) stretch the rotation angles at evaluation time without retraining; Chen et al. and Peng et al.
+fine-tune after stretching, which is not done here.
 
 Each scheme trained on tiny Shakespeare (characters; config/shakespeare_char.py with MHA and the flag in the
 row), {len(runs['rope'])} seed(s). The trained checkpoint (last step) is then evaluated in this process at 1x, 2x
 and 4x T on the same {n_windows} validation windows: mean loss on the first T positions and, separately, on the
-positions beyond T (so they are not diluted by the first T). PI and NTK rows reuse the RoPE checkpoints, with
+positions beyond T (so they are not diluted by the first T). PI, NTK and YaRN rows reuse the RoPE checkpoints, with
 the angles rescaled by the evaluation factor (1x is plain RoPE). Mean ± half the range over seeds.
 
 {table(header, rows)}
 
 What this shows: the loss per position range of each scheme at and beyond the trained length, on one small
 character-level model. What it does not show: long-context ability (a character model needs little far context),
-or PI/NTK after the short fine-tuning their papers use.
+or PI/NTK/YaRN after the short fine-tuning their papers use.
 
 <!-- lead: interpretation -->
 """

@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU in tests; set before kernels import
 
+import math
 import subprocess
 import sys
 import time
@@ -273,3 +274,16 @@ def test_claim_experiment_quick_page(name, rows, claims, tmp_path, data_dir):
     assert name == "context_cost" or set(words) <= {"not measured"}  # one seed: no spread (context_cost: over rounds)
     assert "FAILED" not in page and f"python -m lab.experiments {name} --quick" in page
     assert all("nan" not in line for line in cells), cells
+
+
+def test_kaplan_counting_leaves_out_the_vocabulary_matrices():
+    n, n_k = scaling.params_of("transformer", dict(d_model=32, n_layer=2, n_head=4), 65, 64)[0], \
+        scaling.non_embedding_params(32, 2, 65, 64)
+    assert n - n_k == 2 * 65 * 32  # the embedding and the untied head; RoPE has no position matrix
+    optima = [(1e9, 40_000.0, 8e5, 1.5), (3e9, 60_000.0, 1.6e6, 1.4)]  # (C, N, D, loss), N between the grid's sizes
+    sizes = [(16, 2), (32, 2), (64, 2)]
+    info = {s: scaling.params_of("transformer", dict(d_model=s[0], n_layer=s[1], n_head=4), 65, 64) for s in sizes}
+    exponent, points = scaling.kaplan_refit(optima, sizes, info, 65, 64)
+    for (c, n), (_, n_full, d, _) in zip(points, optima):
+        assert n < n_full and c == 6 * n * d  # fewer parameters counted; C = 6 N D
+    assert abs(exponent - math.log(points[1][1] / points[0][1]) / math.log(points[1][0] / points[0][0])) < 1e-9
