@@ -2,7 +2,8 @@
 Tokens in and out: what train.py and sample.py read and write besides the models. Nothing here
 knows how a model works inside.
 
-    Tokenizer, bpe_spec       characters, words (synthetic tasks) or tiktoken byte-pair encoding
+    Tokenizer, bpe_spec       characters, words (synthetic tasks), tiktoken byte-pair encoding, or a
+                              Hugging Face tokenizer.json (pretrained models)
     TextData                  the built-in pydoc corpus, tiny Shakespeare, any text file: token caches
     SynthData                 selective_copy, induction, mqar, generated from a random generator
     load_checkpoint, ...      checkpoint files: weights_only loading, atomic writes; a checkpoint
@@ -42,6 +43,14 @@ class Tokenizer:
             self.chars = spec["chars"]
             self.stoi = {c: i for i, c in enumerate(self.chars)}
             self.vocab_size = len(self.chars)
+        elif spec["kind"] == "hf":  # a pretrained model's tokenizer.json
+            try:
+                import tokenizers
+            except ImportError:
+                raise UsageError("this model's tokenizer.json needs the tokenizers package (pip install tokenizers)") from None
+            self.enc = tokenizers.Tokenizer.from_str(spec["json"])
+            self.vocab_size = self.enc.get_vocab_size()
+            self.byte_level = "ByteLevel" in json.dumps(json.loads(spec["json"]).get("decoder"))
         else:
             import tiktoken
             ranks = {base64.b64decode(tok): int(rank) for tok, rank in
@@ -61,6 +70,8 @@ class Tokenizer:
             if missing:
                 raise UsageError(f"text has characters outside the vocabulary: {''.join(missing)!r}")
             return [self.stoi[c] for c in text]
+        if self.spec["kind"] == "hf":
+            return self.enc.encode(text, add_special_tokens=False).ids
         return self.enc.encode_ordinary(text)
 
     def decode_bytes(self, ids):
@@ -68,16 +79,37 @@ class Tokenizer:
             return "".join(" " + self.words[i] for i in ids).encode()
         if self.spec["kind"] == "char":
             return "".join(self.chars[i] for i in ids).encode()
+        if self.spec["kind"] == "hf":  # token by token, exactly: a token may hold part of a character
+            pieces = [self.enc.id_to_token(i) or "" for i in ids]
+            if self.byte_level:  # GPT-2's trick: every byte written as a printable character
+                return bytes(BYTE_OF.get(c, 32) for p in pieces for c in p)
+            return b"".join(bytes([int(p[3:5], 16)]) if len(p) == 6 and p.startswith("<0x") and p.endswith(">")
+                            else p.replace("\u2581", " ").encode() for p in pieces)  # SentencePiece: \u2581 is a space
         return self.enc.decode_bytes(ids)
 
     def decode(self, ids):
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
+# GPT-2's byte-level alphabet, read backwards: printable bytes stand for themselves, the others for 256 + n
+PRINTABLE = [*range(33, 127), *range(161, 173), *range(174, 256)]
+BYTE_OF = {**{chr(b): b for b in PRINTABLE}, **{chr(256 + n): b for n, b in enumerate(sorted(set(range(256)) - set(PRINTABLE)))}}
+
+
 def bpe_spec(name_or_path, data_dir):
     """A tiktoken encoding as plain data. Named encodings come from tiktoken (which downloads and
     caches them), or from data_dir/NAME.tiktoken when that file is there; a path to a .tiktoken
-    ranks file is split with GPT-2's pattern and gets <|endoftext|> after the last rank."""
+    ranks file is split with GPT-2's pattern and gets <|endoftext|> after the last rank. A path to a
+    tokenizer.json is a pretrained model's own tokenizer (the tokenizers package reads it)."""
+    if name_or_path.endswith(".json"):
+        spec = {"kind": "hf", "json": read_text(name_or_path, "tokenizer file")}
+        try:
+            Tokenizer(spec)
+        except UsageError:
+            raise
+        except Exception as e:
+            raise UsageError(f"{name_or_path} is not a tokenizer.json: {one_line(e)}") from None
+        return spec
     import tiktoken
     local = Path(name_or_path) if name_or_path.endswith(".tiktoken") else Path(data_dir) / f"{name_or_path}.tiktoken"
     if local.is_file():
@@ -129,6 +161,13 @@ def shakespeare_text(data_dir):
     return read_text(path, "dataset")
 
 
+def tokenizer_key(name_or_path):
+    """A tokenizer's part of a cache folder name: its content, where it is a file (every model's is tokenizer.json)."""
+    if not os.path.isfile(name_or_path):
+        return Path(name_or_path).stem
+    return f"{Path(name_or_path).stem}-{hashlib.sha1(Path(name_or_path).read_bytes()).hexdigest()[:10]}"
+
+
 def prepare_text(name, data_dir, tokenizer=""):
     """Tokenize a corpus once and cache train/val token files under data_dir. tokenizer '' means the
     dataset's own. Returns (train tokens, val tokens, tokenizer spec). The split is the first 90% / last 10%."""
@@ -136,13 +175,13 @@ def prepare_text(name, data_dir, tokenizer=""):
     if name in ("pydoc", "shakespeare_char", "shakespeare"):
         default_tok = "gpt2" if name == "shakespeare" else "char"
         load = builtin_text if name == "pydoc" else lambda: shakespeare_text(data_dir)
-        key = f"{name}" if not tokenizer else f"{name}-{Path(tokenizer).stem}"
+        key = f"{name}" if not tokenizer else f"{name}-{tokenizer_key(tokenizer)}"
     elif os.path.isdir(name):
         raise UsageError(f"dataset {name} is a directory; give a text file")
     elif os.path.isfile(name):
         default_tok, load = "char", lambda: read_text(name, "dataset")
         digest = hashlib.sha1(Path(name).read_bytes()).hexdigest()[:10]
-        key = f"{Path(name).stem}-{Path(tokenizer or 'char').stem}-{digest}"
+        key = f"{Path(name).stem}-{tokenizer_key(tokenizer or 'char')}-{digest}"
     else:
         raise UsageError(f"unknown dataset {name!r}: pydoc, shakespeare_char, shakespeare or a path to a text file")
     if data_dir.exists() and not data_dir.is_dir():

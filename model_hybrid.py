@@ -16,7 +16,8 @@ shrinks by the share of Mamba layers (with one attention layer in eight, to 1/8 
   Mamba     with RMSNorm on dt, B and C before the scan, which Jamba added because large
             activations there made the loss spike at scale (inner_norm=False: without).
   MoE       a softmax router sends each token to top_k of n_expert SwiGLU experts (Shazeer et al.
-            2017; the k weights renormalised, as in Mixtral); dropless; Switch's balance loss and
+            2017), weighted by their softmax probabilities as Jamba does (norm_topk=True renormalises
+            the k weights to sum to 1, as Mixtral does); dropless; Switch's balance loss and
             ST-MoE's z-loss. Jamba: 16 experts, top-2, each as wide as the dense feed-forward, so
             an MoE layer costs two dense feed-forwards per token. Here d_expert defaults to
             d_ff / top_k: an MoE layer costs one (plus the router), and the experts add
@@ -27,6 +28,8 @@ shrinks by the share of Mamba layers (with one attention layer in eight, to 1/8 
             [stream, token embeddings] concatenated; each use has its own KV cache and its own
             C x C output projection. Simplified: the attention heads are C / H wide (Zamba's 2C / H),
             and the output joins the stream, where Zamba adds it only to the next Mamba layer's input.
+            So a Zamba checkpoint does not load into S (test_models.py shows both places against
+            transformers' Zamba); Jamba's do (pretrained.py), and give its logits.
 
 Shapes: B batch, T time (tokens in this call), S cached + new tokens, C d_model, V vocabulary;
 attention: H query heads, G key/value heads (the groups of GQA), D head dim; feed-forward: F hidden size of a SwiGLU
@@ -75,6 +78,7 @@ class Config:
     n_expert: int = 8  # Jamba: 16 (8 keeps the CPU default within minutes)
     top_k: int = 2
     d_expert: int = 0  # one expert's hidden size; 0 picks d_ff // top_k (Jamba's are d_ff wide)
+    norm_topk: bool = False  # renormalise the k chosen weights to sum to 1 (Mixtral); Jamba keeps them as they are
     balance_coef: float = 0.01  # Switch load-balancing loss
     z_coef: float = 0.001  # router z-loss
     # everywhere
@@ -256,8 +260,9 @@ class SwiGLU(nn.Module):
 
 class MoE(nn.Module):
     """n_expert SwiGLU experts of width d_expert; a softmax router sends each token to top_k of
-    them and weights their outputs (the k weights renormalised to sum to 1). Dropless: every token
-    reaches its experts, so no token's output depends on another's and the model stays causal."""
+    them and weights their outputs by the router's probabilities (norm_topk: renormalised to sum
+    to 1). Dropless: every token reaches its experts, so no token's output depends on another's and
+    the model stays causal."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -275,7 +280,8 @@ class MoE(nn.Module):
             logits = F.linear(x.float(), self.router.weight.float())  # (B*T, E)
         probs = logits.softmax(dim=-1)  # (B*T, E)
         weight, expert = probs.topk(k, dim=-1)  # (B*T, k) each: k distinct experts per token
-        weight = weight / weight.sum(dim=-1, keepdim=True)
+        if self.cfg.norm_topk:
+            weight = weight / weight.sum(dim=-1, keepdim=True)
         y = torch.zeros_like(x)  # (B*T, C)
         for e, ffn in enumerate(self.experts):
             tok, slot = torch.where(expert == e)  # the tokens routed to e, and which of their k choices it is

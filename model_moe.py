@@ -36,6 +36,7 @@ E experts, k experts per token (top_k), M token-to-expert assignments (B*T * k, 
 """
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -59,7 +60,7 @@ class Config:
     n_head: int = 4
     n_kv_head: int = 2  # n_head: MHA, 1: MQA, between: GQA
     pos: str = "rope"  # rope | alibi | learned | sinusoidal | none
-    ffn: str = "swiglu"  # swiglu | gelu | relu
+    ffn: str = "swiglu"  # swiglu | gelu | gelu_tanh (GPT-2's approximation) | relu
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     prenorm: bool = True  # False: post-norm, as in the original Transformer
     d_ff: int = 0  # feed-forward hidden size; 0 picks 4 * d_model (gelu, relu) or the matching SwiGLU size
@@ -91,8 +92,9 @@ class Config:
     def __post_init__(self):  # one line per rule: an impossible value fails here, before any weight is made
         for name in ("vocab_size", "block_size", "d_model", "n_layer", "n_head", "n_kv_head", "rope_theta", "norm_eps", "rope_factor"):
             check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        for name, allowed in dict(pos="rope|alibi|learned|sinusoidal|none", ffn="swiglu|gelu|relu", norm="rmsnorm|layernorm",
-                                  rope_scaling="none|pi|ntk|yarn", init="fan_in|gpt2", attn_scale="sqrt|one|dim").items():
+        for name, allowed in dict(pos="rope|alibi|learned|sinusoidal|none", ffn="swiglu|gelu|gelu_tanh|relu",
+                                  norm="rmsnorm|layernorm", rope_scaling="none|pi|ntk|yarn", init="fan_in|gpt2",
+                                  attn_scale="sqrt|one|dim").items():
             check(getattr(self, name) in allowed.split("|"), f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         check(self.n_head % self.n_kv_head == 0, f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         check(self.d_model % self.n_head == 0, f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
@@ -246,7 +248,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.act = F.relu if cfg.ffn == "relu" else F.gelu
+        # GPT-2 was trained with the tanh approximation of GELU; its weights want that curve
+        self.act = F.relu if cfg.ffn == "relu" else partial(F.gelu, approximate="tanh" if cfg.ffn == "gelu_tanh" else "none")
         self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.out_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
@@ -381,7 +384,7 @@ class MoE(nn.Module):
         if self.cfg.ffn == "swiglu":
             gate, up = h.chunk(2, dim=-1)  # (M, F) each
             return F.silu(gate) * up
-        return F.relu(h) if self.cfg.ffn == "relu" else F.gelu(h)
+        return F.relu(h) if self.cfg.ffn == "relu" else F.gelu(h, approximate="tanh" if self.cfg.ffn == "gelu_tanh" else "none")
 
     def experts_loop(self, x, tok, expert, weight):
         """The readable path: for each expert, gather its tokens, run its feed-forward, add back weighted."""

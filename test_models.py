@@ -8,6 +8,7 @@ import functools
 import inspect
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import model_mamba
 import model_moe
 import model_transformer
 import data
+import pretrained
 import train
 from cli import MODELS, UsageError
 
@@ -1166,18 +1168,20 @@ def test_hybrid_blocks_match_their_sources():
     c_ref, c = (model_mamba.MambaCache(1, 2, 64, 4, 8, "cpu", torch.float32) for _ in range(2))
     for t in range(3):
         torch.testing.assert_close(mamba(x[:, t:t + 1], c, 0), ref(x[:, t:t + 1], c_ref, 0), atol=0, rtol=0)
-    # the MoE is model_moe's softmax top-k dropless router with SwiGLU experts
-    ecfg = model_moe.Config(d_model=32, n_head=4, n_expert=4, top_k=2, d_expert=24)
-    ref, moe = model_moe.MoE(ecfg), model_hybrid.MoE(tiny_hybrid(n_expert=4, top_k=2, d_expert=24).config)
-    nn.init.normal_(ref.router.weight, std=0.5)  # a trained router's spread, not the init's near-ties
-    with torch.no_grad():
-        moe.router.weight.copy_(ref.router.weight)
-        for e, expert in enumerate(moe.experts):
-            expert.gate_up.weight.copy_(ref.w_in[e].t())
-            expert.out_proj.weight.copy_(ref.w_out[e].t())
-    torch.testing.assert_close(moe(x), ref(x))
-    torch.testing.assert_close(torch.stack(moe.losses), torch.stack(ref.losses))
-    torch.testing.assert_close(moe.last[0], ref.last["load"])
+    # the MoE is model_moe's softmax top-k dropless router with SwiGLU experts (Jamba's weights, or Mixtral's renormalised)
+    for norm_topk in (False, True):
+        ecfg = model_moe.Config(d_model=32, n_head=4, n_expert=4, top_k=2, d_expert=24, norm_topk=norm_topk)
+        ref = model_moe.MoE(ecfg)
+        moe = model_hybrid.MoE(tiny_hybrid(n_expert=4, top_k=2, d_expert=24, norm_topk=norm_topk).config)
+        nn.init.normal_(ref.router.weight, std=0.5)  # a trained router's spread, not the init's near-ties
+        with torch.no_grad():
+            moe.router.weight.copy_(ref.router.weight)
+            for e, expert in enumerate(moe.experts):
+                expert.gate_up.weight.copy_(ref.w_in[e].t())
+                expert.out_proj.weight.copy_(ref.w_out[e].t())
+        torch.testing.assert_close(moe(x), ref(x))
+        torch.testing.assert_close(torch.stack(moe.losses), torch.stack(ref.losses))
+        torch.testing.assert_close(moe.last[0], ref.last["load"])
 
 
 def test_hybrid_all_attention_is_the_transformer():
@@ -1444,6 +1448,193 @@ def test_synthetic_bad_options(tmp_path):
                         (dict(dataset="induction", induction_queries=16), "less than task_vocab")]:
         with pytest.raises(UsageError, match=message):
             train.parse_args([f"--{k}={v}" for k, v in kw.items()])
+
+
+# ----------------------------------------------------------------------------- the reference implementations
+# Hugging Face transformers' GPT-2, Llama, Mixtral, Mamba and Jamba are the field's reference for each
+# architecture. A tiny one of each is built here with random weights, written with save_pretrained and
+# read back through pretrained.py into the model file: the same logits, through the cache too, the same
+# greedy tokens. No network: the tests make their checkpoints.
+
+REFERENCES = {  # name: (model class, config class, a tiny config)
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(n_positions=32, n_embd=32, n_layer=2, n_head=4)),
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2)),
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                            num_attention_heads=4, num_key_value_heads=2,
+                                                            num_local_experts=4, num_experts_per_tok=2)),
+    "mamba": ("MambaForCausalLM", "MambaConfig", dict(hidden_size=32, num_hidden_layers=2, state_size=8)),
+    "jamba": ("JambaForCausalLM", "JambaConfig", dict(  # Md Me Ad Me: Jamba's block at half depth
+        hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2, attn_layer_period=4, attn_layer_offset=2, expert_layer_period=2,
+        expert_layer_offset=1, mamba_d_state=8)),
+}
+
+
+def reference_pair(arch, folder, **fields):
+    """(transformers' model, ours) with the same random weights, via save_pretrained and pretrained.py."""
+    transformers = pytest.importorskip("transformers", reason="the reference tests need transformers (pip install transformers)")
+    pytest.importorskip("safetensors", reason="pretrained.py reads safetensors (pip install safetensors)")
+    model_cls, config_cls, tiny = REFERENCES[arch]
+    config = getattr(transformers, config_cls)(**{"vocab_size": 64, "max_position_embeddings": 32, "bos_token_id": 0,
+                                                  "eos_token_id": None, "pad_token_id": 0, **tiny, **fields})
+    torch.manual_seed(0)
+    ref = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # their init is N(0, 0.02): logits near zero would hide a wrong mapping
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ref.save_pretrained(folder)
+    _, ours = pretrained.load_model(folder)
+    return ref, ours.eval()
+
+
+@pytest.mark.parametrize("arch, fields", [(arch, {}) for arch in REFERENCES] + [
+    ("llama", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})),  # PI, another base
+    ("llama", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True, num_key_value_heads=1))],  # SmolLM2: tied
+    ids=["gpt2", "llama", "mixtral", "mamba", "jamba", "llama-linear-rope", "llama-tied-bias-mqa"])
+def test_each_model_file_computes_its_reference_implementation(arch, fields, tmp_path):
+    ref, ours = reference_pair(arch, tmp_path, **fields)
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(idx).logits  # (B, T, V)
+        full = (ours(idx)[0] - want).abs().max().item()
+        cache = ours.new_cache(2)  # a parallel prefill of 7 tokens, then 9 single steps (KV cache, conv + SSM state)
+        steps = [ours(idx[:, :7], cache=cache)[0]] + [ours(idx[:, t:t + 1], cache=cache)[0] for t in range(7, 16)]
+        cached = (torch.cat(steps, dim=1) - want).abs().max().item()
+    print(f"{arch} {fields or ''}: max |difference| {full:.1e}, through the cache {cached:.1e}, logits up to {want.abs().max():.1f}")
+    assert full < 1e-5 and cached < 1e-5
+    assert want.std() > 0.1  # logits that differ between tokens: a wrong weight would show
+    greedy = ref.generate(idx[:, :5], max_new_tokens=12, do_sample=False, min_new_tokens=12)[:, 5:]
+    assert torch.equal(torch.cat(list(ours.generate(idx[:, :5], 12, temperature=0)), dim=1), greedy)
+
+
+def test_hybrid_weights_its_experts_as_jamba_and_mixtral_renormalises(tmp_path):
+    """Jamba keeps the router's top-k probabilities as they are; norm_topk=True (Mixtral) changes the model."""
+    ref, ours = reference_pair("jamba", tmp_path)
+    renorm = model_hybrid.Model(dataclasses.replace(ours.config, norm_topk=True)).eval()
+    renorm.load_state_dict(ours.state_dict())
+    idx = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (renorm(idx)[0] - ref(idx).logits).abs().max() > 1e-3
+
+
+def test_zamba_shared_block_differs_from_the_reference_where_the_docstring_says(tmp_path):
+    """model_hybrid's S is Zamba's shared block simplified in two places, both visible in transformers' Zamba:
+    its attention heads are 2C / H wide (ours C / H), and its output goes to the next Mamba layer's input
+    (ours joins the stream). So no Zamba checkpoint loads; the two places are checked here."""
+    transformers = pytest.importorskip("transformers", reason="the reference tests need transformers")
+    C, H = 32, 4
+    zamba = transformers.ZambaForCausalLM(transformers.ZambaConfig(
+        vocab_size=64, hidden_size=C, intermediate_size=48, num_hidden_layers=6, num_attention_heads=H,
+        num_key_value_heads=H, attn_layer_period=2, attn_layer_offset=1, n_mamba_heads=1, mamba_d_state=8))
+    shared = next(m for m in zamba.modules() if type(m).__name__ == "ZambaAttentionDecoderLayer")
+    assert shared.self_attn.q_proj.weight.shape == (H * 2 * C // H, 2 * C)  # heads of 2C / H over [stream, embeddings]
+    ours = model_hybrid.Model(model_hybrid.Config(vocab_size=64, d_model=C, n_head=H, n_kv_head=H, layers="M S M S"))
+    assert ours.blocks[1].shared.attn.qkv.weight.shape == (3 * C, 2 * C)  # heads of C / H
+    mamba_layer = next(m for m in zamba.modules() if type(m).__name__ == "ZambaMambaDecoderLayer")
+    assert "transformer_hidden_states" in inspect.signature(mamba_layer.forward).parameters  # added to its input
+    assert model_hybrid.__doc__.count("Zamba's 2C / H") == 1 and "only to the next Mamba layer's input" in model_hybrid.__doc__
+
+
+def test_pretrained_refuses_what_the_model_file_cannot_honour(tmp_path):
+    pytest.importorskip("transformers", reason="the reference tests need transformers")
+    reference_pair("llama", tmp_path / "llama")
+    reference_pair("jamba", tmp_path / "jamba")
+    cases = [("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope_scaling"),
+             ("llama", {"sliding_window": 8}, "sliding_window"), ("llama", {"attention_bias": True}, "attention_bias"),
+             ("llama", {"head_dim": 16}, "head_dim"), ("llama", {"hidden_act": "gelu"}, "hidden_act"),
+             ("llama", {"model_type": "qwen2"}, "model_type"), ("jamba", {"mamba_proj_bias": True}, "mamba_proj_bias"),
+             ("llama", {"tie_word_embeddings": True}, "lm_head.weight")]
+    for arch, change, field in cases:
+        folder = tmp_path / f"{arch}-{field}"
+        shutil.copytree(tmp_path / arch, folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(UsageError, match=field) as e:
+            pretrained.load_model(folder)
+        assert "\n" not in str(e.value)
+
+
+def tiny_llama_with_tokenizer(folder):
+    """A tiny Llama directory with its own byte-level BPE tokenizer.json, as the hub gives them."""
+    tokenizers = pytest.importorskip("tokenizers", reason="tokenizer.json needs the tokenizers package")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train_from_iterator(["the cat sat on the mat. " * 50], tokenizers.trainers.BpeTrainer(
+        vocab_size=280, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    reference_pair("llama", folder, vocab_size=tok.get_vocab_size(), max_position_embeddings=64)
+    tok.save(str(folder / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("style", ["byte-level", "sentencepiece"])
+def test_a_tokenizer_json_decodes_token_by_token(style):
+    """sample.py prints one token at a time: each must decode to its own bytes, whatever the style
+    (GPT-2's byte-level alphabet; SentencePiece's \u2581 for a space and <0xNN> byte tokens)."""
+    tokenizers = pytest.importorskip("tokenizers", reason="tokenizer.json needs the tokenizers package")
+    if style == "byte-level":
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        alphabet, special = tokenizers.pre_tokenizers.ByteLevel.alphabet(), []
+    else:
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE(byte_fallback=True, unk_token="<unk>"))
+        tok.normalizer = tokenizers.normalizers.Replace(" ", "\u2581")
+        tok.decoder = tokenizers.decoders.Sequence([tokenizers.decoders.Replace("\u2581", " "),
+                                                    tokenizers.decoders.ByteFallback(), tokenizers.decoders.Fuse()])
+        alphabet, special = [], ["<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator(["the cat sat on the mat.\n" * 50], tokenizers.trainers.BpeTrainer(
+        vocab_size=320, initial_alphabet=alphabet, special_tokens=special, show_progress=False))
+    t = data.Tokenizer({"kind": "hf", "json": tok.to_str()})
+    text = "the cat sat\non the mat, d\u00e9j\u00e0 vu \u2603"  # bytes the training text never had, too
+    ids = t.encode(text)
+    assert b"".join(t.decode_bytes([i]) for i in ids).decode() == text == t.decode(ids)
+
+
+def test_init_from_a_pretrained_directory_samples_and_fine_tunes(tmp_path):
+    tiny_llama_with_tokenizer(tmp_path / "llama")
+    (tmp_path / "corpus.txt").write_text("the cat sat on the mat. " * 200)
+    s = run("sample.py", f"--init_from={tmp_path / 'llama'}", "--prompt=the cat", "--max_new_tokens=6", "--temperature=0")
+    assert s.returncode == 0 and s.stdout.startswith("--- sample 1 ---\nthe cat"), s.stderr
+    out = tmp_path / "out"
+    r = run("train.py", f"--init_from={tmp_path / 'llama'}", f"--dataset={tmp_path / 'corpus.txt'}", "--block_size=32",
+            "--batch_size=4", "--max_iters=3", "--eval_interval=3", "--eval_iters=1", f"--data_dir={tmp_path / 'data'}",
+            f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    first, last = [json.loads(l)["val_loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in l]
+    assert last < first  # it learns from where the weights were
+    s2 = run("sample.py", f"--ckpt={out}/ckpt_last.pt", "--prompt=the cat", "--max_new_tokens=4")  # the tokenizer travels
+    assert s2.returncode == 0 and s2.stdout.startswith("--- sample 1 ---\nthe cat"), s2.stderr
+
+
+def test_init_from_gpt2_uses_tiktoken_and_an_own_checkpoint_continues_longer(tmp_path):
+    reference_pair("gpt2", tmp_path / "gpt2", vocab_size=261, n_positions=32)
+    merges = [bytes([i]) for i in range(256)] + [b"th", b"the", b"at", b" the"]  # a stand-in for GPT-2's ranks
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "gpt2.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(merges)))
+    (tmp_path / "corpus.txt").write_text("the cat sat on the mat. " * 200)
+    common = [f"--dataset={tmp_path / 'corpus.txt'}", "--batch_size=2", "--max_iters=2", "--eval_interval=2",
+              "--eval_iters=1", f"--data_dir={tmp_path / 'data'}"]
+    r = run("train.py", f"--init_from={tmp_path / 'gpt2'}", *common, f"--out_dir={tmp_path / 'a'}")
+    assert r.returncode == 0 and "bpe, vocab 261" in r.stdout and "learned positions, gelu_tanh" in r.stdout, r.stderr
+    longer = run("train.py", f"--init_from={tmp_path / 'a' / 'ckpt_last.pt'}", "--block_size=64", *common,
+                 f"--out_dir={tmp_path / 'b'}")
+    assert longer.returncode == 2 and "learned position table has no rows" in longer.stderr
+    rope = run("train.py", *TINY_ARGS, *common, "--tokenizer=gpt2", f"--out_dir={tmp_path / 'c'}")
+    assert rope.returncode == 0, rope.stderr
+    twice = run("train.py", f"--init_from={tmp_path / 'c' / 'ckpt_last.pt'}", "--block_size=64", *common,
+                "--tokenizer=gpt2", f"--out_dir={tmp_path / 'd'}")
+    assert twice.returncode == 0 and "device cpu" in twice.stdout, twice.stderr
+
+
+@pytest.mark.parametrize("script", ["sample.py", "train.py"])
+def test_init_from_a_bad_directory_is_one_line_and_exit_2(tmp_path, script):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text('{"model_type": "bert"}')
+    for folder, why in (("empty", "has no config.json"), ("odd", 'model_type="bert"')):
+        r = run(script, f"--init_from={tmp_path / folder}")
+        assert r.returncode == 2 and why in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 # ----------------------------------------------------------------------------- train.py, sample.py, data.py

@@ -4,6 +4,7 @@ One training script for every model file.
     python train.py                                   # small modern Transformer, built-in corpus
     python train.py config/shakespeare_char.py        # a preset file of overrides
     python train.py --model=transformer --pos=alibi --max_iters=500
+    python train.py --init_from=gpt2 --dataset=shakespeare --lr=3e-5  # fine-tune a Hugging Face model
     torchrun --standalone --nproc_per_node=2 train.py # several processes (DDP)
     python train.py --help                            # every option with its default
 
@@ -25,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from cli import MODELS, UsageError, die, pick_device, read_args, typed
+import pretrained
+from cli import MODELS, UsageError, die, one_line, pick_device, read_args, typed
 from data import SYNTHETIC, SynthData, TextData, atomic_write, load_checkpoint, model_from_checkpoint
 
 # name: (default, help). Every name can be set as --name=value or in a preset file; the fields
@@ -38,6 +40,8 @@ OPTIONS = {
     "data_dir": ("data", "where datasets are prepared and cached"),
     "out_dir": ("out", "checkpoints (ckpt_last.pt, ckpt_best.pt), metrics.jsonl and loss.svg"),
     "resume": (False, "continue exactly from out_dir/ckpt_last.pt"),
+    "init_from": ("", "start from these weights with a new optimizer: a checkpoint of this repository (.pt), or a "
+                  "Hugging Face model directory or hub name (gpt2, gpt2-medium, ...) with its tokenizer"),
     "batch_size": (12, "sequences per micro-batch (per process)"),
     "grad_accum": (1, "micro-batches per optimizer step"),
     "max_iters": (1000, "optimizer steps"),
@@ -73,13 +77,23 @@ def parse_args(argv):
     """-> (training options, model Config overrides, model module)."""
     raw = read_args(argv)
     model = dict(raw).get("model", OPTIONS["model"][0])
+    source = dict(raw).get("init_from")
+    if source:  # the weights choose the model file
+        held = load_checkpoint(source)["model_name"] if source.endswith(".pt") else pretrained.model_name(source)
+        if model != held and "model" in dict(raw):
+            raise UsageError(f"--model={model}, but {source} holds a {held} model")
+        model = held
     if model not in MODELS:
         raise UsageError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
     module = MODELS[model]
     fields = {f.name: f.type for f in dataclasses.fields(module.Config)}
     given = typed(raw, {**fields, **{k: type(v) for k, (v, _) in OPTIONS.items()}})
     opts = {k: given.get(k, v) for k, (v, _) in OPTIONS.items()}
+    opts["model"] = model
     overrides = {k: v for k, v in given.items() if k not in OPTIONS}
+    if opts["resume"] and opts["init_from"]:
+        raise UsageError("--resume continues out_dir's own run; --init_from starts a new one: give one of them "
+                         "(--init_from= clears a preset's)")
     for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
         if opts[name] <= 0:
             raise UsageError(f"{name} must be positive, got {opts[name]}")
@@ -171,6 +185,39 @@ def new_model(module, overrides, data):
         raise UsageError(str(e)) from None
     data.check(cfg.block_size)  # before the weights exist: a block_size the data cannot fill fails fast
     return module.Model(cfg)
+
+
+def initial_weights(opts, overrides):
+    """--init_from: (model, its tokenizer spec, the --tokenizer that tokenizes the dataset the same way).
+    A checkpoint of this repository keeps its Config; a Hugging Face model's comes from its config.json.
+    Only fields that do not change what the model computes may be set (pretrained.FREE): block_size
+    for one, to continue at twice the context, which RoPE, ALiBi and no positions allow and a learned
+    position table (no rows for the new positions) does not."""
+    source = opts["init_from"]
+    if not source.endswith(".pt"):
+        _, model = pretrained.load_model(source, overrides)
+        spec = pretrained.tokenizer_spec(source, opts["data_dir"])
+        tok = "gpt2" if spec["kind"] == "bpe" else str(pretrained.find(source) / "tokenizer.json")
+        return model, spec, opts["tokenizer"] or tok
+    ckpt = load_checkpoint(source)
+    bad = sorted(set(overrides) - pretrained.FREE)
+    if bad:
+        raise UsageError(f"--{bad[0]} would change what {source} computes (free to set: {', '.join(sorted(pretrained.FREE))})")
+    module = MODELS[ckpt["model_name"]]
+    try:
+        model = module.Model(module.Config(**{**ckpt["model_config"], **overrides}))
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{source}: {one_line(e)}") from None
+    want = model.state_dict()
+    for name, t in ckpt["model"].items():
+        if name in want and t.shape != want[name].shape:
+            raise UsageError(f"{source}: {name} has shape {tuple(t.shape)}, these options need {tuple(want[name].shape)}"
+                             f"{' (a learned position table has no rows for the new positions)' if name == 'wpe.weight' else ''}")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UsageError(f"{source} does not match model_{ckpt['model_name']}.py: {one_line(e)}") from None
+    return model, ckpt["tokenizer"], opts["tokenizer"]
 
 
 def checkpoint_to_resume(path, opts, overrides):
@@ -275,10 +322,13 @@ def train(opts, overrides, module):
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
     torch.manual_seed(opts["seed"])  # the same initial weights on every rank
-    data = load_data(opts)
+    init = initial_weights(opts, overrides) if opts["init_from"] else None
+    data = load_data({**opts, "tokenizer": init[2]} if init else opts)
     if ckpt is not None and ckpt["tokenizer"] != data.tokenizer_spec:
         raise UsageError(f"{last_path} was trained with another tokenizer than dataset {opts['dataset']} has")
-    model = model_from_checkpoint(ckpt)[0] if ckpt is not None else new_model(module, overrides, data)
+    if init is not None and init[1] != data.tokenizer_spec:
+        raise UsageError(f"{opts['init_from']} has another tokenizer than dataset {opts['dataset']} gets (--tokenizer as it was trained)")
+    model = model_from_checkpoint(ckpt)[0] if ckpt is not None else init[0] if init else new_model(module, overrides, data)
     cfg = model.config
     data.check(cfg.block_size)
     raw_model = model.to(device)

@@ -9,6 +9,7 @@ figures depend on the machine, so they are reported as ratios between things run
     python -m lab.bench attention                # FlashAttention: GPU TFLOP/s; CPU memory against length
     python -m lab.bench hybrid                   # cache memory: Transformer vs Jamba-style hybrid vs Mamba
     python -m lab.bench moe                      # grouped experts vs the loop vs a dense feed-forward
+    python -m lab.bench reference                # GPT-2 124M decoding: KV cache vs transformers' generate
 
 On a CUDA machine `scan` uses GPU sizes and the Triton kernel.
 Sections with a target print PASS/FAIL lines.
@@ -26,6 +27,7 @@ import model_mamba  # noqa: E402
 import model_moe  # noqa: E402
 import model_transformer  # noqa: E402
 from lab.bench_attention import attention  # noqa: E402
+from lab.bench_reference import bench_reference  # noqa: E402
 from lab.bench_scan import bench_scan  # noqa: E402
 from lab.measure import decode_step, timed_rounds, train_step  # noqa: E402
 
@@ -160,7 +162,7 @@ def bench_moe(args):
 
 
 SECTIONS = {"attention": attention, "train": bench_train, "generate": bench_generate, "scan": bench_scan,
-            "decode": bench_decode, "hybrid": bench_hybrid, "moe": bench_moe}
+            "decode": bench_decode, "hybrid": bench_hybrid, "moe": bench_moe, "reference": bench_reference}
 
 if __name__ == "__main__":
     if "-h" in sys.argv or "--help" in sys.argv:
