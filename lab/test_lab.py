@@ -126,7 +126,8 @@ def test_experiment_architectures_quick(tmp_path):
                 "+ ... + GQA 4:2 + PyTorch's init, untied head (this repository's default)"]),
     ("ladder_alone", ["GPT-2 style (learned, LayerNorm, GELU, MHA)", "+ SwiGLU only", "+ MQA 4:1 only"]),
     ("positions", ["learned (GPT-2)", "RoPE", "RoPE + position interpolation (PI)", "RoPE + NTK-aware scaling",
-                   "RoPE + YaRN (NTK-by-parts, temperature)", "ALiBi"]),
+                   "RoPE + YaRN (NTK-by-parts, temperature)", "ALiBi", "RoPE + PI, fine-tuned at 2T | - |",
+                   "RoPE + YaRN, fine-tuned at 2T | - |"]),
     ("norms", ["2 | 3e-3 | pre | 100 steps", "2 | 3e-3 | post | none", "LayerNorm", "RMSNorm", "64 x 128", "256 x 512"]),
     ("attention", ["MHA 4:4", "GQA 4:2", "MQA 4:1", "8:8 (MHA)", "8:2 (GQA)", "T | 4 | 256", "D | 4 | 256 | 64", "H | 1 |"]),
 ])
