@@ -62,6 +62,7 @@ class Config:
     # attention (A and S)
     n_head: int = 4
     n_kv_head: int = 2  # n_head: MHA, 1: MQA, between: GQA
+    attn_scale: str = "sqrt"  # the scores' scale: sqrt 1/sqrt(head_dim) | one 1 | dim 1/head_dim (muP)
     # Mamba (M)
     d_state: int = 16  # N, the size of each channel's hidden state
     d_conv: int = 4  # taps of the causal depthwise convolution
@@ -98,6 +99,7 @@ class Config:
         check(self.d_model % self.n_head == 0, f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         check(0 < self.dt_min <= self.dt_max, f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
         check(self.scan in ("auto", "chunked", "triton", "ref"), f"scan must be one of auto|chunked|triton|ref, got {self.scan!r}")
+        check(self.attn_scale in ("sqrt", "one", "dim"), f"attn_scale must be one of sqrt|one|dim, got {self.attn_scale!r}")
         check(self.top_k <= self.n_expert, f"top_k must be between 1 and n_expert ({self.n_expert}), got {self.top_k}")
         check(min(self.d_ff, self.d_expert, self.dt_rank) >= 0, "d_ff, d_expert and dt_rank must be >= 0 (0 for the default)")
         check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
@@ -160,6 +162,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_in, (H + 2 * G) * D, bias=cfg.bias)
         self.out_proj = nn.Linear(H * D, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        self.scale = {"sqrt": 1 / math.sqrt(D), "one": 1.0, "dim": 1 / D}[cfg.attn_scale]
 
     def forward(self, x, cache, layer):
         cfg = self.cfg
@@ -168,7 +171,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, H + 2 * G, D).transpose(1, 2).split([H, G, G], dim=1)  # (B, H|G|G, T, D)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, G, S, D)
-        y = kernels.attention(q, k, v, causal=True)  # (B, H, T, D)
+        y = kernels.attention(q, k, v, causal=True, scale=self.scale)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.drop(self.out_proj(y))
 

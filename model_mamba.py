@@ -8,7 +8,10 @@ N-dimensional hidden state (a state space model, discretised with step size dt):
 What makes it *selective* is that dt, B and C are computed from the input at every position,
 so the layer can decide what to write into its state and what to forget: a large dt resets
 the state towards the current input, a small one keeps the past. A is diagonal and negative
-(exp(dt A) is a decay), initialised to -(1, 2, ..., N) as in S4D-real.
+(exp(dt A) is a decay), initialised to -(1, 2, ..., N) as in S4D-real. selective="none" makes
+dt, B and C learned constants instead (dt one per channel, B and C one per state entry, S4D's
+init B = 1, C ~ N(0, 1)): a linear time-invariant (LTI) layer, S4D in the same block, which is
+the ablation of the paper's Table 1; "dt" keeps only dt selective, "bc" only B and C.
 
 The Mamba block around the scan: in_proj widens d_model to two streams of d_inner =
 expand * d_model; one goes through a short causal depthwise convolution (d_conv taps) and a
@@ -61,6 +64,7 @@ class Config:
     tie_embeddings: bool = False  # True: the head reuses the embedding, as the official model does (init_weights)
     norm_eps: float = 1e-5
     scan: str = "auto"  # auto (Triton on CUDA, chunked elsewhere) | chunked | triton | ref | loop (selective_scan_loop)
+    selective: str = "all"  # what depends on the input: all (dt, B, C: Mamba) | dt | bc | none (an LTI layer, S4D)
 
     def __post_init__(self):  # one line per rule: an impossible value fails here, before any weight is made
         for name in ("vocab_size", "block_size", "d_model", "n_layer", "d_state", "d_conv", "expand", "dt_init_floor", "norm_eps"):
@@ -69,6 +73,7 @@ class Config:
         check(0 < self.dt_min <= self.dt_max, f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
         check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         check(self.scan in ("auto", "chunked", "triton", "ref", "loop"), f"scan must be one of auto|chunked|triton|ref|loop, got {self.scan!r}")
+        check(self.selective in ("all", "dt", "bc", "none"), f"selective must be one of all|dt|bc|none, got {self.selective!r}")
         self.d_inner = self.expand * self.d_model
         self.dt_rank = self.dt_rank or math.ceil(self.d_model / 16)
 
@@ -105,7 +110,7 @@ def selective_scan_loop(x, dt, A, Bm, Cm, D, z, dt_bias, h=None):
         x   x (B, I, T)     the input of each of the I channels      h  h (B, I, N)  the state
         Δ   softplus(dt + dt_bias) (B, I, T): a step size per channel and position, > 0
         A   A (I, N)        diagonal and negative, the same at every position
-        B   Bm (B, N, T)    C  Cm (B, N, T): computed from the input, shared by the I channels
+        B   Bm (B, N, T)    C  Cm (B, N, T): from the input (constants, selective="none"), shared by the I channels
         D   D (I,)          a skip connection from x straight to y
         y   the output (B, I, T), gated by SiLU(z) as in the Mamba block
     A is discretised exactly (zero-order hold, exp(Δ A)), B with Euler's step Δ B, as in Mamba.
@@ -134,8 +139,15 @@ class MambaLayer(nn.Module):
         I, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
         self.in_proj = nn.Linear(cfg.d_model, 2 * I, bias=cfg.bias)
         self.conv1d = nn.Conv1d(I, I, cfg.d_conv, groups=I, bias=cfg.conv_bias)  # depthwise; padded by hand
-        self.x_proj = nn.Linear(I, R + 2 * N, bias=False)  # dt (low rank), B and C from the input
-        self.dt_proj = nn.Linear(R, I, bias=True)
+        self.dt_selective, self.bc_selective = cfg.selective in ("all", "dt"), cfg.selective in ("all", "bc")
+        if cfg.selective != "none":  # dt (low rank), B and C from the input, those that are selective
+            self.x_proj = nn.Linear(I, R * self.dt_selective + 2 * N * self.bc_selective, bias=False)
+        if self.dt_selective:
+            self.dt_proj = nn.Linear(R, I, bias=True)
+        else:  # dt = softplus(dt_bias): one learned step size per channel, the same at every position
+            self.dt_bias = nn.Parameter(torch.empty(I))
+        if not self.bc_selective:  # one learned B and C per state entry, the same at every position
+            self.B_lti, self.C_lti = nn.Parameter(torch.empty(N)), nn.Parameter(torch.empty(N))
         self.A_log = nn.Parameter(torch.empty(I, N))
         self.D = nn.Parameter(torch.empty(I))
         self.A_log._no_weight_decay = True  # decay would pull A towards -1 and D towards 0
@@ -150,20 +162,45 @@ class MambaLayer(nn.Module):
         after its generic pass, which zeroes every Linear bias, dt_proj's included."""
         cfg = self.cfg
         I, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
-        nn.init.uniform_(self.dt_proj.weight, -R ** -0.5, R ** -0.5)
+        if self.dt_selective:
+            nn.init.uniform_(self.dt_proj.weight, -R ** -0.5, R ** -0.5)
         # dt = softplus(dt_proj(...) + bias) starts log-uniform in [dt_min, dt_max]: the bias
         # is the inverse softplus of such a dt, log(exp(dt) - 1) = dt + log(1 - exp(-dt))
         dt = torch.exp(torch.rand(I) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
         dt = dt.clamp(min=cfg.dt_init_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.delta_bias().copy_(dt + torch.log(-torch.expm1(-dt)))
+        if not self.bc_selective:  # S4D's init (Gu et al. 2022): B = 1, C ~ N(0, 1)
+            self.B_lti.fill_(1.0)
+            nn.init.normal_(self.C_lti)
         # S4D-real: A = -(1, 2, ..., N) in every channel, stored as log(-A) so that A stays negative
         self.A_log.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(I, 1))  # (I, N)
         self.D.fill_(1.0)
 
+    def delta_bias(self):
+        return self.dt_proj.bias if self.dt_selective else self.dt_bias  # (I,)
+
+    def ssm_inputs(self, x):
+        """x (B, I, T) -> dt (B, I, T) before its bias, B and C (B, N, T) each: computed from x where the
+        layer is selective, the learned constants repeated at every position where it is not."""
+        cfg = self.cfg
+        Bsz, I, T = x.shape
+        R, N = cfg.dt_rank, cfg.d_state
+        sizes = [R] * self.dt_selective + [N, N] * self.bc_selective
+        parts = list(self.x_proj(x.transpose(1, 2)).split(sizes, dim=-1)) if sizes else []  # (B, T, R), (B, T, N) x2
+        if self.dt_selective:
+            dt = (parts.pop(0) @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, I, T); the bias goes in the scan
+        else:
+            dt = x.new_zeros(Bsz, I, T)  # (B, I, T): softplus(0 + dt_bias), the same at every position
+        if self.bc_selective:
+            Bm, Cm = (p.transpose(1, 2) for p in parts)  # (B, N, T) each
+        else:
+            Bm, Cm = (p.to(x.dtype)[None, :, None].expand(Bsz, N, T) for p in (self.B_lti, self.C_lti))  # (B, N, T) each
+        return dt, Bm, Cm
+
     def forward(self, x, cache, layer):
         cfg = self.cfg
         B, T, C = x.shape
-        R, N, W = cfg.dt_rank, cfg.d_state, cfg.d_conv
+        W = cfg.d_conv
         x, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, I, T) each
         # causal convolution: the W - 1 inputs before this chunk are zeros or come from the cache
         past = F.pad(x, (W - 1, 0))[..., :W - 1] if cache is None else cache.conv[layer]  # (B, I, W-1)
@@ -171,23 +208,22 @@ class MambaLayer(nn.Module):
         if cache is not None:
             cache.conv[layer] = x_full[..., x_full.size(-1) - (W - 1):]  # the last W-1 inputs (none if W = 1)
         x = F.silu(self.conv1d(x_full))  # (B, I, T)
-        dt, Bm, Cm = self.x_proj(x.transpose(1, 2)).split([R, N, N], dim=-1)  # (B, T, R), (B, T, N) x2
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, I, T); the bias goes in the scan
-        Bm, Cm = Bm.transpose(1, 2), Cm.transpose(1, 2)  # (B, N, T)
+        dt, Bm, Cm = self.ssm_inputs(x)  # (B, I, T), (B, N, T) x2
         A = -torch.exp(self.A_log.float())  # (I, N)
+        dt_bias = self.delta_bias()  # (I,)
         if cache is not None and T == 1:  # decoding: one step of the recurrence
             y, cache.ssm[layer] = kernels.selective_state_update(
                 cache.ssm[layer], x[..., 0], dt[..., 0], A, Bm[..., 0], Cm[..., 0], self.D.float(), z[..., 0],
-                dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+                dt_bias=dt_bias.float(), dt_softplus=True)
             y = y[..., None]  # (B, I, 1)
         elif cfg.scan == "loop":
-            y, last = selective_scan_loop(x, dt, A, Bm, Cm, self.D.float(), z, self.dt_proj.bias,
+            y, last = selective_scan_loop(x, dt, A, Bm, Cm, self.D.float(), z, dt_bias,
                                           None if cache is None else cache.ssm[layer])  # (B, I, T), (B, I, N)
             if cache is not None:
                 cache.ssm[layer] = last
         else:
             impl = None if cfg.scan == "auto" else cfg.scan
-            y = kernels.selective_scan(x, dt, A, Bm, Cm, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
+            y = kernels.selective_scan(x, dt, A, Bm, Cm, self.D.float(), z, delta_bias=dt_bias.float(),
                                        delta_softplus=True, initial_state=None if cache is None else cache.ssm[layer],
                                        return_last_state=cache is not None, impl=impl)  # (B, I, T)
             if cache is not None:
@@ -307,7 +343,7 @@ class Model(nn.Module):
     def summary(self):
         cfg = self.config
         return (f"{cfg.n_layer} Mamba layers, d_inner {cfg.d_inner}, state {cfg.d_state}, conv {cfg.d_conv}, "
-                f"dt rank {cfg.dt_rank}, {cfg.scan} scan")
+                f"dt rank {cfg.dt_rank}, {cfg.scan} scan, selective: {cfg.selective}")
 
     def stats(self):
         return {}

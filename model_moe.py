@@ -69,9 +69,10 @@ class Config:
     tie_embeddings: bool = False  # True: the output head reuses the token embedding matrix (GPT-2)
     init: str = "fan_in"  # fan_in: PyTorch's defaults, 1/sqrt(fan_in) | gpt2: N(0, 0.02); see Model.init_weights
     rope_theta: float = 10000.0
-    rope_scaling: str = "none"  # none | pi | ntk: stretch RoPE to rope_factor x the trained length
+    rope_scaling: str = "none"  # none | pi | ntk | yarn: stretch RoPE to rope_factor x the trained length
     rope_factor: float = 1.0  # evaluation length / trained length (1: the angles as trained)
     flash: bool = True  # kernels.attention; False runs the explicit formula
+    attn_scale: str = "sqrt"  # the scores' scale: sqrt 1/sqrt(head_dim) | one 1 | dim 1/head_dim (muP)
     norm_eps: float = 1e-5
     # mixture of experts
     n_expert: int = 8  # routed experts per MoE layer
@@ -92,7 +93,8 @@ class Config:
         for name in ("vocab_size", "block_size", "d_model", "n_layer", "n_head", "n_kv_head", "rope_theta", "norm_eps", "rope_factor"):
             check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         for name, allowed in dict(pos="rope|alibi|learned|sinusoidal|none", ffn="swiglu|gelu|gelu_tanh|relu",
-                                  norm="rmsnorm|layernorm", rope_scaling="none|pi|ntk", init="fan_in|gpt2").items():
+                                  norm="rmsnorm|layernorm", rope_scaling="none|pi|ntk|yarn", init="fan_in|gpt2",
+                                  attn_scale="sqrt|one|dim").items():
             check(getattr(self, name) in allowed.split("|"), f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         check(self.n_head % self.n_kv_head == 0, f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         check(self.d_model % self.n_head == 0, f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
@@ -154,6 +156,21 @@ def alibi_slopes(n_head):
     return torch.tensor(slopes)  # (H,)
 
 
+def rope_frequencies(cfg):
+    """The rotation speed of each pair of a head's dims, theta^(-2i/D) (D/2,), stretched for rope_factor x
+    the trained length, which is block_size / rope_factor (see Config)."""
+    D, theta, s = cfg.head_dim, cfg.rope_theta, cfg.rope_factor
+    if cfg.rope_scaling == "ntk":  # a larger base: the slowest pair turns rope_factor x slower, the fastest as trained
+        theta = theta * s ** (D / (D - 2))
+    inv_freq = theta ** (-torch.arange(0, D, 2, dtype=torch.float32) / D)  # (D/2,)
+    if cfg.rope_scaling == "yarn":  # NTK-by-parts: turns of each pair within the trained length decide
+        turns = cfg.block_size / s * inv_freq / (2 * math.pi)  # (D/2,) the paper's r = L / wavelength
+        alpha, beta = 1.0, 32.0  # Peng et al.'s bounds for LLaMA: under 1 turn interpolate, over 32 keep
+        keep = ((turns - alpha) / (beta - alpha)).clamp(0, 1)  # (D/2,) the ramp gamma(r)
+        inv_freq = (1 - keep) * inv_freq / s + keep * inv_freq
+    return inv_freq
+
+
 def apply_rope(x, cos, sin):
     """Rotate each pair (x_i, x_{i+D/2}) by the angle of its position and frequency."""
     x1, x2 = x.float().chunk(2, dim=-1)  # (B, T, H, D/2) each; cos and sin are (T, 1, D/2)
@@ -190,6 +207,7 @@ class Attention(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         if cfg.pos == "alibi":
             self.register_buffer("alibi", alibi_slopes(H), persistent=False)
+        self.scale = {"sqrt": 1 / math.sqrt(D), "one": 1.0, "dim": 1 / D}[cfg.attn_scale]
 
     def forward(self, x, rope, cache, layer):
         cfg = self.cfg
@@ -205,19 +223,18 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)  # (B, G, S, D)
         alibi = self.alibi if cfg.pos == "alibi" else None
         if cfg.flash:
-            y = kernels.attention(q, k, v, causal=True, alibi_slopes=alibi)  # (B, H, T, D)
+            y = kernels.attention(q, k, v, causal=True, alibi_slopes=alibi, scale=self.scale)  # (B, H, T, D)
         else:
             y = self.explicit(q, k, v, alibi)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.drop(self.out_proj(y))
 
     def explicit(self, q, k, v, alibi):
-        """softmax(q k^T / sqrt(D) + bias, masked to the past) v, exactly as written in the paper."""
-        H, T, D = q.size(1), q.size(2), q.size(3)
-        S = k.size(2)
+        """softmax(q k^T * scale + bias, masked to the past) v, exactly as written in the paper (scale 1/sqrt(D))."""
+        H, T, S = q.size(1), q.size(2), k.size(2)
         k = k.repeat_interleave(H // k.size(1), dim=1)  # (B, H, S, D): each K/V head serves H/G query heads
         v = v.repeat_interleave(H // v.size(1), dim=1)  # (B, H, S, D)
-        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(D)  # (B, H, T, S)
+        scores = (q @ k.transpose(-2, -1)).float() * self.scale  # (B, H, T, S)
         i = torch.arange(S - T, S, device=q.device)[:, None]  # query positions (T, 1): the last T of S
         j = torch.arange(S, device=q.device)[None, :]  # key positions (1, S)
         if alibi is not None:
@@ -438,11 +455,7 @@ class Model(nn.Module):
             emb_std = 0.02 if cfg.init == "gpt2" else 1.0  # init_weights: N(0, 0.02) or N(0, 1)
             self.register_buffer("sinusoids", sinusoids(cfg.block_size, cfg.d_model) * emb_std * math.sqrt(2), persistent=False)
         if cfg.pos == "rope":
-            D, theta = cfg.head_dim, cfg.rope_theta
-            if cfg.rope_scaling == "ntk":  # a larger base: the slowest pair turns rope_factor x slower, the fastest as trained
-                theta = theta * cfg.rope_factor ** (D / (D - 2))
-            inv_freq = theta ** (-torch.arange(0, D, 2, dtype=torch.float32) / D)
-            self.register_buffer("inv_freq", inv_freq, persistent=False)  # (D/2,)
+            self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)  # (D/2,)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         # post-norm already ends every block with a norm; pre-norm needs one before the head
@@ -515,10 +528,13 @@ class Model(nn.Module):
 
     def rope(self, pos):
         """(cos, sin) of the rotation angles at positions pos (T,), each (T, 1, D/2). Position
-        interpolation squeezes rope_factor x more positions into the trained range of angles."""
-        pos = pos.float() / self.config.rope_factor if self.config.rope_scaling == "pi" else pos.float()
+        interpolation squeezes rope_factor x more positions into the trained range of angles. YaRN's
+        temperature multiplies q and k by 0.1 ln(s) + 1 (the paper's sqrt(1/t)), so the scores by its square."""
+        cfg = self.config
+        pos = pos.float() / cfg.rope_factor if cfg.rope_scaling == "pi" else pos.float()
         angle = (pos[:, None] * self.inv_freq)[:, None, :]  # (T, 1, D/2)
-        return angle.cos(), angle.sin()
+        m = 0.1 * math.log(cfg.rope_factor) + 1 if cfg.rope_scaling == "yarn" and cfg.rope_factor > 1 else 1.0
+        return angle.cos() * m, angle.sin() * m
 
     # ------------------------------------------------------------------------- generation
 

@@ -113,7 +113,8 @@ MOE_VARIANTS = [  # router, paths, shared and fine-grained experts, dense layers
     dict(n_expert=16, top_k=4, d_expert=32, n_shared=1, moe_every=2, moe_offset=1),
     dict(ffn="gelu", norm_topk=False, n_kv_head=1, pos="alibi"),
 ]
-MAMBA_VARIANTS = [dict(), dict(d_conv=1), dict(scan="loop")]  # a one-tap conv (no conv state), the scan as a loop
+MAMBA_VARIANTS = [dict(), dict(d_conv=1), dict(scan="loop"),  # a one-tap conv (no conv state), the scan as a loop
+                  dict(selective="none"), dict(selective="dt", scan="loop"), dict(selective="bc")]  # LTI, half selective
 HYBRID_VARIANTS = [  # both mixers, both feed-forwards, MoE after either mixer, bare layers, the shared block
     dict(),  # "Md Me Ad Me"
     dict(layers="Ae Md M Ad", n_kv_head=1, inner_norm=False, scan="ref"),
@@ -322,24 +323,45 @@ def assert_same_loss_and_grads(fast, slow):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", [dict(pos="alibi", n_kv_head=2), dict(pos="rope", n_kv_head=1)], ids=ID)
+@pytest.mark.parametrize("variant", [dict(pos="alibi", n_kv_head=2), dict(pos="rope", n_kv_head=1),
+                                     dict(pos="alibi", attn_scale="one"), dict(pos="rope", n_kv_head=1, attn_scale="dim")], ids=ID)
 def test_explicit_attention_equals_fast_path(variant):
     assert_same_loss_and_grads(tiny_transformer(**variant, flash=True), tiny_transformer(**variant, flash=False))
+
+
+@pytest.mark.parametrize("name, flash", [("transformer", True), ("transformer", False), ("moe", True), ("hybrid", True)])
+@pytest.mark.parametrize("attn_scale", ["sqrt", "one", "dim"])
+def test_attn_scale_reaches_the_softmax(name, flash, attn_scale):
+    """Scores q.k times the scale, against scores of q times the scale (its rows of qkv scaled) at attn_scale=one:
+    the same logits. Fails if the flag is ignored or the scale is not 1/sqrt(D), 1 or 1/D."""
+    kw = dict(layers="Ad Md") if name == "hybrid" else dict(flash=flash)
+    m, ref = tiny(name, attn_scale=attn_scale, **kw), tiny(name, attn_scale="one", **kw)
+    D, H = m.config.head_dim, m.config.n_head
+    scale = {"sqrt": 1 / math.sqrt(D), "one": 1.0, "dim": 1 / D}[attn_scale]
+    state = m.state_dict()
+    for k in state:
+        if k.endswith("qkv.weight"):
+            state[k] = torch.cat((state[k][:H * D] * scale, state[k][H * D:]))  # the query heads' rows come first
+    ref.load_state_dict(state)
+    idx = torch.randint(0, 61, (2, 30))
+    torch.testing.assert_close(m(idx)[0], ref(idx)[0], atol=1e-5, rtol=1e-5)
 
 
 CONFIG_ERRORS = [  # (model, impossible fields, the one-line message)
     ("transformer", dict(n_head=6, n_kv_head=4), "divisible by n_kv_head"), ("transformer", dict(d_model=50), "divisible by n_head"),
     ("transformer", dict(n_layer=0), "n_layer must be positive"), ("transformer", dict(pos="xpos"), "pos must be one of"),
     ("transformer", dict(d_model=36, n_kv_head=2), "even head dim"), ("transformer", dict(init="xavier"), "init must be one of"),
-    ("transformer", dict(rope_scaling="yarn"), "rope_scaling must be one of"), ("transformer", dict(rope_factor=0.0), "rope_factor"),
+    ("transformer", dict(rope_scaling="linear"), "rope_scaling must be one of"), ("transformer", dict(rope_factor=0.0), "rope_factor"),
     ("mamba", dict(n_layer=0), "n_layer must be positive"), ("mamba", dict(dt_min=0.2, dt_max=0.1), "dt_min <= dt_max"),
     ("mamba", dict(scan="fft"), "scan must be one of"), ("mamba", dict(dt_rank=-1), "dt_rank must be positive"),
+    ("mamba", dict(selective="b"), "selective must be one of"),
     ("moe", dict(top_k=9), "top_k must be between 1 and n_expert"), ("moe", dict(router="hash"), "router must be one of"),
     ("moe", dict(d_expert=20), "divisible by 8"), ("moe", dict(moe_every=2, moe_offset=2), "moe_offset < moe_every"),
     ("hybrid", dict(layers="Md Xq"), "'Xq' is not a layer"), ("hybrid", dict(layers="Sd"), "'Sd' is not a layer"),
     ("hybrid", dict(layers=" "), "no layers"), ("hybrid", dict(top_k=9), "top_k must be between"),
     ("hybrid", dict(n_head=6), "divisible"), ("hybrid", dict(scan="fast"), "scan must be one of"),
     ("hybrid", dict(dt_min=0.2, dt_max=0.1), "dt_min <= dt_max"),
+    ("transformer", dict(attn_scale="half"), "attn_scale must be one of"), ("hybrid", dict(attn_scale="1"), "attn_scale must be one of"),
 ]
 
 
@@ -406,6 +428,27 @@ def test_rope_scaling_none_is_plain_rope_and_pi_divides_positions():
         torch.testing.assert_close(same(idx)[0], plain(idx)[0], atol=0, rtol=0)
 
 
+def test_yarn_is_ntk_by_parts_with_a_temperature():
+    """Peng et al.'s closed forms: a pair making r = L / wavelength turns within the trained length L keeps its
+    frequency when r > 32, is divided by the factor s when r < 1 (as PI), and between takes the linear ramp
+    gamma = (r - 1) / 31 of the two; q and k are scaled by 0.1 ln(s) + 1. At factor 1: plain RoPE."""
+    D, s, L = 12, 4.0, 1024  # head dim 48 / 4; turns: 163, 35 (kept), 7.6, 1.6 (ramp), 0.35, 0.08 (divided by s)
+    plain, yarn = (tiny_transformer(block_size=int(s * L), rope_scaling=k, rope_factor=f) for k, f in (("none", 1.0), ("yarn", s)))
+    freq = 10000.0 ** (-torch.arange(0, D, 2).double() / D)
+    turns = L * freq / (2 * math.pi)
+    gamma = ((turns - 1) / 31).clamp(0, 1)
+    assert (turns > 32).sum() == 2 and (turns < 1).sum() == 2  # each regime present
+    torch.testing.assert_close(yarn.inv_freq[turns > 32], plain.inv_freq[turns > 32], atol=0, rtol=0)
+    torch.testing.assert_close(yarn.inv_freq[turns < 1].double(), freq[turns < 1] / s)
+    torch.testing.assert_close(yarn.inv_freq.double(), (1 - gamma) * freq / s + gamma * freq)
+    cos, sin = yarn.rope(torch.arange(100))
+    torch.testing.assert_close(cos ** 2 + sin ** 2, torch.full_like(cos, (0.1 * math.log(s) + 1) ** 2))  # 1.1386^2
+    torch.testing.assert_close(cos[0, 0], torch.full((D // 2,), 1.1386294))
+    same = tiny_transformer(block_size=int(s * L), rope_scaling="yarn", rope_factor=1.0)
+    idx = torch.randint(0, 61, (2, 40))
+    torch.testing.assert_close(same(idx)[0], plain(idx)[0])
+
+
 @pytest.mark.parametrize("module", [model_transformer, model_moe], ids=["transformer", "moe"])
 def test_rope_scaled_model_runs_at_4x_the_trained_length(module):
     torch.manual_seed(0)
@@ -413,7 +456,7 @@ def test_rope_scaled_model_runs_at_4x_the_trained_length(module):
     trained = module.Model(module.Config(**shape, block_size=16)).eval()
     idx = torch.randint(0, 61, (2, 64))
     first = trained(idx[:, :16])[0]
-    for scaling in ("none", "pi", "ntk"):
+    for scaling in ("none", "pi", "ntk", "yarn"):
         long = module.Model(module.Config(**shape, block_size=64, rope_scaling=scaling, rope_factor=4.0)).eval()
         long.load_state_dict(trained.state_dict())  # no new weights: scaling is applied at evaluation
         logits, loss = long(idx, idx)
@@ -944,6 +987,38 @@ def test_mamba_scan_paths_agree_in_the_model(scan):
     assert_same_loss_and_grads(tiny_mamba(scan=scan), tiny_mamba(scan="ref"))
 
 
+@pytest.mark.parametrize("selective", ["dt", "bc", "none"])
+@pytest.mark.parametrize("scan", ["chunked", "triton", "loop"])
+def test_mamba_scan_paths_agree_when_not_selective(scan, selective):
+    assert_same_loss_and_grads(tiny_mamba(scan=scan, selective=selective), tiny_mamba(scan="ref", selective=selective))
+
+
+@pytest.mark.parametrize("selective, dt_varies, bc_varies", [("all", True, True), ("dt", True, False),
+                                                             ("bc", False, True), ("none", False, False)])
+def test_mamba_selectivity_is_what_depends_on_the_input(selective, dt_varies, bc_varies, monkeypatch):
+    """The step size softplus(dt + bias) and B, C that reach the scan, for two different inputs: they vary with
+    the input (across batch and time) exactly where the layer is selective; elsewhere one learned constant each."""
+    seen = []
+    scan = kernels.selective_scan
+    monkeypatch.setattr(kernels, "selective_scan", lambda u, dt, A, Bm, Cm, *a, delta_bias, **kw: (
+        seen.append((F.softplus(dt + delta_bias[:, None]), Bm, Cm)), scan(u, dt, A, Bm, Cm, *a, delta_bias=delta_bias, **kw))[1])
+    m = tiny_mamba(selective=selective, n_layer=1)
+    m(torch.randint(0, 61, (3, 20)))
+    (delta, Bm, Cm), = seen  # (3, I, 20), (3, N, 20) x2
+    varies = lambda t: not torch.equal(t, t[:1, :, :1].expand_as(t))  # any entry other than batch 0, position 0's
+    assert (varies(delta), varies(Bm), varies(Cm)) == (dt_varies, bc_varies, bc_varies)
+    mx = m.blocks[0].mixer
+    if not dt_varies:  # the constants are the parameters: one step size per channel, one B and C per state entry
+        torch.testing.assert_close(delta[0, :, 0], F.softplus(mx.dt_bias), atol=0, rtol=0)
+    if not bc_varies:
+        assert torch.equal(Bm[0, :, 0], mx.B_lti) and torch.equal(Cm[0, :, 0], mx.C_lti)
+    I, N, R = m.config.d_inner, m.config.d_state, m.config.dt_rank  # x_proj and dt_proj shrink by what is constant
+    full = tiny_mamba(n_layer=1).num_params()
+    # constant dt: x_proj loses R outputs and dt_proj its matrix (its bias stays, as dt_bias); constant B, C: x_proj
+    # loses 2N outputs, B_lti and C_lti hold 2N
+    assert full - m.num_params() == 2 * I * R * (not dt_varies) + (2 * I * N - 2 * N) * (not bc_varies)
+
+
 def test_mamba_config():
     cfg = model_mamba.Config(d_model=40)
     assert cfg.dt_rank == 3 and cfg.d_inner == 80  # ceil(40 / 16), expand * d_model
@@ -1146,6 +1221,8 @@ def test_moe_copies_the_new_transformer_features():
     assert src(model_moe.MLP) == src(model_transformer.MLP)
     assert src(model_moe.check) == src(model_mamba.check) == src(model_transformer.check)
     assert src(model_moe.Model.rope) == src(model_transformer.Model.rope)
+    assert src(model_moe.rope_frequencies) == src(model_transformer.rope_frequencies)
+    assert src(model_moe.Attention) == src(model_transformer.Attention)
 
 
 # ----------------------------------------------------------------------------- hybrid and Zamba

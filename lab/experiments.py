@@ -7,8 +7,11 @@ Experiments: each idea of the course switched on with a flag and measured, one c
     python -m lab.experiments ladder --seeds=3 --out=results
 
 Every experiment trains through train.py itself (one process per run, OMP_NUM_THREADS=1, --jobs
-runs at once), reads the runs' metrics.jsonl, and writes OUT/NAME.md (the tables, the exact
-commands, the machine, the wall time) and OUT/NAME.svg (a picture), and prints the tables.
+runs at once) and reads the runs' metrics.jsonl, or, where it looks inside a model while it trains or
+times models side by side (attn_scale, inspect, context_cost), trains and measures in this process. It
+writes OUT/NAME.md (the tables, the exact commands, the machine, the wall time) and OUT/NAME.svg (a
+picture), and prints the tables. The claim experiments (selectivity, balance, attn_scale, context_cost,
+inspect) are meant for --seeds=3 and print each claim's verdict computed from their own table.
 A run whose directory already holds a finished run with the same arguments is read, not redone:
 an interrupted experiment picks up where it stopped. Runs live in OUT/runs/NAME/ (not committed;
 ladder_alone reads and writes OUT/runs/ladder/, mqar OUT/runs/recall/: they share runs).
@@ -17,6 +20,7 @@ import sys
 
 from cli import UsageError, die, read_args, typed
 from lab import architectures, attention, ladder, moe, norms, positions, recall, scaling
+from lab import attn_scale, balance, context_cost, inspection, selectivity
 from lab.runner import DEFAULT_SEEDS, Lab
 
 # name: (function, run folder, first seed). The first line of the function's docstring is its --help line.
@@ -35,6 +39,11 @@ EXPERIMENTS = {
     "positions": (positions.positions, "positions", 0),
     "norms": (norms.norms, "norms", 0),
     "attention": (attention.attention, "attention", 0),
+    "selectivity": (selectivity.selectivity, "selectivity", 0),
+    "balance": (balance.balance, "balance", 0),
+    "inspect": (inspection.inspect_models, "inspect", 0),
+    "attn_scale": (attn_scale.attn_scale, "attn_scale", 0),
+    "context_cost": (context_cost.context_cost, "context_cost", 0),
 }
 
 OPTIONS = {

@@ -1,6 +1,6 @@
 """
 Position schemes trained at context T and evaluated at 1x, 2x and 4x T; RoPE stretched by position
-interpolation and NTK-aware scaling.
+interpolation, NTK-aware scaling and YaRN.
 """
 import sys
 
@@ -39,23 +39,38 @@ def position_losses(ckpt_path, factor, scaling, windows):
     return total / x.size(0)
 
 
+def fine_tuned(lab, rope_runs, length):
+    """{scaling: [Run per seed]}: each RoPE run continued at `length` (twice its own) with PI and with YaRN."""
+    steps = 4 if lab.quick else 200
+    args = ["--dataset=pydoc" if lab.quick else "--dataset=shakespeare_char", f"--block_size={length}", "--rope_factor=2.0",
+            f"--max_iters={steps}", f"--eval_interval={steps}", f"--log_interval={steps}", "--eval_iters=1" if lab.quick else "--eval_iters=20",
+            "--batch_size=4" if lab.quick else "--batch_size=6", "--lr=1e-4", "--min_lr=1e-5", f"--warmup_iters={steps // 10}"]
+    jobs = [(f"rope-{scaling}-ft-{r.dir.name.rsplit('-', 1)[1]}", [*args, f"--rope_scaling={scaling}",
+                                                                  f"--init_from={r.dir / 'ckpt_last.pt'}"])
+            for scaling in ("pi", "yarn") for r in rope_runs if r.ok]
+    done = lab.train(jobs)
+    return {scaling: [run for name, run in done.items() if name.startswith(f"rope-{scaling}-")] for scaling in ("pi", "yarn")}
+
+
 def positions(lab):
-    """position schemes trained at context T, evaluated at 1x, 2x, 4x T (loss beyond T apart); RoPE PI/NTK"""
+    """position schemes trained at context T, evaluated at 1x, 2x, 4x T (loss beyond T apart); RoPE PI/NTK/YaRN"""
     schemes = [("learned", "learned (GPT-2)"), ("sinusoidal", "sinusoidal (Vaswani et al.)"), ("rope", "RoPE"),
                ("alibi", "ALiBi"), ("none", "none (NoPE)")]
     if lab.quick:
         schemes = [s for s in schemes if s[0] in ("learned", "rope", "alibi")]
     train_args = SHAKESPEARE + ["--max_iters=1200", "--eval_interval=400", "--n_kv_head=4"]
     runs = seeded(lab, [(key, train_args + [f"--pos={key}"]) for key, _ in schemes])
-    val = data.TextData("pydoc" if lab.quick else "shakespeare_char", lab.data_dir).val
     T = model_of(train_args, lab.quick).config.block_size
+    tuned = fine_tuned(lab, runs["rope"], 2 * T)
+    val = data.TextData("pydoc" if lab.quick else "shakespeare_char", lab.data_dir).val
     n_windows = 16 if lab.quick else 128
     gen = torch.Generator().manual_seed(0)  # the same windows for every model
     start = torch.randint(len(val) - 4 * T - 1, (n_windows,), generator=gen)
     windows = val[start[:, None] + torch.arange(4 * T + 1)]  # (N, 4T+1)
     rows_def = [(key, label, "none") for key, label in schemes]
     at = next(i for i, (key, _, _) in enumerate(rows_def) if key == "rope") + 1  # PI and NTK right after RoPE
-    rows_def[at:at] = [("rope", "RoPE + position interpolation (PI)", "pi"), ("rope", "RoPE + NTK-aware scaling", "ntk")]
+    rows_def[at:at] = [("rope", "RoPE + position interpolation (PI)", "pi"), ("rope", "RoPE + NTK-aware scaling", "ntk"),
+                       ("rope", "RoPE + YaRN (NTK-by-parts, temperature)", "yarn")]
     rows, curves = [], {}
     for key, label, scaling in rows_def:
         per_factor = {}
@@ -78,6 +93,11 @@ def positions(lab):
             bucket = max(1, T // 8)
             mean = longest.mean(0)
             curves[label] = [(i + bucket / 2, mean[i:i + bucket].mean().item()) for i in range(0, mean.numel(), bucket)]
+    for scaling, label in (("pi", "RoPE + PI, fine-tuned at 2T"), ("yarn", "RoPE + YaRN, fine-tuned at 2T")):
+        got = [position_losses(r.dir / "ckpt_last.pt", 1, "none", windows) for r in tuned[scaling] if r.ok]  # its own 2T
+        p = torch.stack(got) if got else None  # (seeds, 2T)
+        rows.append([label + failed(tuned[scaling]), "-", *([mean_spread(p[:, :T].mean(1).tolist()),
+                                                             mean_spread(p[:, T:].mean(1).tolist())] if p is not None else ["n/a", "n/a"]), "-", "-"])
     header = ["positions", f"1x: 0..{T - 1}", f"2x: 0..{T - 1}", f"2x: {T}..{2 * T - 1}", f"4x: 0..{T - 1}",
               f"4x: {T}..{4 * T - 1}"]
     body = quick_note(lab) + f"""
@@ -86,20 +106,22 @@ ALiBi) report that sinusoidal and rotary positions degrade quickly beyond the tr
 extrapolates; learned absolute positions (GPT-2) have no embedding past T at all. Models without positional
 information (NoPE) still learn order from the causal mask (Haviv et al. 2022; Kazemnejad et al. 2023, who also
 report better length generalisation than the explicit schemes). For RoPE, position interpolation (Chen et al.
-2023) and NTK-aware base scaling (bloc97 2023; YaRN, Peng et al. 2023) stretch the rotation angles at
-evaluation time without retraining; Chen et al. fine-tune after interpolating, which is not done here.
+2023), NTK-aware base scaling (bloc97 2023) and YaRN (Peng et al. 2023: NTK-by-parts, with a softmax
+temperature) stretch the rotation angles at evaluation time without retraining; Chen et al. and Peng et al.
+fine-tune after stretching: the two "fine-tuned at 2T" rows continue each RoPE checkpoint at 2T with PI or YaRN
+(`train.py --init_from`, a short run at the trained learning rate's tenth) and are evaluated at their own 2T.
 
 Each scheme trained on tiny Shakespeare (characters; config/shakespeare_char.py with MHA and the flag in the
 row), {len(runs['rope'])} seed(s). The trained checkpoint (last step) is then evaluated in this process at 1x, 2x
 and 4x T on the same {n_windows} validation windows: mean loss on the first T positions and, separately, on the
-positions beyond T (so they are not diluted by the first T). PI and NTK rows reuse the RoPE checkpoints, with
+positions beyond T (so they are not diluted by the first T). PI, NTK and YaRN rows reuse the RoPE checkpoints, with
 the angles rescaled by the evaluation factor (1x is plain RoPE). Mean ± half the range over seeds.
 
 {table(header, rows)}
 
 What this shows: the loss per position range of each scheme at and beyond the trained length, on one small
 character-level model. What it does not show: long-context ability (a character model needs little far context),
-or PI/NTK after the short fine-tuning their papers use.
+or PI/YaRN after the fine-tuning budgets of their papers (this one is far shorter).
 
 <!-- lead: interpretation -->
 """

@@ -7,7 +7,7 @@ import numpy as np
 
 from lab.charts import svg_lines
 from lab.measure import table
-from lab.runner import config_args, params_of, vocab_of
+from lab.runner import config_args, model_module, params_of, vocab_of
 
 
 def fit_parabola(xs, ys):
@@ -19,6 +19,22 @@ def fit_power_law(xs, ys):
     """Least squares on logs: y = k x^a -> (a, k)."""
     a, logk = np.polyfit(np.log(xs), np.log(ys), 1)
     return float(a), float(math.exp(logk))
+
+
+def non_embedding_params(d_model, n_layer, vocab, block_size):
+    """Kaplan et al.'s (2020) N: the parameters without the vocabulary and position matrices (embedding, head)."""
+    module = model_module("transformer")
+    m = module.Model(module.Config(d_model=d_model, n_layer=n_layer, n_head=4, vocab_size=vocab, block_size=block_size))
+    return sum(p.numel() for name, p in m.named_parameters() if not name.startswith(("wte.", "wpe.", "lm_head.")))
+
+
+def kaplan_refit(optima, sizes, info, vocab, block_size):
+    """The same optima counted Kaplan's way: N without embeddings (interpolated in log N between the grid's sizes)
+    and C = 6 N D, no attention FLOPs. -> (exponent of N_opt in C, [(C, N)]) or (nan, [...]) with < 2 optima."""
+    logs = np.log([info[s][0] for s in sizes]), np.log([non_embedding_params(*s, vocab, block_size) for s in sizes])
+    points = [(6 * n_k * d, n_k) for _, n, d, _ in optima if n == n and n > 0
+              for n_k in [math.exp(np.interp(math.log(n), *logs))]]
+    return (fit_power_law(*zip(*points))[0] if len(points) >= 2 else float("nan")), points
 
 
 def scaling(lab):
@@ -68,6 +84,12 @@ def scaling(lab):
         a_n, _ = fit_power_law([c for c, _, _ in ok], [n for _, n, _ in ok])
         a_d, _ = fit_power_law([c for c, _, _ in ok], [d for _, _, d in ok])
         law = f"N_opt ∝ C^{a_n:.2f} and D_opt ∝ C^{a_d:.2f} (least squares on logs over {len(ok)} budgets)"
+        a_k, kaplan = kaplan_refit(optima, sizes, info, vocab, run["block_size"])
+        law += (f". Counted Kaplan et al.'s way (2020: N without the embedding and the head, C = 6 N D without the "
+                f"attention-score FLOPs; the same runs and optima): N_opt ∝ C^{a_k:.2f}, at "
+                + ", ".join(f"C = {c:.2g}, N = {n:,.0f}" for c, n in kaplan)
+                + f"; the counting moves the exponent by {a_k - a_n:+.2f} (Kaplan et al. report 0.73; Pearce & Song "
+                f"(2024) trace much of its difference from Hoffmann et al.'s 0.50 to this counting at small scale)")
     else:
         law = "too few optima for a power law"
     body = (f"Transformers of {len(sizes)} sizes (d_model x n_layer: {', '.join(f'{d}x{n}' for d, n in sizes)}), "

@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU in tests; set before kernels import
 
+import math
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import torch
 import data
 import kernels
 from lab import bench_attention, bench_scan, scaling
+from lab.verdicts import VERDICTS
 
 # The lab's tests: the experiments' fits, command line and quick pages; the benchmarks' baseline and failure
 # handling; gpu_check.sh's preflight. Every subprocess runs this interpreter (sys.executable); every
@@ -123,7 +125,9 @@ def test_experiment_architectures_quick(tmp_path):
     ("ladder", ["GPT-2 style (learned, LayerNorm, GELU, MHA)", "+ RoPE", "+ ... + GQA 4:2 |",
                 "+ ... + GQA 4:2 + PyTorch's init, untied head (this repository's default)"]),
     ("ladder_alone", ["GPT-2 style (learned, LayerNorm, GELU, MHA)", "+ SwiGLU only", "+ MQA 4:1 only"]),
-    ("positions", ["learned (GPT-2)", "RoPE", "RoPE + position interpolation (PI)", "RoPE + NTK-aware scaling", "ALiBi"]),
+    ("positions", ["learned (GPT-2)", "RoPE", "RoPE + position interpolation (PI)", "RoPE + NTK-aware scaling",
+                   "RoPE + YaRN (NTK-by-parts, temperature)", "ALiBi", "RoPE + PI, fine-tuned at 2T | - |",
+                   "RoPE + YaRN, fine-tuned at 2T | - |"]),
     ("norms", ["2 | 3e-3 | pre | 100 steps", "2 | 3e-3 | post | none", "LayerNorm", "RMSNorm", "64 x 128", "256 x 512"]),
     ("attention", ["MHA 4:4", "GQA 4:2", "MQA 4:1", "8:8 (MHA)", "8:2 (GQA)", "T | 4 | 256", "D | 4 | 256 | 64", "H | 1 |"]),
 ])
@@ -193,3 +197,94 @@ def test_triton_gpu_check_preflight_stops_with_a_clear_message(tmp_path):
         env["PYTHONPATH"] = ""
         r = subprocess.run(["bash", str(REPO / "lab" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 3 and "preflight FAILED: torch sees no CUDA device" in r.stdout
+
+
+# ----------------------------------------------------------------------------- the claim experiments
+# the verdict rule, the maps the inspection draws, and each experiment's quick page
+
+def test_verdicts_follow_the_noise_rule():
+    from lab.verdicts import fmt, verdict, within_noise
+    a, b = [1.0, 1.1, 0.9], [2.0, 2.1, 1.9]  # sd 0.1 each: the difference 1.0 is ~12 standard errors
+    assert within_noise(a, b) is False and verdict(b, a, ">") == "confirmed" and verdict(b, a, "<") == "disagrees"
+    assert within_noise(a, [1.05, 1.15, 0.95]) and verdict(a, [1.05, 1.15, 0.95], ">") == "no measurable difference"
+    assert verdict([1.0], [2.0], ">") == "not measured" and within_noise([1.0], a) is None  # one seed: no spread
+    assert verdict([0.0, 0.0], [0.0, 0.0], ">") == "no measurable difference"  # equal, no spread
+    assert verdict([1.0, 1.0], [0.0, 0.0], ">") == "confirmed"  # different, no spread
+    assert fmt(a) == "1.000 ± 0.100 (n=3)" and fmt([0.5]) == "0.500 (n=1)" and fmt([float("nan")]) == "n/a"
+
+
+@pytest.mark.parametrize("variant", [dict(pos="rope", n_kv_head=2, attn_scale="one"), dict(pos="alibi", n_kv_head=1)])
+def test_inspected_attention_maps_are_the_models_own(variant, monkeypatch):
+    """The maps the lab recomputes are the probabilities the explicit path computes inside the model."""
+    import model_transformer
+    from lab.inspection import attention_maps
+    torch.manual_seed(0)
+    m = model_transformer.Model(model_transformer.Config(vocab_size=31, block_size=24, d_model=32, n_layer=2, n_head=4,
+                                                         flash=False, **variant)).eval()
+    idx = torch.randint(0, 31, (2, 24))
+    maps = attention_maps(m, idx)
+    seen, softmax = [], torch.softmax
+    monkeypatch.setattr(torch, "softmax", lambda x, dim: seen.append(softmax(x, dim=dim)) or seen[-1])
+    m(idx)
+    assert len(maps) == len(seen) == 2
+    for got, want in zip(maps, seen):
+        torch.testing.assert_close(got, want)
+
+
+def test_mamba_implicit_attention_reproduces_the_scan_and_is_toeplitz_when_time_invariant():
+    """y = alpha x (Ali et al.) equals the scan; without selectivity alpha[t, s] depends on t - s only."""
+    import model_mamba
+    from lab.inspection import implicit_attention, mamba_attention
+    g = torch.Generator().manual_seed(0)
+    Bsz, I, N, T = 2, 5, 3, 11
+    u, dt, Bm, Cm = torch.randn(Bsz, I, T, generator=g), torch.randn(Bsz, I, T, generator=g), \
+        torch.randn(Bsz, N, T, generator=g), torch.randn(Bsz, N, T, generator=g)
+    A = -torch.rand(I, N, generator=g) * 2 - 0.1
+    alpha = implicit_attention(torch.nn.functional.softplus(dt), A, Bm, Cm)  # (B, I, T, T)
+    torch.testing.assert_close(torch.einsum("bits,bis->bit", alpha, u), kernels.selective_scan_ref(u, dt, A, Bm, Cm),
+                               atol=1e-5, rtol=1e-4)
+    for selective, toeplitz in (("none", True), ("all", False)):
+        torch.manual_seed(0)
+        m = model_mamba.Model(model_mamba.Config(vocab_size=31, d_model=16, n_layer=1, d_state=4, selective=selective))
+        a = mamba_attention(m, torch.randint(0, 31, (1, 12)))[0][0]  # (I, T, T)
+        diagonals_equal = all(torch.allclose(a.diagonal(-k, 1, 2), a.diagonal(-k, 1, 2)[:, :1].expand(-1, 12 - k), atol=1e-6)
+                              for k in range(12))
+        assert diagonals_equal == toeplitz, selective
+        assert torch.equal(a.triu(1), torch.zeros_like(a))  # causal
+
+
+@pytest.mark.parametrize("name, rows, claims", [
+    ("selectivity", ["dt, B, C selective (Mamba, S6)", "dt only", "B, C only", "none (LTI, S4D)"], 3),
+    ("balance", ["softmax + balance loss (Switch)", "softmax, no balance loss", "sigmoid + bias, no loss (DeepSeek-V3)",
+                 "softmax + loss, capacity factor 1.25"], 5),
+    ("attn_scale", ["64 | 2 | 1/sqrt(D)", "128 | 1 | 1 |", "128 | 1 | 1/D"], 3),
+    ("context_cost", ["Transformer, tiled attention", "Transformer, explicit attention", "Mamba", "hybrid Md Ad"], 2),
+    ("inspect", ["transformer | layer 1 head 3", "mamba | layer 0, mean abs(alpha)"], 0),
+])
+def test_claim_experiment_quick_page(name, rows, claims, tmp_path, data_dir):
+    r = experiments(name, "--quick", "--seeds=1", f"--out={tmp_path}", f"--data_dir={data_dir}", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    page = (tmp_path / f"{name}.md").read_text()
+    assert ET.parse(tmp_path / f"{name}.svg").getroot().tag.endswith("svg")
+    cells = [line for line in page.splitlines() if line.startswith("| ")]
+    for row in rows:
+        assert any(line.startswith(f"| {row}") for line in cells), (row, cells)
+    verdicts = [line for line in page.splitlines() if line.startswith("- ") and "-> **" in line]
+    words = [v.rsplit("-> **", 1)[1].rstrip("*") for v in verdicts]
+    assert len(words) == claims and set(words) <= set(VERDICTS)
+    assert name == "context_cost" or set(words) <= {"not measured"}  # one seed: no spread (context_cost: over rounds)
+    assert "FAILED" not in page and f"python -m lab.experiments {name} --quick" in page
+    assert all("nan" not in line for line in cells), cells
+
+
+def test_kaplan_counting_leaves_out_the_vocabulary_matrices():
+    n, n_k = scaling.params_of("transformer", dict(d_model=32, n_layer=2, n_head=4), 65, 64)[0], \
+        scaling.non_embedding_params(32, 2, 65, 64)
+    assert n - n_k == 2 * 65 * 32  # the embedding and the untied head; RoPE has no position matrix
+    optima = [(1e9, 40_000.0, 8e5, 1.5), (3e9, 60_000.0, 1.6e6, 1.4)]  # (C, N, D, loss), N between the grid's sizes
+    sizes = [(16, 2), (32, 2), (64, 2)]
+    info = {s: scaling.params_of("transformer", dict(d_model=s[0], n_layer=s[1], n_head=4), 65, 64) for s in sizes}
+    exponent, points = scaling.kaplan_refit(optima, sizes, info, 65, 64)
+    for (c, n), (_, n_full, d, _) in zip(points, optima):
+        assert n < n_full and c == 6 * n * d  # fewer parameters counted; C = 6 N D
+    assert abs(exponent - math.log(points[1][1] / points[0][1]) / math.log(points[1][0] / points[0][0])) < 1e-9
