@@ -121,6 +121,18 @@ def test_experiment_architectures_quick(tmp_path):
     assert (tmp_path / "architectures.svg").read_text().count("<polyline") == 4
 
 
+def quick_page(name, rows, tmp_path, data_dir, *args):
+    """Run an experiment's quick mode; check its picture and that each row starts a table line. -> (page, cells)"""
+    r = experiments(name, "--quick", *args, f"--out={tmp_path}", f"--data_dir={data_dir}", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    page = (tmp_path / f"{name}.md").read_text()
+    assert ET.parse(tmp_path / f"{name}.svg").getroot().tag.endswith("svg")
+    cells = [line for line in page.splitlines() if line.startswith("| ")]
+    for row in rows:
+        assert any(line.startswith(f"| {row}") for line in cells), (row, cells)
+    return page, cells
+
+
 @pytest.mark.parametrize("name, rows", [
     ("ladder", ["GPT-2 style (learned, LayerNorm, GELU, MHA)", "+ RoPE", "+ ... + GQA 4:2 |",
                 "+ ... + GQA 4:2 + PyTorch's init, untied head (this repository's default)"]),
@@ -132,13 +144,7 @@ def test_experiment_architectures_quick(tmp_path):
     ("attention", ["MHA 4:4", "GQA 4:2", "MQA 4:1", "8:8 (MHA)", "8:2 (GQA)", "T | 4 | 256", "D | 4 | 256 | 64", "H | 1 |"]),
 ])
 def test_experiment_quick_page(name, rows, tmp_path, data_dir):
-    r = experiments(name, "--quick", f"--out={tmp_path}", f"--data_dir={data_dir}", timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    page = (tmp_path / f"{name}.md").read_text()
-    assert ET.parse(tmp_path / f"{name}.svg").getroot().tag.endswith("svg")
-    cells = [line for line in page.splitlines() if line.startswith("| ")]
-    for row in rows:
-        assert any(line.startswith(f"| {row}") for line in cells), (row, cells)
+    page, cells = quick_page(name, rows, tmp_path, data_dir)
     assert "FAILED" not in page and f"python -m lab.experiments {name} --quick" in page
     assert all("nan" not in line for line in cells), cells
 
@@ -262,13 +268,7 @@ def test_mamba_implicit_attention_reproduces_the_scan_and_is_toeplitz_when_time_
     ("inspect", ["transformer | layer 1 head 3", "mamba | layer 0, mean abs(alpha)"], 0),
 ])
 def test_claim_experiment_quick_page(name, rows, claims, tmp_path, data_dir):
-    r = experiments(name, "--quick", "--seeds=1", f"--out={tmp_path}", f"--data_dir={data_dir}", timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    page = (tmp_path / f"{name}.md").read_text()
-    assert ET.parse(tmp_path / f"{name}.svg").getroot().tag.endswith("svg")
-    cells = [line for line in page.splitlines() if line.startswith("| ")]
-    for row in rows:
-        assert any(line.startswith(f"| {row}") for line in cells), (row, cells)
+    page, cells = quick_page(name, rows, tmp_path, data_dir, "--seeds=1")
     verdicts = [line for line in page.splitlines() if line.startswith("- ") and "-> **" in line]
     words = [v.rsplit("-> **", 1)[1].rstrip("*") for v in verdicts]
     assert len(words) == claims and set(words) <= set(VERDICTS)
