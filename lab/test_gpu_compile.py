@@ -1,0 +1,39 @@
+"""The kernels compiled for Hopper on the CPU: what the interpreter cannot see (operand types a GPU
+dot rejects, register spills, shared memory, grid limits) fails here."""
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+from lab import gpu_compile  # noqa: E402
+
+KERNELS = {"_flash_fwd_kernel", "_flash_bwd_pre_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel",
+           "_scan_fwd_kernel", "_scan_bwd_kernel"}
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    records = gpu_compile.in_subprocess(sys.executable, ["--arch=90"], timeout=300)
+    assert {r["kernel"] for r in records} == KERNELS, [r.get("error") for r in records]
+    assert {r["case"] for r in records} == {name for name, _ in gpu_compile.handful()}
+    bad = {f"{r['kernel']} ({r['case']})": gpu_compile.problems(r) for r in records if gpu_compile.problems(r)}
+    assert not bad, bad
+    assert all(r["regs"] > 0 for r in records)
+    scan_fwd = [r for r in records if r["kernel"] == "_scan_fwd_kernel"]
+    assert len(scan_fwd) == 2  # with checkpoints (training) and without (the no-grad forward)
+
+
+def test_the_check_names_each_problem():
+    ok = dict(kernel="k", case="c", arch=90, grid=(8, 4), regs=128, spills=0, shared=1024)
+    assert gpu_compile.problems(ok) == []
+    assert "spills" in gpu_compile.problems({**ok, "spills": 8})[0]
+    assert "shared memory" in gpu_compile.problems({**ok, "shared": 228 * 1024})[0]
+    assert gpu_compile.problems({**ok, "shared": 200 * 1024}) == []  # fits Hopper ...
+    assert "shared memory" in gpu_compile.problems({**ok, "arch": 80, "shared": 200 * 1024})[0]  # ... not Ampere
+    assert "grid axis 1" in gpu_compile.problems({**ok, "grid": (1, 65536)})[0]
+    assert "compile error: CompilationError" in gpu_compile.problems({**ok, "error": "CompilationError: at 3:4\n..."})[0]
+
+
+def test_occupancy_from_registers():
+    assert gpu_compile.occupancy(255, 8, 1024, 90) == (1, 8 / 64)  # 8 warps at the register cap: one block
+    assert gpu_compile.occupancy(128, 4, 1024, 90) == (4, 16 / 64)
+    assert gpu_compile.occupancy(32, 4, 100 * 1024, 90) == (2, 8 / 64)  # shared memory limits it
