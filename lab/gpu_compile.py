@@ -10,25 +10,27 @@ equal to 1 or divisible by 16, aligned pointers, warps, stages). Each cubin's re
 memory (spills) and shared memory are read with cuobjdump, also from the wheel. Nothing runs, so
 the tensors the entry points return are garbage: only the launches matter.
 
-    python -m lab.gpu_compile                    # the handful the test compiles, sm_90, one table
-    python -m lab.gpu_compile --all --arch=90,80 # every variant results/gpu_compile.md lists
-    python -m lab.gpu_compile --all --json=FILE  # the same records as JSON (for the page writer)
+    python -m lab.gpu_compile                       # the handful the test compiles, sm_90, one table
+    python -m lab.gpu_compile --cases=all --arch=90,80   # every variant results/gpu_compile.md lists
+    python -m lab.gpu_compile --cases=sweep         # the launch settings the GPU sweep tries
+    python -m lab.gpu_compile --cases=wide --launches-only   # grids at B*H = 70000, nothing compiled
+    python -m lab.bench gpu_compile                 # results/gpu_compile.md (see write_page)
 
-Exit 1 when a variant fails to compile, spills, or needs more shared memory than the target has.
+--json=FILE writes the records as JSON instead of a table. Exit 1 when a variant fails to
+compile, spills, needs more shared memory than the target has, or has a grid past CUDA's limits.
 """
 import contextlib
 import json
 import math
 import os
+import platform
 import re
 import subprocess
 import sys
 import tempfile
 import time
 
-os.environ["TRITON_INTERPRET"] = "0"  # before kernels is imported: its kernels must be real JIT functions
-
-import torch  # noqa: E402
+import torch
 
 # What one thread block may use, from NVIDIA's CUDA C++ Programming Guide (compute capabilities):
 # shared memory per block with the opt-in maximum, and the per-SM pools that set occupancy.
@@ -39,6 +41,11 @@ SM = {
 REGS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM, REG_CAP = 65536, 64, 32, 255
 GRID_LIMITS = (2**31 - 1, 65535, 65535)  # blocks per launch along grid axes 0, 1, 2
 
+# The H200's limits the predictions use: dense bf16 tensor-core FLOP/s and HBM3e bandwidth
+# (NVIDIA's H200 datasheet), 132 SMs, a 50 MB L2, and exp2 at 16 per clock per SM (the CUDA
+# guide's throughput table for compute capability 9.0) at the 1.98 GHz boost clock.
+H200 = dict(matmul_flops=989e12, hbm_bytes=4.8e12, sms=132, l2_bytes=50e6, exp2_per_s=16 * 132 * 1.98e9)
+
 # Every variant a GPU run can launch: attention forward and backward (causal, the models' mask;
 # MHA, so the head group is the constant 1) and the scan forward, backward and no-grad forward.
 ATTENTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -46,9 +53,36 @@ ATTENTION_HEAD_DIMS = (64, 80, 128)
 SCAN_DTYPES = (torch.bfloat16, torch.float32)
 SCAN_STATE_SIZES = (16, 64)
 
+# The launch settings a GPU sweep tries, as KERNEL_CONFIG entries (kernels._config): the default
+# first. Attention at bf16 D=128 (BLOCK_M,BLOCK_N,warps,stages), the scan at bf16
+# (block_d,ckpt,warps): smaller tiles and fewer stages free registers; a shorter ckpt shrinks the
+# backward's scratch buffer and writes more checkpoints.
+SWEEP = {
+    "fwd": ["128,64,8,3", "128,64,8,2", "128,32,8,3", "128,128,8,2", "64,64,4,3", "64,64,4,4", "64,32,4,3", "128,64,4,3"],
+    "dkdv": ["64,64,8,2", "64,64,4,2", "32,64,4,2", "64,32,4,2", "32,128,8,2", "64,128,8,2", "64,64,8,1", "32,32,4,2"],
+    "dq": ["64,64,8,2", "64,64,4,2", "128,64,8,2", "128,32,8,2", "64,32,4,2", "32,64,4,2", "64,64,8,1", "128,64,4,2"],
+    "scan": ["32,64,4", "16,64,4", "64,64,4", "32,64,8", "32,32,4", "32,16,4", "16,16,4", "32,128,4"],
+}
+SWEEP_KERNELS = {"fwd": ["_flash_fwd_kernel"], "dkdv": ["_flash_bwd_dkdv_kernel"], "dq": ["_flash_bwd_dq_kernel"],
+                 "scan": ["_scan_fwd_kernel", "_scan_bwd_kernel"]}
+
 
 def short(dtype):
-    return str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16").replace("float32", "fp32")
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
+@contextlib.contextmanager
+def kernel_config(spec):
+    """KERNEL_CONFIG=spec inside (kernels reads it at every launch)."""
+    old = os.environ.get("KERNEL_CONFIG")
+    os.environ["KERNEL_CONFIG"] = spec
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["KERNEL_CONFIG"]
+        else:
+            os.environ["KERNEL_CONFIG"] = old
 
 
 def attention_case(dtype, D, alibi, B=2, H=4, T=256):
@@ -59,26 +93,27 @@ def attention_case(dtype, D, alibi, B=2, H=4, T=256):
     o.backward(torch.randn_like(o))
 
 
-def scan_case(dtype, N, B=2, Dm=64, L=256):
+def scan_case(dtype, N, B=2, Dm=64, L=256, no_grad=True):
     """The scan as the Mamba layer calls it: forward and backward for training, then the no-grad
     forward from a state, as generation's prefill calls it."""
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    u, delta, z = (r(Bsz, Dm, L).to(dtype) for Bsz in (B, B, B))
+    u, delta, z = (r(B, Dm, L).to(dtype) for _ in range(3))
     Bm, Cm = r(B, N, L).to(dtype), r(B, N, L).to(dtype)
     A, D, bias = -torch.rand(Dm, N, generator=g), r(Dm), r(Dm)
     args = [x.requires_grad_() for x in (u, delta, A, Bm, Cm, D, z)]
     out = kernels().selective_scan(*args, delta_bias=bias, delta_softplus=True, impl="triton")
     out.backward(torch.randn_like(out))
-    with torch.no_grad():
-        kernels().selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias=bias, delta_softplus=True,
-                                 initial_state=torch.zeros(B, Dm, N), return_last_state=True, impl="triton")
+    if no_grad:
+        with torch.no_grad():
+            kernels().selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias=bias, delta_softplus=True,
+                                     initial_state=torch.zeros(B, Dm, N), return_last_state=True, impl="triton")
 
 
 def handful():
     """What the test compiles: bf16 attention at D=64 and 128, the scan at Mamba's N=16."""
-    return [(f"attention bf16 D={D}", lambda D=D: attention_case(torch.bfloat16, D, False)) for D in (64, 128)] + \
-           [("scan bf16 N=16", lambda: scan_case(torch.bfloat16, 16))]
+    return [(f"attention bf16 D={D}", None, lambda D=D: attention_case(torch.bfloat16, D, False)) for D in (64, 128)] + \
+           [("scan bf16 N=16", None, lambda: scan_case(torch.bfloat16, 16))]
 
 
 def every_variant():
@@ -87,11 +122,42 @@ def every_variant():
         for D in ATTENTION_HEAD_DIMS:
             for alibi in (False, True):
                 name = f"attention {short(dtype)} D={D}{' ALiBi' if alibi else ''}"
-                cases.append((name, lambda dtype=dtype, D=D, alibi=alibi: attention_case(dtype, D, alibi)))
+                cases.append((name, None, lambda dtype=dtype, D=D, alibi=alibi: attention_case(dtype, D, alibi)))
     for dtype in SCAN_DTYPES:
         for N in SCAN_STATE_SIZES:
-            cases.append((f"scan {short(dtype)} N={N}", lambda dtype=dtype, N=N: scan_case(dtype, N)))
+            cases.append((f"scan {short(dtype)} N={N}", None, lambda dtype=dtype, N=N: scan_case(dtype, N)))
     return cases
+
+
+def sweep_variants():
+    """Each SWEEP setting of each kernel, through KERNEL_CONFIG, recording only that kernel."""
+    cases = []
+    for name, settings in SWEEP.items():
+        for setting in settings:
+            spec = f"{name}={setting}"
+            if name == "scan":
+                for N in SCAN_STATE_SIZES:
+                    cases.append((f"scan bf16 N={N} {spec}", SWEEP_KERNELS[name],
+                                  lambda spec=spec, N=N: _with(spec, lambda: scan_case(torch.bfloat16, N, no_grad=False))))
+            else:
+                cases.append((f"attention bf16 D=128 {spec}", SWEEP_KERNELS[name],
+                              lambda spec=spec: _with(spec, lambda: attention_case(torch.bfloat16, 128, False))))
+    return cases
+
+
+def _with(spec, fn):
+    with kernel_config(spec):
+        fn()
+
+
+def wide():
+    """Decoding one token for 70000 (sequence, head) pairs: B * H past CUDA's 65535 blocks per
+    grid axis 1 and 2."""
+    return [(f"attention bf16 D=64 B*H=70000 T=1", None,
+             lambda: attention_case(torch.bfloat16, 64, False, B=4375, H=16, T=1))]
+
+
+CASES = {"handful": handful, "all": every_variant, "sweep": sweep_variants, "wide": wide}
 
 
 def kernels():
@@ -133,10 +199,11 @@ def error_text(e):
 
 
 class Recorder:
-    """Collects one record per distinct compiled variant; `case` names what is being driven."""
+    """One record per distinct variant launched; `case` names what is being driven, `only`
+    (kernel names or None) limits what is recorded."""
 
     def __init__(self):
-        self.records, self.keys, self.case = [], set(), ""
+        self.records, self.keys, self.case, self.only = [], set(), "", None
 
 
 @contextlib.contextmanager
@@ -156,17 +223,19 @@ def compiled_for(arch, recorder, compile=True):
         binder = create_function_from_signature(fn.signature, fn.params, backend)
 
         def run(*args, grid, warmup, **kwargs):
+            if recorder.only is not None and fn.__name__ not in recorder.only:
+                return None
             bound, specialization, options = binder(*args, **kwargs)
             opts, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
             launch = {k: v for k, v in kwargs.items() if k not in fn.arg_names}
             grid = tuple(grid(bound) if callable(grid) else grid)
             key = (fn.__name__, repr(signature), repr(constexprs), repr(attrs), repr(sorted(launch.items())))
-            rec = dict(kernel=fn.__name__, case=recorder.case, arch=arch, triton=triton.__version__,
-                       warps=opts.num_warps, stages=opts.num_stages, grid=grid,
-                       constexprs={fn.arg_names[k[0]]: str(v) for k, v in constexprs.items()})
             if key in recorder.keys:  # compiled already (another case launches the same variant)
                 return None
             recorder.keys.add(key)
+            rec = dict(kernel=fn.__name__, case=recorder.case, arch=arch, warps=opts.num_warps, stages=opts.num_stages,
+                       grid=grid, constexprs={fn.arg_names[k[0]]: v for k, v in constexprs.items()
+                                              if isinstance(v, (bool, int, float, str))})
             if compile:
                 t0 = time.perf_counter()
                 try:
@@ -217,13 +286,13 @@ def occupancy(regs, warps, shared, arch):
     return blocks, blocks * warps / MAX_WARPS_PER_SM
 
 
-def compile_cases(cases, arch, recorder=None):
-    """Drive each case under compiled_for(arch); a case whose compile fails is recorded and the
-    next case runs."""
-    recorder = recorder or Recorder()
-    with compiled_for(arch, recorder):
-        for name, case in cases:
-            recorder.case = name
+def compile_cases(cases, arch, compile=True):
+    """Drive each (name, only, fn) case under compiled_for(arch); a case whose compile fails is
+    recorded and the next case runs."""
+    recorder = Recorder()
+    with compiled_for(arch, recorder, compile):
+        for name, only, case in cases:
+            recorder.case, recorder.only = name, only
             try:
                 case()
             except Exception as e:
@@ -232,13 +301,14 @@ def compile_cases(cases, arch, recorder=None):
     return recorder.records
 
 
-def in_subprocess(python, args, timeout=None):
+def in_subprocess(python, args, timeout=None, env=None):
     """Run `python -m lab.gpu_compile ARGS --json=FILE` (another interpreter: another Triton) in a
-    fresh process and a fresh Triton cache (compile times from nothing), and return its records."""
+    fresh process and a fresh Triton cache (compile times from nothing); return what it wrote:
+    the interpreter's versions and its records."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "records.json")
-        env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": os.path.join(tmp, "cache"),
+        env = {**os.environ, **(env or {}), "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": os.path.join(tmp, "cache"),
                "PYTHONPATH": root}
         p = subprocess.run([python, "-m", "lab.gpu_compile", *args, f"--json={path}"], cwd=root, env=env,
                            capture_output=True, text=True, timeout=timeout)
@@ -249,21 +319,45 @@ def in_subprocess(python, args, timeout=None):
             return json.load(f)
 
 
+def launch_text(r):
+    c = r.get("constexprs", {})
+    if r["kernel"].startswith("_scan"):
+        tiles = f"block_d {c.get('BLOCK_D')}, ckpt {c.get('CKPT')}"
+    elif r["kernel"] == "_flash_bwd_pre_kernel":
+        tiles = f"{c.get('BLOCK_M')} rows"
+    else:
+        tiles = f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')}"
+    return f"{tiles}, {r.get('warps')}w/{r.get('stages')}s"
+
+
+def variant_text(r):
+    c = r.get("constexprs", {})
+    if r["kernel"] == "_scan_fwd_kernel":
+        return r["case"] + (", training (writes checkpoints)" if c.get("SAVE_CKPT") else ", no grad, from a state")
+    return r["case"]
+
+
 def print_table(records):
-    print("| kernel | case | arch | warps/stages | registers | spills (B) | shared (B) | compile s | problems |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | variant | arch | launch | registers | spills (B) | shared (B) | grid | compile s | problems |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
-        print(f"| {r['kernel']} | {r['case']} | sm_{r['arch']} | {r.get('warps', '-')}/{r.get('stages', '-')} | "
-              f"{r.get('regs', '-')} | {r.get('spills', '-')} | {r.get('shared', '-')} | "
+        print(f"| {r['kernel']} | {variant_text(r)} | sm_{r['arch']} | {launch_text(r)} | {r.get('regs', '-')} | "
+              f"{r.get('spills', '-')} | {r.get('shared', '-')} | {'x'.join(map(str, r['grid']))} | "
               f"{r.get('compile_s', float('nan')):.1f} | {'; '.join(problems(r))} |")
 
 
+def versions():
+    import triton
+    return dict(python=platform.python_version(), torch=torch.__version__, triton=triton.__version__)
+
+
 def main(argv):
+    os.environ["TRITON_INTERPRET"] = "0"  # before kernels is imported: its kernels must be real JIT functions
+    usage = "usage: python -m lab.gpu_compile [--cases=handful|all|sweep|wide] [--arch=90,80] [--launches-only] [--json=FILE]"
     opts = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
-    unknown = [a for a in argv if not a.startswith("--") or a[2:].partition("=")[0] not in ("all", "arch", "json")]
-    if unknown:
-        print(f"error: unknown argument {unknown[0]!r}; usage: python -m lab.gpu_compile [--all] [--arch=90,80] "
-              f"[--json=FILE]", file=sys.stderr)
+    unknown = [a for a in argv if not a.startswith("--") or a[2:].partition("=")[0] not in ("cases", "arch", "json", "launches-only")]
+    if unknown or opts.get("cases", "handful") not in CASES:
+        print(f"error: unknown argument {(unknown or [opts.get('cases')])[0]!r}; {usage}", file=sys.stderr)
         return 2
     try:
         archs = [int(a) for a in (opts.get("arch") or "90").split(",")]
@@ -271,13 +365,14 @@ def main(argv):
     except (ValueError, AssertionError):
         print(f"error: --arch takes compute capabilities from {sorted(SM)}, e.g. --arch=90,80", file=sys.stderr)
         return 2
-    cases = every_variant() if "all" in opts else handful()
+    cases = CASES[opts.get("cases", "handful")]()
+    t0 = time.perf_counter()
     records = []
     for arch in archs:
-        records += compile_cases(cases, arch)
+        records += compile_cases(cases, arch, compile="launches-only" not in opts)
     if opts.get("json"):
         with open(opts["json"], "w") as f:
-            json.dump(records, f)
+            json.dump(dict(versions(), wall_s=time.perf_counter() - t0, records=records), f)
     else:
         print_table(records)
     bad = [r for r in records if problems(r)]

@@ -12,9 +12,10 @@ KERNELS = {"_flash_fwd_kernel", "_flash_bwd_pre_kernel", "_flash_bwd_dkdv_kernel
 
 
 def test_kernels_compile_for_sm90_without_spills():
-    records = gpu_compile.in_subprocess(sys.executable, ["--arch=90"], timeout=300)
+    out = gpu_compile.in_subprocess(sys.executable, ["--arch=90"], timeout=300)
+    records = out["records"]
     assert {r["kernel"] for r in records} == KERNELS, [r.get("error") for r in records]
-    assert {r["case"] for r in records} == {name for name, _ in gpu_compile.handful()}
+    assert {r["case"] for r in records} == {name for name, _, _ in gpu_compile.handful()}
     bad = {f"{r['kernel']} ({r['case']})": gpu_compile.problems(r) for r in records if gpu_compile.problems(r)}
     assert not bad, bad
     assert all(r["regs"] > 0 for r in records)
@@ -37,3 +38,30 @@ def test_occupancy_from_registers():
     assert gpu_compile.occupancy(255, 8, 1024, 90) == (1, 8 / 64)  # 8 warps at the register cap: one block
     assert gpu_compile.occupancy(128, 4, 1024, 90) == (4, 16 / 64)
     assert gpu_compile.occupancy(32, 4, 100 * 1024, 90) == (2, 8 / 64)  # shared memory limits it
+
+
+def test_grids_fit_cuda_limits_at_70000_heads():
+    """B * H past 65535 (decoding a large batch): no grid axis may exceed CUDA's limits."""
+    out = gpu_compile.in_subprocess(sys.executable, ["--cases=wide", "--launches-only"], timeout=120)
+    records = out["records"]
+    assert {r["kernel"] for r in records} == KERNELS - {"_scan_fwd_kernel", "_scan_bwd_kernel"}
+    assert all(not gpu_compile.problems(r) for r in records), [gpu_compile.problems(r) for r in records]
+
+
+def test_kernel_config_reaches_every_launch():
+    spec = "fwd=64,32,4,2 dkdv=32,64,2,1 dq=32,16,8,3 scan=16,32,8"
+    out = gpu_compile.in_subprocess(sys.executable, ["--launches-only"], timeout=120, env={"KERNEL_CONFIG": spec})
+    seen = {}
+    for r in out["records"]:
+        c = r["constexprs"]
+        if r["kernel"].startswith("_scan"):
+            seen[r["kernel"]] = (c["BLOCK_D"], c["CKPT"], r["warps"])
+        elif r["kernel"] != "_flash_bwd_pre_kernel":
+            seen[r["kernel"]] = (c["BLOCK_M"], c["BLOCK_N"], r["warps"], r["stages"])
+    assert seen == {"_flash_fwd_kernel": (64, 32, 4, 2), "_flash_bwd_dkdv_kernel": (32, 64, 2, 1),
+                    "_flash_bwd_dq_kernel": (32, 16, 8, 3), "_scan_fwd_kernel": (16, 32, 8), "_scan_bwd_kernel": (16, 32, 8)}
+
+
+def test_a_malformed_kernel_config_is_named():
+    out = gpu_compile.in_subprocess(sys.executable, ["--launches-only"], timeout=120, env={"KERNEL_CONFIG": "fwd=48,64,4,2"})
+    assert out["records"] and all("KERNEL_CONFIG entry 'fwd=48,64,4,2'" in r["error"] for r in out["records"])
