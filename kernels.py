@@ -347,6 +347,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "ye
 # Scores are kept in base 2 (exp2 is the fast instruction): s2 = s * log2(e).
 # Inside the kernels tensors are contiguous and (B, H) is flattened to one index bh = b * H + h;
 # the K/V head of query head bh is then simply bh // (H // G): GQA by index, no copies.
+# The grid is one axis of B * H * tiles programs, program p taking tile p % tiles of head
+# p // tiles: the tiles of one head are neighbours, so they run together and share its K and V
+# in L2 (the order of a (tiles, B * H) grid), and B * H is not held to the 65535 blocks that
+# CUDA allows along grid axes 1 and 2.
 
 
 @triton.jit
@@ -399,8 +403,10 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, SLOPES, scale, Tq, Tk, H, GROUP,
                       CAUSAL: tl.constexpr, ALIBI: tl.constexpr, D: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the longest causal rows start first
-    bh = tl.program_id(1).to(tl.int64)  # b * H + h
+    n_tiles = tl.cdiv(Tq, BLOCK_M)
+    pid = tl.program_id(0)
+    m0 = (n_tiles - 1 - pid % n_tiles) * BLOCK_M  # the longest causal rows start first
+    bh = (pid // n_tiles).to(tl.int64)  # b * H + h
     Q += bh * Tq * D
     O += bh * Tq * D
     K += (bh // GROUP) * Tk * D  # the shared K/V head
@@ -434,8 +440,9 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, SLOPES, scale, Tq, Tk, H, GROUP,
 
 @triton.jit
 def _flash_bwd_pre_kernel(O, DO, DELTA, Tq, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_tiles = tl.cdiv(Tq, BLOCK_M)
+    bh = (tl.program_id(0) // n_tiles).to(tl.int64)
+    rows = tl.program_id(0) % n_tiles * BLOCK_M + tl.arange(0, BLOCK_M)
     o = _load_tile(O + bh * Tq * D, rows, Tq, D, BLOCK_D, True)  # always float32 here
     do = _load_tile(DO + bh * Tq * D, rows, Tq, D, BLOCK_D, True)
     tl.store(DELTA + bh * Tq + rows, tl.sum(o * do, 1), mask=rows < Tq)
@@ -472,8 +479,9 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, scale, Tq, T
                            CAUSAL: tl.constexpr, ALIBI: tl.constexpr, D: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    n0 = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1).to(tl.int64)  # b * G + hk
+    n_tiles = tl.cdiv(Tk, BLOCK_N)
+    n0 = tl.program_id(0) % n_tiles * BLOCK_N
+    bhk = (tl.program_id(0) // n_tiles).to(tl.int64)  # b * G + hk
     K += bhk * Tk * D
     V += bhk * Tk * D
     pos_k = n0 + tl.arange(0, BLOCK_N)
@@ -531,8 +539,10 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, scale, Tq, Tk, H, 
                          CAUSAL: tl.constexpr, ALIBI: tl.constexpr, D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the longest causal rows start first
-    bh = tl.program_id(1).to(tl.int64)
+    n_tiles = tl.cdiv(Tq, BLOCK_M)
+    pid = tl.program_id(0)
+    m0 = (n_tiles - 1 - pid % n_tiles) * BLOCK_M  # the longest causal rows start first
+    bh = (pid // n_tiles).to(tl.int64)
     K += (bh // GROUP) * Tk * D
     V += (bh // GROUP) * Tk * D
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -563,13 +573,51 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, scale, Tq, Tk, H, 
 
 # Launch settings for Hopper-class GPUs: (BLOCK_M, BLOCK_N, num_warps, num_stages), one fixed
 # choice per kernel and head-dim class, no autotuning (it does not run under the interpreter).
+# The environment variable KERNEL_CONFIG replaces them, for a sweep on a GPU, e.g.
+#   KERNEL_CONFIG="fwd=128,64,8,3 dq=64,32,4,2 scan=16,32,4"
+# fwd, dkdv and dq take BLOCK_M,BLOCK_N,num_warps,num_stages; scan takes block_d,ckpt,num_warps
+# (the forward and backward scan kernels). It is read at every launch.
+CONFIG_FIELDS = {"fwd": 4, "dkdv": 4, "dq": 4, "scan": 3}
+
+
+def _config_override(kernel):
+    """KERNEL_CONFIG's settings for kernel, or None; a malformed KERNEL_CONFIG is a ValueError."""
+    spec = os.environ.get("KERNEL_CONFIG", "")
+    found = None
+    for item in spec.replace(";", " ").split():
+        name, _, values = item.partition("=")
+        try:
+            numbers = tuple(int(x) for x in values.split(","))
+        except ValueError:
+            numbers = ()
+        ok = name in CONFIG_FIELDS and len(numbers) == CONFIG_FIELDS[name] and min(numbers) >= 1
+        if ok:  # tile sizes (tl.arange) and warps are powers of two; tl.dot wants tiles of 16 or more
+            tiles, smallest = (numbers[:1], 1) if name == "scan" else (numbers[:2], 16)
+            ok = all(x >= smallest and x & (x - 1) == 0 for x in tiles) and numbers[2] & (numbers[2] - 1) == 0
+        if not ok:
+            raise ValueError(f"KERNEL_CONFIG entry {item!r}: expected one of "
+                             f"{', '.join(f'{k}=' + ','.join(['N'] * n) for k, n in CONFIG_FIELDS.items())} "
+                             "with tile sizes and warps powers of two (tiles >= 16 for attention)")
+        if name == kernel:
+            found = numbers
+    return found
+
+
 def _config(kernel, D, dtype):
+    override = _config_override(kernel)
+    if override:
+        return override
     if dtype == torch.float32:  # exact fp32 dots run on the FMA units: small tiles fit the registers
         return 32, 32, 4, 2     # (and compile in seconds instead of a minute)
     warps = 8 if D > 64 else 4
     if kernel == "fwd":
         return 128, 64, warps, 3
     return 64, 64, warps, 2  # dkdv and dq: two fp32 accumulators (dk, dv) per program
+
+
+def _scan_config(Dm, L):
+    """(block_d, ckpt, num_warps) of the scan kernels: KERNEL_CONFIG's scan=..., else the default."""
+    return _config_override("scan") or (min(32, triton.next_power_of_2(Dm)), min(64, triton.next_power_of_2(max(L, 1))), 4)
 
 
 def _new_output(shape, dtype, device):
@@ -591,7 +639,7 @@ def _flash_forward(q, k, v, causal, slopes, scale):
     o = _new_output(q.shape, q.dtype, q.device)
     lse = _new_output((B, H, Tq), torch.float32, q.device)
     BM, BN, warps, stages = _config("fwd", D, q.dtype)
-    _flash_fwd_kernel[(triton.cdiv(Tq, BM), B * H)](
+    _flash_fwd_kernel[(triton.cdiv(Tq, BM) * B * H,)](
         q, k, v, o, lse, q if slopes is None else slopes, scale, Tq, Tk, H, H // G,
         CAUSAL=causal, ALIBI=slopes is not None, BLOCK_M=BM, BLOCK_N=BN, **_kernel_flags(q, D),
         num_warps=warps, num_stages=stages)
@@ -603,15 +651,15 @@ def _flash_backward(q, k, v, o, lse, do, causal, slopes, scale):
     G, Tk = k.size(1), k.size(2)
     flags = _kernel_flags(q, D)
     delta = _new_output((B, H, Tq), torch.float32, q.device)
-    _flash_bwd_pre_kernel[(triton.cdiv(Tq, 64), B * H)](o, do, delta, Tq, D=D, BLOCK_M=64, BLOCK_D=flags["BLOCK_D"])
+    _flash_bwd_pre_kernel[(triton.cdiv(Tq, 64) * B * H,)](o, do, delta, Tq, D=D, BLOCK_M=64, BLOCK_D=flags["BLOCK_D"])
     dq, dk, dv = (_new_output(x.shape, x.dtype, x.device) for x in (q, k, v))
     slopes_ptr = q if slopes is None else slopes
     BM, BN, warps, stages = _config("dkdv", D, q.dtype)
-    _flash_bwd_dkdv_kernel[(triton.cdiv(Tk, BN), B * G)](
+    _flash_bwd_dkdv_kernel[(triton.cdiv(Tk, BN) * B * G,)](
         q, k, v, do, lse, delta, dk, dv, slopes_ptr, scale, Tq, Tk, H, H // G,
         CAUSAL=causal, ALIBI=slopes is not None, BLOCK_M=BM, BLOCK_N=BN, **flags, num_warps=warps, num_stages=stages)
     BM, BN, warps, stages = _config("dq", D, q.dtype)
-    _flash_bwd_dq_kernel[(triton.cdiv(Tq, BM), B * H)](
+    _flash_bwd_dq_kernel[(triton.cdiv(Tq, BM) * B * H,)](
         q, k, v, do, lse, delta, dq, slopes_ptr, scale, Tq, Tk, H, H // G,
         CAUSAL=causal, ALIBI=slopes is not None, BLOCK_M=BM, BLOCK_N=BN, **flags, num_warps=warps, num_stages=stages)
     return dq, dk, dv
@@ -788,7 +836,7 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     tl.store(dbias_ptr + b * Dm + d, dbias_acc, mask=md)
 
 
-def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, block_d, ckpt, save_ckpt):
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, block_d, ckpt, warps, save_ckpt):
     """Runs the forward kernel on contiguous inputs; returns out, the last state and, with
     save_ckpt, the (B, n_ckpt, D, BLOCK_N) states every ckpt steps that the backward restarts from."""
     Bsz, Dm, L = u.shape
@@ -805,25 +853,25 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_s
                            out, hlast, ckpts if save_ckpt else u, Dm, L, N, n_ckpt,
                            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                            HAS_H0=h0 is not None, SOFTPLUS=delta_softplus, SAVE_CKPT=save_ckpt,
-                           BLOCK_D=block_d, BLOCK_N=BLOCK_N, CKPT=ckpt)
+                           BLOCK_D=block_d, BLOCK_N=BLOCK_N, CKPT=ckpt, num_warps=warps)
     return out, hlast, ckpts
 
 
 class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, block_d, ckpt):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, block_d, ckpt, warps):
         out, hlast, ckpts = _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                                          block_d, ckpt, save_ckpt=True)
+                                          block_d, ckpt, warps, save_ckpt=True)
         N = A.size(1)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpts)
-        ctx.flags = (delta_softplus, initial_state is not None, block_d, ckpt, triton.next_power_of_2(N), ckpts.size(1))
+        ctx.flags = (delta_softplus, initial_state is not None, block_d, ckpt, warps, triton.next_power_of_2(N), ckpts.size(1))
         ctx.initial_dtype = initial_state.dtype if initial_state is not None else None
         return out, hlast
 
     @staticmethod
     def backward(ctx, dout, dhlast):
         u, delta, A, B, C, D, z, delta_bias, ckpts = ctx.saved_tensors
-        softplus, has_h0, block_d, ckpt, BLOCK_N, n_ckpt = ctx.flags
+        softplus, has_h0, block_d, ckpt, warps, BLOCK_N, n_ckpt = ctx.flags
         Bsz, Dm, L = u.shape
         N = A.size(1)
         n_dblk = triton.cdiv(Dm, block_d)
@@ -843,28 +891,30 @@ class _SelectiveScanTriton(torch.autograd.Function):
                                         Dm, L, N, n_ckpt,
                                         HAS_D=D is not None, HAS_Z=z is not None,
                                         HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-                                        BLOCK_D=block_d, BLOCK_N=BLOCK_N, CKPT=ckpt)
+                                        BLOCK_D=block_d, BLOCK_N=BLOCK_N, CKPT=ckpt, num_warps=warps)
         grads = [du, ddelta, dA.sum(0).to(A.dtype), dB.sum(1).transpose(1, 2).to(B.dtype), dC.sum(1).transpose(1, 2).to(C.dtype),
                  dD.sum(0).to(D.dtype) if D is not None else None, dz,
                  dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None, None,
-                 dh0.to(ctx.initial_dtype) if has_h0 else None, None, None]
+                 dh0.to(ctx.initial_dtype) if has_h0 else None, None, None, None]
         return tuple(grads)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
-                          initial_state=None, return_last_state=False, block_d=None, ckpt=None):
+                          initial_state=None, return_last_state=False, block_d=None, ckpt=None, num_warps=None):
+    """block_d channels per program, a checkpoint every ckpt steps, num_warps per program: each
+    None takes _scan_config's choice (KERNEL_CONFIG's scan=..., else the default)."""
     Dm, L = u.shape[1], u.shape[2]
     if u.dtype == torch.float64:
         raise ValueError("the Triton scan computes in float32: use impl='ref' or 'chunked' for float64")
-    block_d = block_d or min(32, triton.next_power_of_2(Dm))
-    ckpt = ckpt or min(64, triton.next_power_of_2(max(L, 1)))
+    default = _scan_config(Dm, L)
+    block_d, ckpt, num_warps = block_d or default[0], ckpt or default[1], num_warps or default[2]
     u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
     z = z.contiguous() if z is not None else None
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         out, last = _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                                               block_d, ckpt)
+                                               block_d, ckpt, num_warps)
     else:  # inference: no autograd node, and no checkpoints written for a backward that never comes
         out, last, _ = _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                                     block_d, ckpt, save_ckpt=False)
+                                     block_d, ckpt, num_warps, save_ckpt=False)
     return (out, last) if return_last_state else out

@@ -641,6 +641,15 @@ def test_attention_triton_keeps_row_logsumexp(causal, alibi, Tq, Tk, poisoned):
     assert (lse.double() - s.logsumexp(-1)).abs().max().item() < 1e-5  # fp32 rounding of values ~log(Tk)
 
 
+@needs_triton
+def test_attention_triton_under_other_launch_settings(monkeypatch, poisoned):
+    """KERNEL_CONFIG (the GPU sweep's knob) changes tiles, not results: tiles smaller than the
+    defaults and unequal, so the masked tails and the causal tile bounds fall elsewhere."""
+    monkeypatch.setenv("KERNEL_CONFIG", "fwd=16,32,2,1 dkdv=32,16,2,1 dq=16,32,2,1")
+    q, k, v, do, slopes = make_inputs(1, 4, 2, 45, 77, 24, True, F32, TRITON_DEVICE)
+    assert_close_to_float64(lambda *a, **kw: kernels.attention(*a, impl="triton", **kw), q, k, v, do, True, slopes)
+
+
 @pytest.mark.parametrize("B,H,Hkv,Tq,Tk,D,causal,alibi,dtype", [
     (2, 4, 2, 100, 100, 48, True, False, F32),  # SDPA's own is_causal
     (1, 4, 1, 17, 257, 64, True, True, F32),  # explicit mask: causal aligned to the end + ALiBi
@@ -834,6 +843,12 @@ def test_triton_scan_matches_reference(L, poisoned):  # under TRITON_INTERPRET=1
     # 2 channel blocks (the second half empty), N = 3 padded to 4, checkpoints every 16 steps
     assert_same(run_scan(kernels.selective_scan_triton, args, block_d=4, ckpt=16),
                 run_scan(kernels.selective_scan_ref, args))
+
+
+def test_triton_scan_under_other_launch_settings(monkeypatch):
+    monkeypatch.setenv("KERNEL_CONFIG", "scan=2,3,2")  # block_d, ckpt (not a power of two), warps
+    args = scan_inputs(L=10)
+    assert_same(run_scan(kernels.selective_scan, args, impl="triton"), run_scan(kernels.selective_scan_ref, args))
 
 
 @pytest.mark.parametrize("impl", ["chunked", "triton"])
