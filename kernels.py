@@ -882,7 +882,10 @@ class _SelectiveScanTriton(torch.autograd.Function):
         dD, dbias = f32(Bsz, Dm), f32(Bsz, Dm)
         dB, dC = f32(Bsz, n_dblk, L, N), f32(Bsz, n_dblk, L, N)  # every entry written
         dh0 = f32(Bsz, Dm, N)
-        work = f32(Bsz, ckpt, Dm, BLOCK_N)  # scratch: the states of one checkpoint interval, recomputed
+        # The scratch buffer: the states of one checkpoint interval, recomputed. Every step's state goes
+        # through it twice, so at B=32 D=1024 it moves gigabytes, cheaply only while the running
+        # programs' share of it stays in L2 (results/gpu_compile.md gives the bytes of each setting).
+        work = f32(Bsz, ckpt, Dm, BLOCK_N)
         dhlast = torch.zeros(Bsz, Dm, N, device=u.device, dtype=torch.float32) if dhlast is None else dhlast.float().contiguous()
         _scan_bwd_kernel[(Bsz, n_dblk)](u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
                                         delta_bias if delta_bias is not None else u, ckpts,
