@@ -607,17 +607,19 @@ def _config(kernel, D, dtype):
     override = _config_override(kernel)
     if override:
         return override
-    if dtype == torch.float32:  # exact fp32 dots run on the FMA units: small tiles fit the registers
-        return 32, 32, 4, 2     # (and compile in seconds instead of a minute)
-    warps = 8 if D > 64 else 4
-    if kernel == "fwd":
-        return 128, 64, warps, 3
-    return 64, 64, warps, 2  # dkdv and dq: two fp32 accumulators (dk, dv) per program
+    # Each choice compiles for sm_90 without spilling registers (python -m lab.gpu_compile).
+    if dtype == torch.float32:  # exact fp32 dots run on the FMA units: only small tiles fit the registers
+        return (16, 16, 4, 2) if D > 64 else (32, 32, 8, 2)
+    if kernel == "fwd":  # (4 warps at D=64 reached 255 registers and spilled with ALiBi)
+        return 128, 64, 8, 3
+    return 64, 64, 8 if D > 64 else 4, 2  # dkdv and dq: two fp32 accumulators (dk, dv) per program
 
 
-def _scan_config(Dm, L):
+def _scan_config(Dm, N, L):
     """(block_d, ckpt, num_warps) of the scan kernels: KERNEL_CONFIG's scan=..., else the default."""
-    return _config_override("scan") or (min(32, triton.next_power_of_2(Dm)), min(64, triton.next_power_of_2(max(L, 1))), 4)
+    # block_d * N states per program: 32 x 16 at Mamba's N = 16; at N = 64, 8 channels (32 spilled)
+    block_d = min(32, max(1, 512 // triton.next_power_of_2(N)), triton.next_power_of_2(Dm))
+    return _config_override("scan") or (block_d, min(64, triton.next_power_of_2(max(L, 1))), 4)
 
 
 def _new_output(shape, dtype, device):
@@ -909,7 +911,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     Dm, L = u.shape[1], u.shape[2]
     if u.dtype == torch.float64:
         raise ValueError("the Triton scan computes in float32: use impl='ref' or 'chunked' for float64")
-    default = _scan_config(Dm, L)
+    default = _scan_config(Dm, A.size(1), L)
     block_d, ckpt, num_warps = block_d or default[0], ckpt or default[1], num_warps or default[2]
     u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
     z = z.contiguous() if z is not None else None
