@@ -581,9 +581,11 @@ def page_scan_bytes(runs, vs):
     return out
 
 
-def write_page(pythons, path, command):
-    """Compile every variant and the sweep's settings with each interpreter (each its own Triton),
-    then write the page whole."""
+def write_page(others, path):
+    """Compile every variant and the sweep's settings with this interpreter and each of others
+    (interpreters of other environments: other Tritons), then write the page whole."""
+    command = "python -m lab.bench gpu_compile" + (f" --python={','.join(others)}" if others else "")
+    pythons = [sys.executable, *others]
     runs = []
     for python in pythons:
         t0 = time.perf_counter()
