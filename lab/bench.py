@@ -10,8 +10,12 @@ figures depend on the machine, so they are reported as ratios between things run
     python -m lab.bench hybrid                   # cache memory: Transformer vs Jamba-style hybrid vs Mamba
     python -m lab.bench moe                      # grouped experts vs the loop vs a dense feed-forward
     python -m lab.bench reference                # GPT-2 124M decoding: KV cache vs transformers' generate
+    python -m lab.bench sweep [--budget=S]       # GPU: the kernels under other launch settings (KERNEL_CONFIG)
+    python -m lab.bench gpu_compile [--python=P] # every kernel variant compiled for sm_90 and sm_80, with this
+                                                 # Triton and each other interpreter's: results/gpu_compile.md
 
-On a CUDA machine `scan` uses GPU sizes and the Triton kernel.
+On a CUDA machine `scan` uses GPU sizes and the Triton kernel. gpu_compile (minutes per Triton
+version) runs only when named.
 Sections with a target print PASS/FAIL lines.
 """
 import os
@@ -29,6 +33,7 @@ import model_transformer  # noqa: E402
 from lab.bench_attention import attention  # noqa: E402
 from lab.bench_reference import bench_reference  # noqa: E402
 from lab.bench_scan import bench_scan  # noqa: E402
+from lab.bench_sweep import bench_sweep  # noqa: E402
 from lab.measure import decode_step, timed_rounds, train_step  # noqa: E402
 
 NANOGPT_SHAPE = dict(vocab_size=65, block_size=64, d_model=128, n_layer=4, n_head=4)  # its CPU recipe
@@ -161,8 +166,18 @@ def bench_moe(args):
               f"{B * T / s:,.0f} | {base / s:.2f}x | {f'{loop / s:.2f}x' if loop else ''} |")
 
 
+def bench_gpu_compile(args):
+    """results/gpu_compile.md, whole: this interpreter's Triton and each --python=PATH[,PATH]'s."""
+    from lab import gpu_compile
+    others = [p for p in (args.get("python") or "").split(",") if p]
+    gpu_compile.write_page(others, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                "results", "gpu_compile.md"))
+
+
 SECTIONS = {"attention": attention, "train": bench_train, "generate": bench_generate, "scan": bench_scan,
-            "decode": bench_decode, "hybrid": bench_hybrid, "moe": bench_moe, "reference": bench_reference}
+            "decode": bench_decode, "hybrid": bench_hybrid, "moe": bench_moe, "reference": bench_reference,
+            "sweep": bench_sweep, "gpu_compile": bench_gpu_compile}
+ONLY_WHEN_NAMED = {"gpu_compile"}
 
 if __name__ == "__main__":
     if "-h" in sys.argv or "--help" in sys.argv:
@@ -175,5 +190,5 @@ if __name__ == "__main__":
         print(f"error: unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
         sys.exit(2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for name in names or SECTIONS:
+    for name in names or [n for n in SECTIONS if n not in ONLY_WHEN_NAMED]:
         SECTIONS[name](args)

@@ -33,21 +33,37 @@ def sdpa(backend):
     return run
 
 
+def matmul_tflops(device="cuda", n=8192):
+    """TFLOP/s of one bf16 (n x n) @ (n x n) matmul here: what this GPU's tensor cores reach in
+    practice, the ceiling the kernels' TFLOP/s are a share of (NaN off CUDA)."""
+    if device != "cuda":
+        return float("nan")
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n ** 3 / gpu_time_ms(lambda: a @ b) / 1e9
+
+
 def attention_gpu(shapes=((16, 12, 1024, 64, True), (4, 16, 4096, 128, True), (2, 16, 8192, 128, True),
                            (4, 16, 4096, 128, False)), device="cuda", impls=None):
-    """shapes: (B, H, T, D, causal): the nanoGPT shape, then long sequences at D=128."""
+    """shapes: (B, H, T, D, causal): the nanoGPT shape, then long sequences at D=128. Each row is
+    printed as soon as it is measured; the slowest implementation comes last."""
     impls = impls or {
         "triton": lambda q, k, v, causal: kernels.attention(q, k, v, causal=causal, impl="triton"),
         "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa-default": sdpa(None),
         "explicit": lambda q, k, v, causal: kernels.attention_ref(q, k, v, causal=causal),
     }
-    results, rows = {}, []
+    peak_tflops = matmul_tflops(device)
+    print(f"attention, bf16, TFLOP/s (fwd 4*B*H*T*T*D, halved causal; bwd 2.5x) and peak extra memory of fwd+bwd; "
+          f"a bf16 8192^3 matmul here: {peak_tflops:.0f} TFLOP/s")
+    header = ["shape", "mask", "impl", "fwd", "bwd", "fwd+bwd", "fwd+bwd / matmul", "peak MiB", "note"]
+    print(table(header, []), flush=True)
+    results = {}
     for B, H, T, D, causal in shapes:
         q, k, v, do = (torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16) for _ in range(4))
         q, k, v = (x.requires_grad_() for x in (q, k, v))
         flops = attention_flops(B, H, T, D, causal)
         for name, fn in impls.items():
+            cells = [f"B{B} H{H} T{T} D{D}", "causal" if causal else "full", name]
             try:
                 with torch.no_grad():
                     fwd = gpu_time_ms(lambda: fn(q, k, v, causal))
@@ -57,18 +73,19 @@ def attention_gpu(shapes=((16, 12, 1024, 64, True), (4, 16, 4096, 128, True), (2
                 both = gpu_time_ms(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do))
                 peak = cuda_peak_mib(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do))
             except Exception as e:  # no flash backend for this shape, a Triton compile error, out of memory ...
-                rows.append([f"B{B} H{H} T{T} D{D}", "causal" if causal else "full", name, "-", "-", "-", "-",
-                             "failed: " + first_line(e)])
-                torch.cuda.empty_cache()
+                print(table(header, [cells + ["-"] * 5 + ["failed: " + first_line(e)]]).splitlines()[-1], flush=True)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
                 continue
             r = dict(fwd=flops / fwd / 1e9, bwd=2.5 * flops / bwd / 1e9, both=3.5 * flops / both / 1e9, peak=peak)
             results[(B, H, T, D, causal, name)] = r
-            rows.append([f"B{B} H{H} T{T} D{D}", "causal" if causal else "full", name, f"{r['fwd']:.0f}",
-                         f"{r['bwd']:.0f}", f"{r['both']:.0f}", f"{peak:.0f}", ""])
+            share = f"{r['both'] / peak_tflops:.0%}" if peak_tflops == peak_tflops else "-"
+            print(table(header, [cells + [f"{r['fwd']:.0f}", f"{r['bwd']:.0f}", f"{r['both']:.0f}", share,
+                                          f"{peak:.0f}", ""]]).splitlines()[-1], flush=True)
         del q, k, v, do
-        torch.cuda.empty_cache()
-    print("attention, bf16, TFLOP/s (fwd 4*B*H*T*T*D, halved causal; bwd 2.5x) and peak extra memory of fwd+bwd")
-    print(table(["shape", "mask", "impl", "fwd", "bwd", "fwd+bwd", "peak MiB", "note"], rows) + "\n")
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print()
     attention_targets(results)
 
 

@@ -85,15 +85,15 @@ def bench_scan(args):
     # Decays multiply down to subnormal floats, which x86 CPUs process up to ~100x slower:
     # flush them to zero (all paths alike; GPUs flush by default).
     torch.set_flush_denormal(True)
-    cuda = torch.cuda.is_available()
-    dev = "cuda" if cuda else "cpu"
-    Bsz, Dm, N, Ls, dtype = (32, 1024, 16, (2048,), torch.bfloat16) if cuda else (8, 256, 16, (256, 1024), torch.float32)
+    if torch.cuda.is_available():
+        return bench_scan_gpu()
+    dev = "cpu"
+    Bsz, Dm, N, Ls, dtype = 8, 256, 16, (256, 1024), torch.float32
     paths = {"blelloch": selective_scan_blelloch,
              "chunked": lambda **a: kernels.selective_scan(**a, impl="chunked"),
-             "triton" if cuda else "ref": lambda **a: kernels.selective_scan(**a, impl="triton" if cuda else "ref")}
-    where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    how = "median of 10 CUDA-event timings of back-to-back calls" if cuda else "median of 5 interleaved rounds"
-    print(f"\nselective scan, {where}: B={Bsz} D={Dm} N={N}, {str(dtype)[6:]} inputs, {how}")
+             "ref": lambda **a: kernels.selective_scan(**a, impl="ref")}
+    print(f"\nselective scan, CPU, {torch.get_num_threads()} threads: B={Bsz} D={Dm} N={N}, {str(dtype)[6:]} inputs, "
+          "median of 5 interleaved rounds")
     print("| path | L | fwd ms | fwd+bwd ms | fwd+bwd speed-up over Blelloch |\n|---|---|---|---|---|")
     res, failed = {}, {}
     nan = (float("nan"), float("nan"))
@@ -111,10 +111,7 @@ def bench_scan(args):
                 failed[name, L] = first_line(e)
                 continue
             fns[name, "fwd"], fns[name, "fb"] = fwd, fb
-        if cuda:
-            secs = {key: gpu_time_ms(fn) / 1e3 for key, fn in fns.items()}
-        else:
-            secs = timed_rounds(fns, rounds=5, steps=1)
+        secs = timed_rounds(fns, rounds=5, steps=1)
         for name in paths:
             if (name, L) in failed:
                 print(f"| {name} | {L} | failed: {failed[name, L]} | - | - |")
@@ -122,21 +119,45 @@ def bench_scan(args):
             res[name, L] = secs[name, "fwd"] * 1e3, secs[name, "fb"] * 1e3
             print(f"| {name} | {L} | {res[name, L][0]:.1f} | {res[name, L][1]:.1f} | "
                   f"{res.get(('blelloch', L), nan)[1] / res[name, L][1]:.2f}x |")
-    if not cuda:
-        for L in Ls:
-            x = res.get(("blelloch", L), nan)[1] / res.get(("chunked", L), nan)[1]
-            print(f"target: chunked fwd+bwd >= 2x Blelloch at L={L}: {x:.2f}x {'PASS' if x >= 2 else 'FAIL'}")
-        scan_under_load(a, grad, paths, Bsz, Dm, N, Ls[-1])
-        return
-    L = Ls[0]
-    src = torch.empty(2 ** 30, device=dev, dtype=torch.uint8)  # 1 GiB
+    for L in Ls:
+        x = res.get(("blelloch", L), nan)[1] / res.get(("chunked", L), nan)[1]
+        print(f"target: chunked fwd+bwd >= 2x Blelloch at L={L}: {x:.2f}x {'PASS' if x >= 2 else 'FAIL'}")
+    scan_under_load(a, grad, paths, Bsz, Dm, N, Ls[-1])
+
+
+def bench_scan_gpu(Bsz=32, Dm=1024, N=16, L=2048, dtype=torch.bfloat16):
+    """The CUDA side of bench_scan: each path timed on its own and its row printed at once,
+    fastest first (Blelloch, the slowest, last), then the targets."""
+    paths = {"triton": lambda **a: kernels.selective_scan(**a, impl="triton"),
+             "chunked": lambda **a: kernels.selective_scan(**a, impl="chunked"),
+             "blelloch": selective_scan_blelloch}
+    print(f"\nselective scan, {torch.cuda.get_device_name()}: B={Bsz} D={Dm} N={N} L={L}, {str(dtype)[6:]} inputs, "
+          "median of 10 CUDA-event timings of back-to-back calls")
+    print("| path | fwd ms | fwd+bwd ms |\n|---|---|---|", flush=True)
+    a = scan_args(Bsz, Dm, N, L, "cuda", dtype)
+    grad = torch.randn(Bsz, Dm, L, device="cuda", dtype=dtype)
+    res = {}
+    for name, fn in paths.items():
+        try:  # a path that fails (a Triton compile error, out of memory) gets a failed row
+            fwd = gpu_time_ms(lambda: torch.no_grad()(fn)(**a))
+            both = gpu_time_ms(lambda: torch.autograd.grad(fn(**a), list(a.values()), grad))
+        except Exception as e:
+            print(f"| {name} | failed: {first_line(e)} | - |", flush=True)
+            torch.cuda.empty_cache()
+            continue
+        res[name] = fwd, both
+        print(f"| {name} | {fwd:.2f} | {both:.2f} |", flush=True)
+    nan = (float("nan"), float("nan"))
+    for name in ("triton", "chunked"):
+        print(f"fwd+bwd speed-up of {name} over Blelloch: {res.get('blelloch', nan)[1] / res.get(name, nan)[1]:.2f}x")
+    src = torch.empty(2 ** 30, device="cuda", dtype=torch.uint8)  # 1 GiB
     dst = torch.empty_like(src)
     hbm = 2 * src.numel() / (gpu_time_ms(lambda: dst.copy_(src)) / 1e3) / 1e9
     nbytes = (4 * Bsz * Dm * L + 2 * Bsz * N * L) * a["u"].element_size()  # u, delta, z read, out written; B, C read
-    bw = nbytes / (res.get(("triton", L), nan)[0] / 1e3) / 1e9
+    bw = nbytes / (res.get("triton", nan)[0] / 1e3) / 1e9
     print(f"HBM copy bandwidth {hbm:.0f} GB/s; the Triton forward moves {nbytes / 1e9:.2f} GB at {bw:.0f} GB/s")
     print(f"target: Triton forward >= 50% of HBM bandwidth: {bw / hbm:.0%} {'PASS' if bw >= 0.5 * hbm else 'FAIL'}")
-    x = res.get(("chunked", L), nan)[1] / res.get(("triton", L), nan)[1]
+    x = res.get("chunked", nan)[1] / res.get("triton", nan)[1]
     print(f"target: Triton fwd+bwd >= 5x the chunked algorithm on this GPU: {x:.1f}x {'PASS' if x >= 5 else 'FAIL'}")
 
 

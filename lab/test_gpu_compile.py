@@ -1,6 +1,11 @@
 """The kernels compiled for Hopper on the CPU: what the interpreter cannot see (operand types a GPU
 dot rejects, register spills, shared memory, grid limits) fails here."""
+import ast
+import os
+import re
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -65,3 +70,40 @@ def test_kernel_config_reaches_every_launch():
 def test_a_malformed_kernel_config_is_named():
     out = gpu_compile.in_subprocess(sys.executable, ["--launches-only"], timeout=120, env={"KERNEL_CONFIG": "fwd=48,64,4,2"})
     assert out["records"] and all("KERNEL_CONFIG entry 'fwd=48,64,4,2'" in r["error"] for r in out["records"])
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_check_runs_the_kernel_tests_and_only_them():
+    """Its test stage names tests by node id: exactly the Triton kernel tests of test_models.py
+    (decorated needs_triton or needs_gpu, 'triton' in the name), so a renamed or new kernel test
+    cannot drop out silently, and nothing that starts train.py rides along."""
+    with open(os.path.join(ROOT, "lab", "gpu_check.sh")) as f:
+        listed = set(re.search(r"KERNEL_TESTS=\((.*?)\)", f.read(), re.S).group(1).split())
+    with open(os.path.join(ROOT, "test_models.py")) as f:
+        tree = ast.parse(f.read())
+    kernel_tests = {node.name for node in tree.body if isinstance(node, ast.FunctionDef) and "triton" in node.name
+                    and {ast.unparse(d) for d in node.decorator_list} & {"needs_triton", "needs_gpu"}}
+    assert listed == kernel_tests
+
+
+def test_gpu_check_ends_within_its_total_time(tmp_path):
+    """A stand-in python that sees a GPU and then hangs in every stage, deaf to SIGINT: each stage
+    is cut at its budget plus its kill grace, the stages with no time left are skipped, and the
+    whole run ends within TOTAL_S."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\n'
+                    'if [ "$1" = - ]; then cat > /dev/null; echo "GPU Stand-in (sm_90, 141 GiB)"; exit 0; fi\n'
+                    'if [ "$1" = -c ]; then exit 1; fi\n'  # no pytest-xdist
+                    'trap "" INT\nsleep 1000\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "TOTAL_S": "40", "OUT": str(tmp_path / "out")}
+    t0 = time.monotonic()
+    p = subprocess.run(["bash", os.path.join(ROOT, "lab", "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=120)
+    took = time.monotonic() - t0
+    assert took <= 40, p.stdout
+    assert "smoke (" in p.stdout and "OUT OF TIME" in p.stdout
+    assert p.stdout.count("SKIPPED") == 4  # the tests and three benchmarks
+    assert p.returncode == 1

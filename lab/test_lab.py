@@ -177,11 +177,11 @@ def test_bench_attention_table_survives_a_failing_implementation(monkeypatch, ca
     bench_attention.attention_gpu(shapes=((1, 2, 40, 16, True),), device=TRITON_DEVICE, impls=impls)
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()
              if line.startswith("| B1 H2 T40 D16")]
-    rows = {r[2]: r for r in cells}  # shape, mask, impl, fwd, bwd, fwd+bwd, peak MiB, note
+    rows = {r[2]: r for r in cells}  # shape, mask, impl, fwd, bwd, fwd+bwd, fwd+bwd / matmul, peak MiB, note
     assert rows.keys() == {"triton", "broken", "explicit"}
-    assert rows["broken"][7].startswith("failed: OutOfResources: out of resource: shared memory, Required: 262144")
+    assert rows["broken"][8].startswith("failed: OutOfResources: out of resource: shared memory, Required: 262144")
     for ok in ("triton", "explicit"):  # TFLOP/s from the made-up 1 ms, and no failure note
-        assert rows[ok][7] == "" and rows[ok][3].isdigit()
+        assert rows[ok][8] == "" and rows[ok][3].isdigit()
 
 
 def test_triton_gpu_check_preflight_stops_with_a_clear_message(tmp_path):
