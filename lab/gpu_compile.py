@@ -471,10 +471,19 @@ def page(runs, command):
 def page_capped(runs, vs):
     out = ["", "## Register cap and other launch settings", ""]
     for run in runs:
-        capped = sorted({f"{r['kernel']} ({variant_text(r)}, sm_{r['arch']})" for r in run["records"] if r.get("regs", 0) >= REG_CAP})
-        out.append(f"Triton {run['triton']}: {len(capped)} variants at the {REG_CAP}-register cap"
-                   + (": " + "; ".join(capped) if capped else "") + ".")
-        out.append("")
+        for arch in sorted({r["arch"] for r in run["records"]}, reverse=True):
+            rs = [r for r in run["records"] if r["arch"] == arch and "regs" in r]
+            capped = sorted({f"{r['kernel']} ({variant_text(r)})" for r in rs if r["regs"] >= REG_CAP})
+            top = max(rs, key=lambda r: r["regs"], default=None)
+            spilling = sum(bool(r["spills"]) for r in rs)
+            text = f"Triton {run['triton']}, sm_{arch}: " + (
+                f"{len(capped)} variants at the {REG_CAP}-register cap: " + "; ".join(capped) if capped else
+                f"none at the {REG_CAP}-register cap (the most: {top['regs']}, {top['kernel']}, {variant_text(top)})" if top else "none compiled")
+            text += f"; {spilling} spilling." if spilling else "; none spilling."
+            out += [text, ""]
+    out += ["The launch settings are chosen for Hopper (sm_90); where sm_80 spills, an A100 run needs its own "
+            "(`KERNEL_CONFIG`; the settings below are compiled for sm_90 only)."]
+    out.append("")
     out += ["A kernel at the cap has as many registers as a thread can hold: one more live value spills, and the "
             "SM holds at most 8 warps of it (one 8-warp block, 12.5% of the warp slots), so memory latency is "
             "hidden only by the pipelining inside each block. The launch settings a GPU sweep tries "
@@ -556,7 +565,8 @@ def page_scan_bytes(runs, vs):
            "while the part the resident programs use stays in the H200's 50 MB L2. Resident programs: 132 SMs "
            "x blocks per SM from registers (the first Triton version's figure). A shorter ckpt shrinks the live "
            "scratch and writes (forward) and reads (backward) more checkpoints; block_d sets the programs' number "
-           "and the dB, dC partials (one per channel block).", "",
+           "and the dB, dC partials (one per channel block). In L2 or not is a threshold here; on the GPU the "
+           "change is gradual, which `python -m lab.bench sweep` measures.", "",
            "| block_d, ckpt, warps | registers | blocks/SM | live scratch MB | in L2? | checkpoints MB (written, read) | "
            "dB dC partials MB | backward HBM MB | backward predicted ms | forward predicted ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for setting in SWEEP["scan"]:
