@@ -615,8 +615,11 @@ def main(argv):
     usage = "usage: python -m lab.gpu_compile [--cases=handful|all|sweep|wide] [--arch=90,80] [--launches-only] [--json=FILE]"
     opts = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
     unknown = [a for a in argv if not a.startswith("--") or a[2:].partition("=")[0] not in ("cases", "arch", "json", "launches-only")]
-    if unknown or opts.get("cases", "handful") not in CASES:
-        print(f"error: unknown argument {(unknown or [opts.get('cases')])[0]!r}; {usage}", file=sys.stderr)
+    if unknown:
+        print(f"error: unknown argument {unknown[0]!r}; {usage}", file=sys.stderr)
+        return 2
+    if opts.get("cases", "handful") not in CASES:
+        print(f"error: unknown case set {opts['cases']!r}; {usage}", file=sys.stderr)
         return 2
     try:
         archs = [int(a) for a in (opts.get("arch") or "90").split(",")]
