@@ -609,7 +609,7 @@ def _config(kernel, D, dtype):
         return override
     # Each choice compiles for sm_90 without spilling registers (python -m lab.gpu_compile).
     if dtype == torch.float32:  # exact fp32 dots run on the FMA units: only small tiles fit the registers
-        return 16, 16, 4, 2
+        return (16, 16, 4, 2) if D > 64 else (32, 16, 4, 2)  # (16 x 16 at D=64 used local memory, Triton 3.6)
     if kernel == "fwd":  # (4 warps at D=64 reached 255 registers and spilled with ALiBi)
         return 128, 64, 8, 3
     return 64, 64, 8 if D > 64 else 4, 2  # dkdv and dq: two fp32 accumulators (dk, dv) per program
