@@ -422,7 +422,7 @@ def joined(runs, key):
 
 def page(runs, command):
     """results/gpu_compile.md from one run per interpreter: {python, torch, triton, wall_s,
-    records (every variant, sm_90 and sm_80), sweep (SWEEP's settings, sm_90)}."""
+    records (every variant, sm_90 and sm_80), sweep (SWEEP's settings, sm_90 and sm_80)}."""
     tv = [r["triton"] for r in runs]
     vs = " / ".join(f"Triton {v}" for v in tv)
     out = ["# The Triton kernels compiled for Hopper and Ampere, without a GPU", "",
@@ -482,16 +482,18 @@ def page_capped(runs, vs):
             text += f"; {spilling} spilling." if spilling else "; none spilling."
             out += [text, ""]
     out += ["The launch settings are chosen for Hopper (sm_90); where sm_80 spills, an A100 run needs its own "
-            "(`KERNEL_CONFIG`; the settings below are compiled for sm_90 only)."]
+            "(`KERNEL_CONFIG`; the table below shows which settings fit there)."]
     out.append("")
     out += ["A kernel at the cap has as many registers as a thread can hold: one more live value spills, and the "
             "SM holds at most 8 warps of it (one 8-warp block, 12.5% of the warp slots), so memory latency is "
             "hidden only by the pipelining inside each block. The launch settings a GPU sweep tries "
-            "(`KERNEL_CONFIG`, the default first), compiled for sm_90 at bf16 (attention D=128, the scan at "
-            f"N=16 and 64) ({vs}):", "",
-            "| kernel | setting | registers | spills (B) | shared (KiB) | blocks/SM (warps) | problems |", "|---|---|---|---|---|---|---|"]
-    for (kernel, variant, arch), recs in joined(runs, "sweep").items():
-        out.append(f"| {kernel} | {variant} | {cell([r and r.get('regs') for r in recs])} | {cell([r and r.get('spills') for r in recs])} | "
+            "(`KERNEL_CONFIG`, the default first), compiled for sm_90 and sm_80 at bf16 (attention D=128, the scan "
+            f"at N=16 and 64) ({vs}):", "",
+            "| kernel | setting | arch | registers | spills (B) | shared (KiB) | blocks/SM (warps) | problems |",
+            "|---|---|---|---|---|---|---|---|"]
+    for (kernel, variant, arch), recs in sorted(joined(runs, "sweep").items(), key=lambda item: -item[0][2]):
+        out.append(f"| {kernel} | {variant} | sm_{arch} | {cell([r and r.get('regs') for r in recs])} | "
+                   f"{cell([r and r.get('spills') for r in recs])} | "
                    f"{cell([r and r.get('shared') and r['shared'] / 1024 for r in recs], '{:.1f}')} | "
                    f"{cell([r and occupancy_text(r) for r in recs])} | "
                    f"{cell(['; '.join(problems(r)) if r else 'not compiled' for r in recs])} |")
@@ -571,7 +573,7 @@ def page_scan_bytes(runs, vs):
            "dB dC partials MB | backward HBM MB | backward predicted ms | forward predicted ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for setting in SWEEP["scan"]:
         recs = [next((r for r in run["sweep"] if r["kernel"] == "_scan_bwd_kernel" and r["case"] == f"scan bf16 N={N} scan={setting}"
-                      and "regs" in r), None) for run in runs]
+                      and r["arch"] == 90 and "regs" in r), None) for run in runs]
         first = next((r for r in recs if r), None)
         if first is None:
             out.append(f"| {setting} | not compiled | | | | | | | | |")
@@ -600,7 +602,7 @@ def write_page(others, path):
     for python in pythons:
         t0 = time.perf_counter()
         every = in_subprocess(python, ["--cases=all", "--arch=90,80"])
-        sweep = in_subprocess(python, ["--cases=sweep", "--arch=90"])
+        sweep = in_subprocess(python, ["--cases=sweep", "--arch=90,80"])
         runs.append(dict(python=python, python_version=every["python"], torch=every["torch"], triton=every["triton"],
                          records=every["records"], sweep=sweep["records"], wall_s=time.perf_counter() - t0))
         print(f"{python}: Triton {every['triton']}, {len(every['records'])} variants and {len(sweep['records'])} sweep "
