@@ -168,15 +168,15 @@ def bench_moe(args):
 
 def bench_gpu_compile(args):
     """results/gpu_compile.md, whole: this interpreter's Triton and each --python=PATH[,PATH]'s."""
-    from lab import gpu_compile
+    from lab import gpu_compile_page
     others = [p for p in (args.get("python") or "").split(",") if p]
     missing = [p for p in others if not (os.path.isfile(p) and os.access(p, os.X_OK))]
     if missing:
         print(f"error: --python={missing[0]} is not an executable file (an interpreter of an environment with "
               "torch and triton)", file=sys.stderr)
         sys.exit(2)
-    gpu_compile.write_page(others, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                "results", "gpu_compile.md"))
+    gpu_compile_page.write_page(others, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                     "results", "gpu_compile.md"))
 
 
 SECTIONS = {"attention": attention, "train": bench_train, "generate": bench_generate, "scan": bench_scan,

@@ -11,7 +11,7 @@ import importlib.util
 
 import pytest
 
-from lab import gpu_compile
+from lab import gpu_compile, gpu_compile_page
 
 # Triton is only looked for here, not imported: imported before TRITON_INTERPRET=1 is set (by the
 # kernel tests that follow), its own @jit helpers would not run in the interpreter.
@@ -32,6 +32,10 @@ def test_kernels_compile_for_sm90_without_spills():
     assert all(r["regs"] > 0 for r in records)
     scan_fwd = [r for r in records if r["kernel"] == "_scan_fwd_kernel"]
     assert len(scan_fwd) == 2  # with checkpoints (training) and without (the no-grad forward)
+    run = dict(python=sys.executable, python_version=out["python"], torch=out["torch"], triton=out["triton"],
+               records=records, sweep=records, wall_s=out["wall_s"])
+    page = gpu_compile_page.page([run], "python -m lab.bench gpu_compile")  # the page's code on real records
+    assert f"Triton {out['triton']}" in page and "sm_90" in page and "predicted" in page.lower()
 
 
 def test_the_check_names_each_problem():
