@@ -1974,6 +1974,43 @@ def test_bad_checkpoints_get_clear_errors(tmp_path, data_dir, hostile, capsys):
     assert (out / "ckpt_last.pt").read_bytes() == good
 
 
+def test_a_second_run_into_a_used_out_dir_loses_nothing(tmp_path, data_dir):
+    out = tmp_path / "out"
+    args = ["train.py", *TINY, "--max_iters=2", "--eval_interval=1", f"--out_dir={out}", f"--data_dir={data_dir}"]
+    assert run(*args).returncode == 0
+    saved = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert_one_line_error(run(*args), "already holds a run (ckpt_last.pt, ckpt_best.pt): continue it with --resume=True")
+    assert_one_line_error(run(*args, "--resume", "--overwrite=True"), "say one of them")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == saved  # checkpoints and metrics.jsonl intact
+    r = run(*args, "--overwrite=True", "--seed=7")
+    assert r.returncode == 0, r.stderr
+    assert (out / "ckpt_last.pt").read_bytes() != saved["ckpt_last.pt"]
+
+
+def test_out_of_memory_is_one_line_and_keeps_the_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
+    # sizes past the 128 TiB a process can address fail at allocation on any machine, without using any memory
+    assert_one_line_error(run("train.py", "--d_model=1000000000000", "--n_head=1", "--n_kv_head=1", f"--data_dir={data_dir}",
+                              f"--out_dir={tmp_path / 'huge'}"), "out of memory building the transformer model on cpu: lower")
+    out = tmp_path / "out"
+    args = [*TINY, "--max_iters=2", "--eval_interval=1", f"--out_dir={out}", f"--data_dir={data_dir}"]
+    assert run("train.py", *args).returncode == 0
+    saved = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".pt"}
+    assert_one_line_error(run("train.py", *args, "--resume", "--max_iters=4", "--batch_size=100000000000000"),
+                          "out of memory in a training step (100000000000000 x 32 tokens per batch on cpu): lower --batch_size")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".pt"} == saved
+    # a GPU's error, injected: the evaluation stops the same way
+    import train
+
+    def no_memory(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(model_transformer.Model, "forward", no_memory)
+    with pytest.raises(SystemExit) as stop:
+        train.main([*args, "--overwrite=True"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: out of memory evaluating (4 x 32 tokens per batch on cpu)"), err
+    assert len(err.strip().splitlines()) == 1 and (out / "ckpt_last.pt").read_bytes() == saved["ckpt_last.pt"]
+
+
 # torchrun runs train.main through this, which saves each rank's weights as its process group ends
 RANK_WEIGHTS = """
 import sys, torch, torch.distributed as dist

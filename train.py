@@ -42,6 +42,7 @@ OPTIONS = {
     "resume": (False, "continue exactly from out_dir/ckpt_last.pt"),
     "init_from": ("", "start from these weights with a new optimizer: a checkpoint of this repository (.pt), or a "
                   "Hugging Face model directory or hub name (gpt2, gpt2-medium, ...) with its tokenizer"),
+    "overwrite": (False, "start afresh in an out_dir that already holds a run, replacing it"),
     "batch_size": (12, "sequences per micro-batch (per process)"),
     "grad_accum": (1, "micro-batches per optimizer step"),
     "max_iters": (1000, "optimizer steps"),
@@ -113,6 +114,8 @@ def parse_args(argv):
     if opts["dataset"] == "mqar" and opts["mqar_pairs"] > opts["task_vocab"]:
         raise UsageError(f"mqar_pairs ({opts['mqar_pairs']}) needs as many distinct keys: at most task_vocab "
                          f"({opts['task_vocab']})")
+    if opts["resume"] and opts["overwrite"]:
+        raise UsageError("--resume continues the run in out_dir, --overwrite replaces it: say one of them")
     if opts["extrapolate"] < 0:
         raise UsageError(f"extrapolate must be >= 0, got {opts['extrapolate']}")
     return opts, overrides, module
@@ -223,6 +226,38 @@ def initial_weights(opts, overrides):
     return model, ckpt["tokenizer"], opts["tokenizer"]
 
 
+def check_out_dir(out_dir, opts):
+    """A fresh run never replaces an earlier one unless told to: repeating a command is common."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"out_dir {out_dir} is a file, not a directory")
+    held = [p.name for p in (out_dir / "ckpt_last.pt", out_dir / "ckpt_best.pt") if p.is_file()]
+    if held and not opts["resume"] and not opts["overwrite"]:
+        raise UsageError(f"{out_dir} already holds a run ({', '.join(held)}): continue it with --resume=True, "
+                         f"choose another --out_dir, or replace it with --overwrite=True")
+
+
+def out_of_memory(e):
+    return isinstance(e, torch.OutOfMemoryError) or any(
+        text in str(e) for text in ("can't allocate memory", "out of memory", "Cannot allocate memory"))
+
+
+class fits:
+    """Running out of memory inside becomes one line that says what did not fit and what to make
+    smaller; the checkpoints on disk stay those of the last evaluation. Reusable: a step enters it
+    at every iteration."""
+
+    def __init__(self, what, lower):
+        self.what, self.lower = what, lower
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and out_of_memory(e)):
+            raise UsageError(f"out of memory {self.what}: lower {self.lower}") from None
+        return False
+
+
 def checkpoint_to_resume(path, opts, overrides):
     ckpt = load_checkpoint(path)
     if ckpt["model_name"] != opts["model"]:
@@ -314,8 +349,7 @@ def train(opts, overrides, module):
     log = print if master else (lambda *a, **k: None)
     device, dtype = pick_device(opts["device"], opts["dtype"])
     out_dir = Path(opts["out_dir"])
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"out_dir {out_dir} is a file, not a directory")
+    check_out_dir(out_dir, opts)
     last_path, best_path, metrics_path = out_dir / "ckpt_last.pt", out_dir / "ckpt_best.pt", out_dir / "metrics.jsonl"
     ckpt = checkpoint_to_resume(last_path, opts, overrides) if opts["resume"] else None
     if ddp:
@@ -331,14 +365,22 @@ def train(opts, overrides, module):
         raise UsageError(f"{last_path} was trained with another tokenizer than dataset {opts['dataset']} has")
     if init is not None and init[1] != data.tokenizer_spec:
         raise UsageError(f"{opts['init_from']} has another tokenizer than dataset {opts['dataset']} gets (--tokenizer as it was trained)")
-    model = model_from_checkpoint(ckpt)[0] if ckpt is not None else init[0] if init else new_model(module, overrides, data)
-    cfg = model.config
-    data.check(cfg.block_size)
-    raw_model = model.to(device)
-    stretch = data.extrapolate if master else 0
-    long_model, why = stretched(module, raw_model, stretch, device) if stretch else (None, "")
-    optimizer = torch.optim.AdamW(model.optim_groups(opts["weight_decay"]), lr=opts["lr"],
-                                  betas=(opts["beta1"], opts["beta2"]))
+    smaller = "the model's size (--d_model, --n_layer, --d_ff; --n_expert for MoE)"
+    with fits(f"building the {opts['model']} model on {device}", smaller):
+        model = model_from_checkpoint(ckpt)[0] if ckpt is not None else init[0] if init else new_model(module, overrides, data)
+        cfg = model.config
+        data.check(cfg.block_size)
+        raw_model = model.to(device)
+        stretch = data.extrapolate if master else 0
+        long_model, why = stretched(module, raw_model, stretch, device) if stretch else (None, "")
+        optimizer = torch.optim.AdamW(model.optim_groups(opts["weight_decay"]), lr=opts["lr"],
+                                      betas=(opts["beta1"], opts["beta2"]))
+    batch = f"{opts['batch_size']} x {cfg.block_size} tokens per batch on {device}"
+    fits_step = fits(f"in a training step ({batch})", f"--batch_size (--grad_accum keeps the tokens per step), "
+                                                      f"--block_size or {smaller}")
+    fits_eval = fits(f"evaluating ({batch}{f', and {stretch}x longer ones' if long_model else ''})",
+                     "--batch_size or --block_size"
+                     + (" or set --extrapolate=0" if long_model else ""))
     gen = torch.Generator().manual_seed(opts["seed"])  # the data stream, one for all ranks (each keeps its share)
     torch.manual_seed(opts["seed"] + rank)  # dropout
     start_iter, best_val = (ckpt["iter"], ckpt["best_val"]) if ckpt is not None else (0, float("inf"))
@@ -381,7 +423,8 @@ def train(opts, overrides, module):
         # evaluate and checkpoint (not where we resume: the checkpoint we resume from was made there)
         if (it % opts["eval_interval"] == 0 or it == opts["max_iters"]) and not (ckpt is not None and it == start_iter):
             if master:
-                ev = {**evaluate(raw_model, long_model, stretch, data, opts, device, autocast), **raw_model.stats()}
+                with fits_eval:
+                    ev = {**evaluate(raw_model, long_model, stretch, data, opts, device, autocast), **raw_model.stats()}
                 extra = "".join(f" | {name} {v:.3g}" for name, v in ev.items() if "loss" not in name)
                 log(f"eval {it} | train {ev['train_loss']:.4f} | val {ev['val_loss']:.4f}{extra}")
                 record(metrics_path, {"iter": it, **ev, "tokens": it * tokens_per_iter, "time": time.time() - t_start,
@@ -406,11 +449,11 @@ def train(opts, overrides, module):
             group["lr"] = lr
         loss_sum, parts = torch.zeros((), device=device), {}
         for micro in range(opts["grad_accum"]):
-            # every rank draws the micro-batches of all ranks and keeps its own: n processes train on the
-            # batches one process would with n times the grad_accum
-            x, y = [data.batch("train", opts["batch_size"], cfg.block_size, gen) for _ in range(world)][rank]
             sync = not ddp or micro == opts["grad_accum"] - 1  # DDP: all-reduce only on the last micro-batch
-            with model.no_sync() if not sync else contextlib.nullcontext():
+            with fits_step, model.no_sync() if not sync else contextlib.nullcontext():
+                # every rank draws the micro-batches of all ranks and keeps its own: n processes train on the
+                # batches one process would with n times the grad_accum
+                x, y = [data.batch("train", opts["batch_size"], cfg.block_size, gen) for _ in range(world)][rank]
                 with autocast:
                     _, loss = model(x.to(device), y.to(device))
                 (loss / opts["grad_accum"]).backward()
@@ -427,7 +470,8 @@ def train(opts, overrides, module):
                 f"(try a lower --lr or --grad_clip)", code=1)
         # the norm before clipping (spikes warn of instability); grad_clip=0 measures without clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opts["grad_clip"] or math.inf).item()
-        optimizer.step()
+        with fits_step:  # the first step also allocates the optimizer's state
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         train_time += time.time() - t_step
         if master:
