@@ -283,9 +283,11 @@ class MoE(nn.Module):
         if self.cfg.norm_topk:
             weight = weight / weight.sum(dim=-1, keepdim=True)
         y = torch.zeros_like(x)  # (B*T, C)
-        for e, ffn in enumerate(self.experts):
+        # With gradients every expert runs, even on no token, so that each weight gets a gradient (DDP
+        # all-reduces them all); without (decoding, evaluation) only the experts some token chose.
+        for e in range(E) if torch.is_grad_enabled() else expert.unique().tolist():
             tok, slot = torch.where(expert == e)  # the tokens routed to e, and which of their k choices it is
-            y = y.index_add(0, tok, (ffn(x[tok]) * weight[tok, slot, None]).type_as(x))
+            y = y.index_add(0, tok, (self.experts[e](x[tok]) * weight[tok, slot, None]).type_as(x))
         load = torch.bincount(expert.flatten(), minlength=E).float() / expert.numel()  # (E,) f_e, sums to 1
         balance = E * (load * probs.mean(dim=0)).sum()  # Switch: 1 when balanced; the gradient flows through P_e
         self.losses = (balance, torch.logsumexp(logits, dim=-1).square().mean())  # z-loss keeps the logits small

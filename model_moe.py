@@ -389,7 +389,9 @@ class MoE(nn.Module):
     def experts_loop(self, x, tok, expert, weight):
         """The readable path: for each expert, gather its tokens, run its feed-forward, add back weighted."""
         y = torch.zeros_like(x)  # (B*T, C)
-        for e in range(self.cfg.n_expert):
+        # With gradients every expert runs, even on no token, so that each weight gets a gradient (DDP
+        # all-reduces them all); without (decoding, evaluation) only the experts some token chose.
+        for e in range(self.cfg.n_expert) if torch.is_grad_enabled() else expert.unique().tolist():
             mine = expert == e
             t = tok[mine]  # tokens routed to e
             h = self.act(x[t] @ self.w_in[e]) * weight[mine, None]  # (tokens of e, F), weighted here:

@@ -1311,6 +1311,48 @@ def test_hybrid_blocks_match_their_sources():
         torch.testing.assert_close(moe.last[0], ref.last["load"])
 
 
+def test_decoding_runs_only_the_chosen_experts(monkeypatch):
+    """Without gradients (decoding, evaluation) an MoE layer calls only the experts some token chose;
+    with them, every expert, so that each weight gets a gradient. The outputs are the same."""
+    m = tiny_hybrid(n_expert=8, top_k=2)
+    moes = [b.ffn for b in m.blocks if isinstance(b.ffn, model_hybrid.MoE)]
+    calls = []
+    for i, moe in enumerate(moes):
+        for e, ffn in enumerate(moe.experts):
+            ffn.register_forward_hook(lambda mod, a, out, key=(i, e): calls.append(key))
+    idx = torch.randint(0, 61, (1, 12))
+    with torch.no_grad():
+        skipped = m(idx)[0]
+        assert 0 < len(calls) < 8 * len(moes)
+        calls.clear()
+        cache = m.new_cache(1)
+        m(idx[:, :-1], cache=cache)
+        calls.clear()
+        step = m(idx[:, -1:], cache=cache)[0]  # one new token: top_k experts per MoE layer
+        assert sorted(i for i, _ in calls) == [i for i in range(len(moes)) for _ in range(2)]
+    calls.clear()
+    every = m(idx)[0]
+    assert sorted(set(calls)) == [(i, e) for i in range(len(moes)) for e in range(8)]
+    torch.testing.assert_close(skipped, every, atol=0, rtol=0)
+    torch.testing.assert_close(step[:, -1], every[:, -1])
+    tokens = lambda: torch.cat(list(m.generate(idx, 6, temperature=0)), dim=1)
+    ours = tokens()
+    monkeypatch.setattr(torch, "is_grad_enabled", lambda: True)  # every expert again, as before
+    assert torch.equal(ours, tokens())
+    monkeypatch.undo()
+    # model_moe's readable loop does the same; its grouped path runs no per-expert code
+    layer = moe_layer(expert_path="loop", n_expert=8)
+    acts, act = [], layer.act
+    monkeypatch.setattr(layer, "act", lambda h: acts.append(len(h)) or act(h))  # one call per expert run
+    x = torch.randn(1, 1, 32)
+    y_all = layer(x)
+    assert len(acts) == 8
+    acts.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), y_all, atol=0, rtol=0)
+    assert len(acts) == layer.cfg.top_k
+
+
 def test_hybrid_all_attention_is_the_transformer():
     """Every layer attention with a dense feed-forward: the hybrid is model_transformer without positions."""
     hybrid = tiny_hybrid(layers="Ad Ad Ad Ad")
