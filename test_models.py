@@ -837,6 +837,22 @@ def test_chunked_scan_matches_reference(L, chunk_size):
                 run_scan(kernels.selective_scan_ref, args))
 
 
+@pytest.mark.parametrize("L", [1, 7, 37])
+def test_chunked_scan_with_transposed_inputs(L):
+    """The layouts Mamba hands over: u contiguous (B, D, L); delta, z, B and C transposed views of
+    (B, L, X) projections (z a slice of a wider one). The chunked scan copies each by its own route;
+    results, and the layout of each gradient and of the output (z's), as with contiguous inputs."""
+    args = scan_inputs(L=L, Bsz=3, Dm=6, N=4)
+    wide = lambda t, extra=0: torch.cat((t.detach().transpose(1, 2), torch.zeros(*t.shape[:1], L, extra)), -1)
+    views = {"delta": wide(args["delta"]), "z": wide(args["z"], 6), "B": wide(args["B"]), "C": wide(args["C"])}
+    leaves = {k: v.requires_grad_() for k, v in views.items()}
+    args_t = {**args, **{k: v[..., :args[k].size(1)].transpose(1, 2) for k, v in leaves.items()}}
+    got = run_scan(kernels.selective_scan_chunked, args_t, chunk_size=5)
+    assert_same(got, run_scan(kernels.selective_scan_ref, args))
+    assert got["out"].transpose(1, 2).is_contiguous() and got["du"].is_contiguous()
+    assert all(got["d" + k].transpose(1, 2).is_contiguous() for k in views)
+
+
 @pytest.mark.parametrize("L", [1, 7, 64, 127])
 def test_triton_scan_matches_reference(L, poisoned):  # under TRITON_INTERPRET=1 on the CPU
     args = scan_inputs(L=L)
