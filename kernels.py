@@ -165,15 +165,16 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
-                           initial_state=None, return_last_state=False, chunk_size=16):
+                           initial_state=None, return_last_state=False, chunk_size=8):
     """The CPU fast path: the Triton kernel's algorithm in torch operations, with its own backward.
 
-    Time is cut into chunks of P steps. Per chunk, everything that does not depend on the previous
-    state is computed at once, as (P, B, I, N) tensors: the decays exp(dt A) and the inputs
-    dt B x; then one fused multiply-add per time step, h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,
-    and the outputs C_t . h_t of the whole chunk in one batched matmul. The forward keeps only the
-    state entering each chunk. The backward takes the chunks in reverse: it recomputes a chunk's
-    P states from its start, runs the adjoint recurrence
+    Time is cut into chunks of P steps (8: a chunk's (P, B, I, N) tensors then fit in a core's L2
+    cache at Mamba's default training shapes; 16 measured 10% slower at d_model 160). Per chunk,
+    everything that does not depend on the previous state is computed at once, as (P, B, I, N)
+    tensors: the decays exp(dt A) and the inputs dt B x; then one fused multiply-add per time step,
+    h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, and the outputs C_t . h_t of the whole chunk in one
+    batched matmul. The forward keeps only the state entering each chunk. The backward takes the
+    chunks in reverse: it recomputes a chunk's P states from its start, runs the adjoint recurrence
     dL/dh_{t-1} = exp(dt_t A) dL/dh_t + C_{t-1} dL/dy_{t-1}, again one multiply-add per step, and
     gets every gradient of the chunk from those states and adjoints in a few large operations.
     Memory is O(L/P) states plus a few chunks; every step multiplies by one factor exp(dt A) in
@@ -324,7 +325,7 @@ class _ChunkedScan(torch.autograd.Function):
             torch.bmm(g_f, B_t[t0:t1].reshape(-1, N, 1), out=ddu_t[t0:t1].view(-1, Dm, 1))  # dL/d(dt u)
             torch.bmm(du_t[t0:t1].view(-1, 1, Dm), g_f, out=dB_t[t0:t1].view(-1, 1, N))
             g_log = decay.mul_(g).mul_(hs[:n])  # dL/d(dt A), elementwise (n, B, I, N)
-            torch.sum(g_log * A_, dim=-1, out=ddt_t[t0:t1])
+            ddt_t[t0:t1] = torch.einsum("kbin,in->kbi", g_log, A_)  # a matmul per channel: no (n, B, I, N) product
             dA += g_log.mul_(dt_t[t0:t1, :, :, None]).sum((0, 1))
         ddu_t = ddu_t[..., 0]  # (L, B, I)
         ddt_t += ddu_t * u_t
