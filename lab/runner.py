@@ -106,10 +106,12 @@ def train_once(args, run_dir):
         return Run(run_dir, 0, done.get("seconds", float("nan")), reused=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
+    # a failed run, or one with other arguments, is replaced: train.py is told so, or it keeps it
+    earlier = any((run_dir / name).is_file() for name in ("ckpt_last.pt", "ckpt_best.pt"))
     t0 = time.time()
     with open(run_dir / "log.txt", "w") as log:
-        rc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO).returncode
+        rc = subprocess.run([sys.executable, str(REPO / "train.py"), *args, *(["--overwrite=True"] if earlier else [])],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO).returncode
     seconds = time.time() - t0
     stamp.write_text(json.dumps({"args": args, "rc": rc, "seconds": seconds}))
     return Run(run_dir, rc, seconds, reused=False)

@@ -149,6 +149,21 @@ def test_experiment_quick_page(name, rows, tmp_path, data_dir):
     assert all("nan" not in line for line in cells), cells
 
 
+def test_runner_reuses_a_finished_run_and_replaces_a_failed_one(tmp_path, data_dir):
+    from lab.runner import train_once
+    run_dir = tmp_path / "run"
+    args = ["--n_layer=1", "--d_model=32", "--n_head=2", "--n_kv_head=1", "--block_size=32", "--batch_size=4",
+            "--max_iters=2", "--eval_interval=1", "--eval_iters=1", "--device=cpu", f"--data_dir={data_dir}",
+            f"--out_dir={run_dir}"]
+    first = train_once(args, run_dir)
+    assert first.ok and not first.reused
+    ckpt = (run_dir / "ckpt_last.pt").read_bytes()
+    assert train_once(args, run_dir).reused and (run_dir / "ckpt_last.pt").read_bytes() == ckpt
+    (run_dir / "args.json").write_text((run_dir / "args.json").read_text().replace('"rc": 0', '"rc": 1'))
+    again = train_once(args, run_dir)  # as after a failure: train.py must be told to replace the run
+    assert again.ok and not again.reused, (run_dir / "log.txt").read_text()
+
+
 # ----------------------------------------------------------------------------- bench and gpu_check.sh
 # the scan benchmark's baseline, the attention table's failure handling, gpu_check.sh's preflight
 
