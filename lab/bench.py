@@ -13,6 +13,7 @@ figures depend on the machine, so they are reported as ratios between things run
     python -m lab.bench sweep [--budget=S]       # GPU: the kernels under other launch settings (KERNEL_CONFIG)
     python -m lab.bench gpu_compile [--python=P] # every kernel variant compiled for sm_90 and sm_80, with this
                                                  # Triton and each other interpreter's: results/gpu_compile.md
+    python -m lab.bench mamba                    # Mamba vs Transformer CPU training; the scan vs memory bandwidth
 
 On a CUDA machine `scan` uses GPU sizes and the Triton kernel. gpu_compile (minutes per Triton
 version) runs only when named.
@@ -31,6 +32,7 @@ import model_mamba  # noqa: E402
 import model_moe  # noqa: E402
 import model_transformer  # noqa: E402
 from lab.bench_attention import attention  # noqa: E402
+from lab.bench_mamba import bench_mamba  # noqa: E402
 from lab.bench_reference import bench_reference  # noqa: E402
 from lab.bench_scan import bench_scan  # noqa: E402
 from lab.bench_sweep import bench_sweep  # noqa: E402
@@ -181,7 +183,7 @@ def bench_gpu_compile(args):
 
 SECTIONS = {"attention": attention, "train": bench_train, "generate": bench_generate, "scan": bench_scan,
             "decode": bench_decode, "hybrid": bench_hybrid, "moe": bench_moe, "reference": bench_reference,
-            "sweep": bench_sweep, "gpu_compile": bench_gpu_compile}
+            "sweep": bench_sweep, "gpu_compile": bench_gpu_compile, "mamba": bench_mamba}
 ONLY_WHEN_NAMED = {"gpu_compile"}
 
 if __name__ == "__main__":

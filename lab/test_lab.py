@@ -179,6 +179,18 @@ def test_bench_blelloch_baseline_matches_reference():  # the baseline of the spe
 
 
 @needs_triton
+def test_bench_byte_counter_counts_what_operations_touch():
+    """The traffic the mamba section sets against the bandwidth: arguments and outputs over the memory
+    they span, views free, a broadcast operand once, an out= buffer twice (read for ownership, written)."""
+    from lab.bench_mamba import ByteCounter
+    a, b, row, out = torch.rand(100, 10), torch.rand(100, 10), torch.rand(10), torch.empty(100, 10)
+    for fn, want in [(lambda: a * b, 3 * 4000), (lambda: a.t()[2:5], 0), (lambda: a * row.expand(100, 10), 2 * 4000 + 40),
+                     (lambda: torch.mul(a, b, out=out), 4 * 4000), (lambda: a[:50].sum(0), 2000 + 40)]:
+        with ByteCounter() as c:
+            fn()
+        assert c.bytes == want, (c.bytes, want)
+
+
 def test_bench_attention_table_survives_a_failing_implementation(monkeypatch, capsys):
     from triton.runtime.errors import OutOfResources
     monkeypatch.setattr(bench_attention, "gpu_time_ms", lambda fn: (fn(), 1.0)[1])  # no CUDA here: one call, a made-up 1 ms
