@@ -75,12 +75,17 @@ def bench_mamba(args):
     fns = {"Transformer (defaults)": train_step(tr, B, T, V), "Mamba, d_model 160": mamba_step,
            "Mamba, scan replaced by a stand-in": without_scan, "one scan, fwd+bwd": scan,
            "stream": lambda: torch.mul(chunk, other, out=out)}
+    big, big_out = torch.rand(2 ** 26), torch.empty(2 ** 26)  # 256 MiB each: past every cache, DRAM's rate
+    fns["copy"] = lambda: big_out.copy_(big)
     with ByteCounter() as c:
         scan()
     scan_bytes = c.bytes
     with ByteCounter() as c:
         fns["stream"]()
     stream_bytes = c.bytes
+    with ByteCounter() as c:
+        fns["copy"]()
+    copy_bytes = c.bytes
     # the least a scan must move: its inputs and output, their gradients, the state and its gradient, once
     least = sum(span_bytes(t) for t in a.values()) * 2 + 2 * span_bytes(grad)
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in (("Transformer (defaults)", tr), ("Mamba, d_model 160", mb))}
@@ -107,6 +112,9 @@ def bench_mamba(args):
               f"{scan_bytes / bw * 1e3:.1f} ms at that rate: the scan takes {scan_s * bw / scan_bytes:.2f}x that bound "
               f"(its {scan_bytes / scan_s / 1e9:.1f} GB/s); inputs, output and gradients once would be {least / 1e6:.0f} MB "
               f"({least / bw * 1e3:.1f} ms)")
+        dram = copy_bytes / secs["copy"]
+        print(f"a 256 MiB copy moves {dram / 1e9:.1f} GB/s: at that rate the scan's traffic takes {scan_bytes / dram * 1e3:.1f} ms "
+              f"(the scan {scan_s * dram / scan_bytes:.2f}x that)")
         x = tf / mm
         print(f"target: Mamba >= 0.5x the Transformer's tokens/s: {x:.2f}x {'PASS' if x >= 0.5 else 'FAIL'}; "
               f"or the scan within 1.5x of its bandwidth bound: {scan_s * bw / scan_bytes:.2f}x "
