@@ -2034,7 +2034,7 @@ def test_bad_checkpoints_get_clear_errors(tmp_path, data_dir, hostile, capsys):
 
 def test_a_second_run_into_a_used_out_dir_loses_nothing(tmp_path, data_dir):
     out = tmp_path / "out"
-    args = ["train.py", *TINY, "--max_iters=2", "--eval_interval=1", f"--out_dir={out}", f"--data_dir={data_dir}"]
+    args = ["train.py", *TINY_ARGS, "--max_iters=2", "--eval_interval=1", f"--out_dir={out}", f"--data_dir={data_dir}"]
     assert run(*args).returncode == 0
     saved = {p.name: p.read_bytes() for p in out.iterdir()}
     assert_one_line_error(run(*args), "already holds a run (ckpt_last.pt, ckpt_best.pt): continue it with --resume=True")
@@ -2050,7 +2050,7 @@ def test_out_of_memory_is_one_line_and_keeps_the_checkpoint(tmp_path, data_dir, 
     assert_one_line_error(run("train.py", "--d_model=1000000000000", "--n_head=1", "--n_kv_head=1", f"--data_dir={data_dir}",
                               f"--out_dir={tmp_path / 'huge'}"), "out of memory building the transformer model on cpu: lower")
     out = tmp_path / "out"
-    args = [*TINY, "--max_iters=2", "--eval_interval=1", f"--out_dir={out}", f"--data_dir={data_dir}"]
+    args = [*TINY_ARGS, "--max_iters=2", "--eval_interval=1", f"--out_dir={out}", f"--data_dir={data_dir}"]
     assert run("train.py", *args).returncode == 0
     saved = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".pt"}
     assert_one_line_error(run("train.py", *args, "--resume", "--max_iters=4", "--batch_size=100000000000000"),
