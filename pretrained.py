@@ -113,7 +113,8 @@ def rope_fields(hf):
     rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_scaling") or {})}
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "linear"):
-        refuse("rope_scaling", kind, "this model file has position interpolation (linear) only")
+        refuse("rope_scaling", kind, "only linear (position interpolation) is read from a config.json; the model "
+               "file's ntk and yarn take their trained length from block_size, not from a hub config")
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         refuse("partial_rotary_factor", rope["partial_rotary_factor"], "RoPE here rotates the whole head")
     out = {"rope_theta": float(rope["rope_theta"])}

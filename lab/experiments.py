@@ -12,7 +12,8 @@ times models side by side (attn_scale, inspect, context_cost), trains and measur
 writes OUT/NAME.md (the tables, the exact commands, the machine, the wall time) and OUT/NAME.svg (a
 picture), and prints the tables. The claim experiments (selectivity, balance, attn_scale, context_cost,
 inspect) are meant for --seeds=3 and print each claim's verdict computed from their own table.
-A run whose directory already holds a finished run with the same arguments is read, not redone:
+A run whose directory already holds a finished run with the same arguments, trained by the same code
+(lab.runner.code_hash: the model file, kernels.py, train.py, data.py, cli.py), is read, not redone:
 an interrupted experiment picks up where it stopped. Runs live in OUT/runs/NAME/ (not committed;
 ladder_alone reads and writes OUT/runs/ladder/, mqar OUT/runs/recall/: they share runs).
 """

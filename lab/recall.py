@@ -102,7 +102,7 @@ def recall(lab):
             "lab.experiments mqar` (the same run folder).\n\n" + table(head, rows)
             + "\n\n<!-- lead: interpretation -->\n")
     lab.page("Recall: selective copying and induction", body,
-             svg_bars("answer accuracy (whisker: half the range over seeds)", "accuracy", bars, origin=0))
+             svg_bars("answer accuracy (whisker: half the range over seeds)", "accuracy", bars))
 
 
 def mqar(lab):

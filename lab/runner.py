@@ -5,6 +5,7 @@ experiments share: spreads over seeds, models sized to a parameter target, the T
 """
 import collections
 import concurrent.futures
+import hashlib
 import json
 import os
 import shlex
@@ -20,7 +21,7 @@ import train
 from lab.measure import machine, timed_rounds, train_step
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_SEEDS = 2
+DEFAULT_SEEDS = 3
 
 
 class Lab:
@@ -73,7 +74,7 @@ class Lab:
         runs = "\n".join(self.commands)
         text = (f"# {title}\n\n`{cmd}` — {machine()}, {self.jobs} run(s) at once with one thread each, "
                 f"wall time {(time.time() - self.t0) / 60:.1f} min"
-                + (f" ({len(self.reused)} of the runs below were read from finished runs with the same arguments in "
+                + (f" ({len(self.reused)} of the runs below were read from finished runs with the same arguments and code in "
                    f"{self.runs_dir}, not rerun: their time is not in this wall time)" if self.reused else "") + f".\n\n{body.strip()}\n\n"
                 + (f"![{self.name}]({self.name}.svg)\n\n" if picture else "")
                 + f"<details><summary>The {len(self.commands)} training runs</summary>\n\n```\n{runs}\n```\n</details>\n")
@@ -98,11 +99,26 @@ class Run:
         return 1000 * self.final["train_time"] / max(1, self.final["iter"]) if self.ok else float("nan")
 
 
+def code_hash(args):
+    """A hash of the files that decide what train.py does with these arguments: the model file it builds,
+    kernels.py, train.py, data.py and cli.py (and a preset's text). A finished run is reused only if it was
+    trained by this very code."""
+    files = [REPO / f for f in ("kernels.py", "train.py", "data.py", "cli.py")]
+    files += [REPO / a for a in args if a.endswith(".py")]
+    model = dict(cli.read_args([str(REPO / a) if a.endswith(".py") else a for a in args])).get("model", train.OPTIONS["model"][0])
+    files.append(Path(cli.MODELS[model].__file__) if model in cli.MODELS else REPO / "train.py")  # a bad name: train.py says so
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def train_once(args, run_dir):
-    """One train.py process; reuse a finished run made with exactly these arguments."""
+    """One train.py process; reuse a finished run made with exactly these arguments by the same code."""
     stamp = run_dir / "args.json"
     done = json.loads(stamp.read_text()) if stamp.is_file() else {}
-    if done.get("args") == args and done.get("rc") == 0:
+    code = code_hash(args)
+    if done.get("args") == args and done.get("code") == code and done.get("rc") == 0:
         return Run(run_dir, 0, done.get("seconds", float("nan")), reused=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
@@ -113,7 +129,7 @@ def train_once(args, run_dir):
         rc = subprocess.run([sys.executable, str(REPO / "train.py"), *args, *(["--overwrite=True"] if earlier else [])],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO).returncode
     seconds = time.time() - t0
-    stamp.write_text(json.dumps({"args": args, "rc": rc, "seconds": seconds}))
+    stamp.write_text(json.dumps({"args": args, "code": code, "rc": rc, "seconds": seconds}))
     return Run(run_dir, rc, seconds, reused=False)
 
 

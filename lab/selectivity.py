@@ -68,4 +68,4 @@ def selectivity(lab):
     bars = [(f"{t.replace('_', ' ')}: {s}", mean_sd(acc[t, s])[0], mean_sd(acc[t, s])[1] if mean_sd(acc[t, s])[2] > 1 else 0)
             for t in TASKS for s in SETTINGS]
     lab.page("Selectivity: S6 against an LTI layer in the same Mamba block", body,
-             svg_bars("answer accuracy (mean, whisker: sd)", "accuracy", bars, origin=0))
+             svg_bars("answer accuracy (mean, whisker: sd)", "accuracy", bars))
