@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU in tests; set before kernels import
 
+import json
 import math
 import subprocess
 import sys
@@ -162,6 +163,22 @@ def test_runner_reuses_a_finished_run_and_replaces_a_failed_one(tmp_path, data_d
     (run_dir / "args.json").write_text((run_dir / "args.json").read_text().replace('"rc": 0', '"rc": 1'))
     again = train_once(args, run_dir)  # as after a failure: train.py must be told to replace the run
     assert again.ok and not again.reused, (run_dir / "log.txt").read_text()
+    assert train_once(args, run_dir).reused
+    stamp = json.loads((run_dir / "args.json").read_text())  # the same arguments, trained by other code: redone
+    (run_dir / "args.json").write_text(json.dumps({**stamp, "code": "0" * 16}))
+    assert not train_once(args, run_dir).reused
+
+
+def test_code_hash_follows_the_model_file_a_run_builds(monkeypatch, tmp_path):
+    from lab import runner
+    real = Path.read_bytes
+    changed = lambda name: lambda self: real(self) + (b"#" if self.name == name else b"")
+    base = {m: runner.code_hash([f"--model={m}"]) for m in ("transformer", "mamba")}
+    assert base["transformer"] == runner.code_hash([]) != base["mamba"]  # the default model is the Transformer
+    monkeypatch.setattr(Path, "read_bytes", changed("model_mamba.py"))
+    assert runner.code_hash(["--model=mamba"]) != base["mamba"] and runner.code_hash([]) == base["transformer"]
+    monkeypatch.setattr(Path, "read_bytes", changed("kernels.py"))
+    assert runner.code_hash([]) != base["transformer"]
 
 
 # ----------------------------------------------------------------------------- bench and gpu_check.sh
@@ -244,6 +261,18 @@ def test_verdicts_follow_the_noise_rule():
     assert verdict([0.0, 0.0], [0.0, 0.0], ">") == "no measurable difference"  # equal, no spread
     assert verdict([1.0, 1.0], [0.0, 0.0], ">") == "confirmed"  # different, no spread
     assert fmt(a) == "1.000 ± 0.100 (n=3)" and fmt([0.5]) == "0.500 (n=1)" and fmt([float("nan")]) == "n/a"
+
+
+def test_readme_verdict_table_is_the_pages_claim_lines(tmp_path):
+    from lab.verdicts import BEGIN, END, claim, page_claims, with_table
+    readme = (REPO / "README.md").read_text()
+    assert readme == with_table(readme, REPO / "results"), "README's verdict table differs: python -m lab.verdicts"
+    page = tmp_path / "x.md"  # a claim line as the pages write it is read back whole
+    page.write_text("text\n" + claim("A beats B (on a | table)", "A", [2.0, 2.1, 1.9], "B", [1.0, 1.1, 0.9], ">") + "\n")
+    [(name, text, measured, word)] = page_claims(tmp_path)
+    assert (name, text, word) == ("x.md", "A beats B (on a | table)", "confirmed") and "2.000 ± 0.100 (n=3)" in measured
+    table = with_table(f"a\n{BEGIN}\nold\n{END}\nb", tmp_path)
+    assert "| A beats B (on a / table) |" in table and "confirmed | [x.md](results/x.md) |" in table and "old" not in table
 
 
 @pytest.mark.parametrize("variant", [dict(pos="rope", n_kv_head=2, attn_scale="one"), dict(pos="alibi", n_kv_head=1)])

@@ -1,11 +1,14 @@
 """
-What the claim experiments (selectivity, attn_scale, balance, context_cost, inspect) share: a spread over
-seeds as mean ± standard deviation with n, the one rule that says whether a difference is above the noise,
-the verdict word a page prints beside a claim (computed from the very numbers of its table, so prose and
-table cannot disagree), the same fixed validation batches for every model and seed, and a small in-process
-training loop for the experiments that look inside a model while it trains.
+What every experiment's page shares: a spread over seeds as mean ± standard deviation with n; the one rule
+that says whether a difference is above the noise; the verdict word a page prints beside a claim, computed
+from the very numbers of its table, so prose and table cannot disagree; the README's table of those verdicts,
+read back from the pages' claim lines; the same fixed validation batches for every model and seed; and a
+small in-process training loop for the experiments that look inside a model while it trains.
 """
 import math
+import re
+import sys
+from pathlib import Path
 
 import torch
 
@@ -116,3 +119,42 @@ def train_in_process(model, dataset, steps, batch_size, lr, seed, probe=None, ev
         opt.step()
         history.append((step, loss.item(), norm.item()))
     return history
+
+
+# ----------------------------------------------------------------------------- the README's verdict table
+
+CLAIM_LINE = re.compile(r"^- (?P<claim>.+?): (?P<measured>.+) -> \*\*(?P<verdict>" + "|".join(VERDICTS) + r")\*\*$")
+BEGIN, END = "<!-- verdicts: written by python -m lab.verdicts from the pages' claim lines -->", "<!-- /verdicts -->"
+
+
+def page_claims(results):
+    """[(page, claim, measured, verdict)] from every claim line (written by `claim`) of results/*.md."""
+    rows = []
+    for page in sorted(Path(results).glob("*.md")):
+        for line in page.read_text().splitlines():
+            m = CLAIM_LINE.match(line)
+            if m:
+                rows.append((page.name, m["claim"], m["measured"], m["verdict"]))
+    return rows
+
+
+def verdict_table(results):
+    """The README's table: one row per claim line of the pages, in page order."""
+    lines = ["| claim | measured (mean ± sd, n) | verdict | page |", "| --- | --- | --- | --- |"]
+    for page, text, measured, word in page_claims(results):
+        lines.append(f"| {text.replace('|', '/')} | {measured.replace('|', '/')} | {word} | [{page}](results/{page}) |")
+    return "\n".join(lines)
+
+
+def with_table(readme, results):
+    """README text with the block between BEGIN and END replaced by the table of the pages."""
+    head, sep, rest = readme.partition(BEGIN)
+    if not sep or END not in rest:
+        raise SystemExit(f"README has no {BEGIN} ... {END} block")
+    return head + BEGIN + "\n" + verdict_table(results) + "\n" + END + rest.partition(END)[2]
+
+
+if __name__ == "__main__":  # python -m lab.verdicts [README] [RESULTS]: rewrite the README's verdict table
+    readme = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+    readme.write_text(with_table(readme.read_text(), sys.argv[2] if len(sys.argv) > 2 else "results"))
+    print(f"wrote the verdict table of {readme} ({len(page_claims(sys.argv[2] if len(sys.argv) > 2 else 'results'))} claims)")
