@@ -87,11 +87,11 @@ def attn_scale(lab):
             + f"\n\nThe course's claim, checked at head dim {big} against the table (a difference counts when it exceeds "
             "2 standard errors):\n\n"
             + "\n".join([
-                claim("without the scale the softmax starts saturated (lower entropy at init)", "scale 1",
+                claim(f"attention, head dim {big}: without the 1/sqrt(d) scale the softmax starts saturated (lower entropy at init)", "scale 1",
                       init_ent(big, "one"), "1/sqrt(D)", init_ent(big, "sqrt"), "<", ".2f"),
-                claim("without the scale less gradient reaches q and k at init", "scale 1",
+                claim(f"attention, head dim {big}: without the scale less gradient reaches q and k at init", "scale 1",
                       [r["curve"][0][2] for r in res[big, "one"]], "1/sqrt(D)", [r["curve"][0][2] for r in res[big, "sqrt"]], "<", ".3g"),
-                claim("without the scale the model trains worse (higher val loss)", "scale 1", [r["loss"] for r in res[big, "one"]],
+                claim(f"attention, head dim {big}: without the scale the model trains to a higher val loss", "scale 1", [r["loss"] for r in res[big, "one"]],
                       "1/sqrt(D)", [r["loss"] for r in res[big, "sqrt"]], ">")]))
     mean_curve = lambda D, s: [(step, mean_sd([r["curve"][i][1][l] for r in res[D, s] for l in range(L)])[0])
                                for i, (step, _, _) in enumerate(res[D, s][0]["curve"])]

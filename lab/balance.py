@@ -61,14 +61,14 @@ def balance(lab):
             "loss's cost in quality; GShard and Switch: a capacity factor drops tokens, which costs quality), checked "
             "against the table (a difference counts when it exceeds 2 standard errors):\n\n"
             + "\n".join([
-                claim("the balance loss evens the load (higher load entropy)", "with", last(ON, "moe_ent"),
+                claim("MoE, top-2 of 8: the balance loss evens the load (higher load entropy than without it)", "with", last(ON, "moe_ent"),
                       "without", last(OFF, "moe_ent"), ">", ".2f"),
-                claim("without the loss more experts die", "without", last(OFF, "moe_dead"), "with",
+                claim("MoE, top-2 of 8: without the balance loss more experts get no token", "without", last(OFF, "moe_dead"), "with",
                       last(ON, "moe_dead"), ">", ".1f"),
-                claim("the balance loss costs loss", "with", loss[ON], "without", loss[OFF], ">"),
-                claim("sigmoid + bias reaches a lower loss than softmax + balance loss", "sigmoid", loss[SIGMOID],
+                claim("MoE, top-2 of 8: the balance loss costs validation loss (DeepSeek-V3's argument against it)", "with", loss[ON], "without", loss[OFF], ">"),
+                claim("MoE, top-2 of 8: the sigmoid router with a bias and no loss reaches a lower loss than softmax with the balance loss", "sigmoid", loss[SIGMOID],
                       "softmax", loss[ON], "<"),
-                claim("dropping beyond a capacity factor of 1.25 costs loss", "capacity 1.25", loss[CAPACITY],
+                claim("MoE, top-2 of 8: dropping tokens beyond a capacity factor of 1.25 costs validation loss", "capacity 1.25", loss[CAPACITY],
                       "dropless", loss[ON], ">")]))
     panels = [dict(title="load entropy / ln E", xlabel="iteration", ylabel="entropy", series=over_training("moe_ent")),
               dict(title="dead experts", xlabel="iteration", ylabel="experts", series=over_training("moe_dead")),

@@ -84,6 +84,12 @@ def score(model, batches):
     return sum(losses) / len(losses), right / max(1, scored)
 
 
+def no_recall(dataset, batches):
+    """Accuracy of the synthetic task's no-recall rule (SynthData.guess) on the answers of the fixed batches."""
+    right = sum((dataset.guess(x)[:, None] == y)[y != -1].sum().item() for x, y in batches)
+    return right / max(1, sum((y != -1).sum().item() for _, y in batches))
+
+
 def score_run(run, batches):
     """(loss, accuracy) of a finished train.py run's last checkpoint on fixed batches; (nan, nan) if it failed."""
     if not run.ok:
