@@ -34,7 +34,7 @@ EXPERIMENTS = {
     "recall": (recall.recall, "recall", 1337),
     "mqar": (recall.mqar, "recall", 1337),
     "moe": (moe.moe, "moe", 1337),
-    "scaling": (scaling.scaling, "scaling", None),
+    "scaling": (scaling.scaling, "scaling", 0),
     "ladder": (ladder.ladder, "ladder", 0),
     "ladder_alone": (ladder.ladder_alone, "ladder", 0),
     "positions": (positions.positions, "positions", 0),

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import data
 from lab.charts import svg_lines
 from lab.measure import table
-from lab.runner import SHAKESPEARE, failed, mean_spread, model_of, quick_note, seeded
+from lab.runner import SHAKESPEARE, failed, model_of, quick_note, seeded
+from lab.verdicts import claim, fmt
 
 
 @torch.no_grad()
@@ -71,7 +72,7 @@ def positions(lab):
     at = next(i for i, (key, _, _) in enumerate(rows_def) if key == "rope") + 1  # PI and NTK right after RoPE
     rows_def[at:at] = [("rope", "RoPE + position interpolation (PI)", "pi"), ("rope", "RoPE + NTK-aware scaling", "ntk"),
                        ("rope", "RoPE + YaRN (NTK-by-parts, temperature)", "yarn")]
-    rows, curves = [], {}
+    rows, curves, beyond = [], {}, {}  # beyond[label, f]: each seed's mean loss on positions T..fT-1
     for key, label, scaling in rows_def:
         per_factor = {}
         for f in (1, 2, 4):
@@ -84,20 +85,25 @@ def positions(lab):
                 cells += ["cannot run past T: no learned embedding for those positions" if key == "learned" else "n/a", "-"]
                 continue
             if f == 1:
-                cells.append(mean_spread(p[:, :T].mean(1).tolist()))
+                cells.append(fmt(p[:, :T].mean(1).tolist()))
             else:
-                cells += [mean_spread(p[:, :T].mean(1).tolist()), mean_spread(p[:, T:].mean(1).tolist())]
+                beyond[label, f] = p[:, T:].mean(1).tolist()
+                cells += [fmt(p[:, :T].mean(1).tolist()), fmt(beyond[label, f])]
         rows.append(cells)
         longest = next((per_factor[f] for f in (4, 2, 1) if per_factor[f] is not None), None)
         if longest is not None:
             bucket = max(1, T // 8)
             mean = longest.mean(0)
             curves[label] = [(i + bucket / 2, mean[i:i + bucket].mean().item()) for i in range(0, mean.numel(), bucket)]
-    for scaling, label in (("pi", "RoPE + PI, fine-tuned at 2T"), ("yarn", "RoPE + YaRN, fine-tuned at 2T")):
+    for scaling, label in (("pi", "RoPE + PI, fine-tuned at 2T"), ("yarn", "RoPE + YaRN, fine-tuned at 2T")):  # names below
         got = [position_losses(r.dir / "ckpt_last.pt", 1, "none", windows) for r in tuned[scaling] if r.ok]  # its own 2T
         p = torch.stack(got) if got else None  # (seeds, 2T)
-        rows.append([label + failed(tuned[scaling]), "-", *([mean_spread(p[:, :T].mean(1).tolist()),
-                                                             mean_spread(p[:, T:].mean(1).tolist())] if p is not None else ["n/a", "n/a"]), "-", "-"])
+        beyond[label, 2] = p[:, T:].mean(1).tolist() if p is not None else []
+        rows.append([label + failed(tuned[scaling]), "-", *([fmt(p[:, :T].mean(1).tolist()), fmt(beyond[label, 2])]
+                                                            if p is not None else ["n/a", "n/a"]), "-", "-"])
+    names = {**{key: label for key, label, scaling in rows_def if scaling == "none"},
+             **{scaling: label for _, label, scaling in rows_def if scaling != "none"},
+             "pi-ft": "RoPE + PI, fine-tuned at 2T", "yarn-ft": "RoPE + YaRN, fine-tuned at 2T"}
     header = ["positions", f"1x: 0..{T - 1}", f"2x: 0..{T - 1}", f"2x: {T}..{2 * T - 1}", f"4x: 0..{T - 1}",
               f"4x: {T}..{4 * T - 1}"]
     body = quick_note(lab) + f"""
@@ -115,7 +121,7 @@ Each scheme trained on tiny Shakespeare (characters; config/shakespeare_char.py 
 row), {len(runs['rope'])} seed(s). The trained checkpoint (last step) is then evaluated in this process at 1x, 2x
 and 4x T on the same {n_windows} validation windows: mean loss on the first T positions and, separately, on the
 positions beyond T (so they are not diluted by the first T). PI, NTK and YaRN rows reuse the RoPE checkpoints, with
-the angles rescaled by the evaluation factor (1x is plain RoPE). Mean ± half the range over seeds.
+the angles rescaled by the evaluation factor (1x is plain RoPE). Mean ± standard deviation over seeds (n).
 
 {table(header, rows)}
 
@@ -123,8 +129,32 @@ What this shows: the loss per position range of each scheme at and beyond the tr
 character-level model. What it does not show: long-context ability (a character model needs little far context),
 or PI/YaRN after the fine-tuning budgets of their papers (this one is far shorter).
 
-<!-- lead: interpretation -->
-"""
+The papers' claims, checked on the loss at the positions beyond T (a difference counts when it exceeds 2 standard
+errors):
+
+""" + "\n".join(position_claims(beyond, T, names)) + "\n"
     lab.page("Positions: trained at T, evaluated at 1x, 2x, 4x T", body,
              svg_lines([dict(title=f"loss against position (longest evaluation; trained at T = {T})", xlabel="position",
-                             ylabel="val loss", series=curves)], width=720, height=340, cols=1))
+                             ylabel="val loss", series=curves, marks=[(T, f"trained length T = {T}")])],
+                       width=720, height=340, cols=1))
+
+
+def position_claims(beyond, T, names):
+    """Claim lines on the loss beyond the trained length (at 2T unless said); a row that was not run is not measured."""
+    get = lambda key, f=2: beyond.get((names.get(key), f), [])
+    where = f"Transformer trained at T = {T} on tiny Shakespeare characters, loss at positions T..2T-1"
+    return [
+        claim(f"{where}: ALiBi extrapolates better than sinusoidal positions (Press et al. 2021)", "ALiBi", get("alibi"),
+              "sinusoidal", get("sinusoidal"), "<"),
+        claim(f"{where}: ALiBi extrapolates better than RoPE (Press et al. 2021)", "ALiBi", get("alibi"), "RoPE",
+              get("rope"), "<"),
+        claim(f"{where}: no positional encoding extrapolates better than RoPE (Kazemnejad et al. 2023)", "NoPE",
+              get("none"), "RoPE", get("rope"), "<"),
+        claim(f"{where}: position interpolation without fine-tuning beats plain RoPE (Chen et al. 2023)", "PI", get("pi"),
+              "RoPE", get("rope"), "<"),
+        claim(f"{where}: YaRN without fine-tuning beats PI without fine-tuning (Peng et al. 2023)", "YaRN", get("yarn"),
+              "PI", get("pi"), "<"),
+        claim(f"{where}: a short fine-tune at 2T improves PI (Chen et al. 2023)", "PI fine-tuned", get("pi-ft"),
+              "PI", get("pi"), "<"),
+        claim(f"{where}: after the same fine-tune YaRN beats PI (Peng et al. 2023)", "YaRN fine-tuned", get("yarn-ft"),
+              "PI fine-tuned", get("pi-ft"), "<")]
