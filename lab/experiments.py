@@ -30,7 +30,7 @@ from lab.runner import DEFAULT_SEEDS, Lab
 # seeds first, first + 1, ... first + n - 1 (Lab.seed_values); the first seeds are the ones the committed
 # pages were run with. None: one run per configuration at train.py's default seed (1337), no --seed flag.
 EXPERIMENTS = {
-    "architectures": (architectures.architectures, "architectures", None),
+    "architectures": (architectures.architectures, "architectures", 0),
     "recall": (recall.recall, "recall", 1337),
     "mqar": (recall.mqar, "recall", 1337),
     "moe": (moe.moe, "moe", 1337),

@@ -118,9 +118,8 @@ def test_experiment_architectures_quick(tmp_path):
     for m in ("transformer", "moe", "mamba", "hybrid"):
         cost, learned = [r for r in rows if r[0] == m]
         assert cost[7].endswith("MiB") and float(cost[6].replace(",", "")) > 0  # decode speed and cache
-        assert len(learned) == 3 and 0 <= float(learned[2].split()[0]) <= 1  # mqar loss, acc (baseline)
-        assert 0 < float(learned[2].split("(")[1].rstrip(")")) < 1
-    assert "decode tok/s @256" in page
+        assert 0 < float(learned[1].split()[0]) < 10  # text loss on the fixed batches
+    assert "decode tok/s @256" in page and page.count("-> **not measured**") == 3  # one seed: no verdict
     assert (tmp_path / "architectures.svg").read_text().count("<polyline") == 4
 
 
