@@ -269,11 +269,12 @@ def test_readme_verdict_table_is_the_pages_claim_lines(tmp_path):
     readme = (REPO / "README.md").read_text()
     assert readme == with_table(readme, REPO / "results"), "README's verdict table differs: python -m lab.verdicts"
     page = tmp_path / "x.md"  # a claim line as the pages write it is read back whole
-    page.write_text("text\n" + claim("A beats B (on a | table)", "A", [2.0, 2.1, 1.9], "B", [1.0, 1.1, 0.9], ">") + "\n")
+    page.write_text("text\n" + claim("Setting: A beats B (on a | table)", "A", [2.0, 2.1, 1.9], "B", [1.0, 1.1, 0.9], ">") + "\n")
     [(name, text, measured, word)] = page_claims(tmp_path)
-    assert (name, text, word) == ("x.md", "A beats B (on a | table)", "confirmed") and "2.000 ± 0.100 (n=3)" in measured
+    assert (name, text, word) == ("x.md", "Setting: A beats B (on a | table)", "confirmed")
+    assert measured == "A 2.000 ± 0.100 (n=3) against B 1.000 ± 0.100 (n=3)"
     table = with_table(f"a\n{BEGIN}\nold\n{END}\nb", tmp_path)
-    assert "| A beats B (on a / table) |" in table and "confirmed | [x.md](results/x.md) |" in table and "old" not in table
+    assert "| Setting: A beats B (on a / table) |" in table and "confirmed | [x.md](results/x.md) |" in table and "old" not in table
 
 
 @pytest.mark.parametrize("variant", [dict(pos="rope", n_kv_head=2, attn_scale="one"), dict(pos="alibi", n_kv_head=1)])

@@ -56,7 +56,9 @@ def verdict(a, b, expect):
 
 
 def claim(text, a_name, a, b_name, b, expect, spec=".3f"):
-    """One line of a page: the claim, both measurements and the verdict computed from them."""
+    """One line of a page: the claim, both measurements and the verdict computed from them (the names hold no
+    colon: the README's table splits the line at its last one)."""
+    assert ":" not in a_name + b_name, "a claim's measured side holds no colon"
     return (f"- {text}: {a_name} {fmt(a, spec)} against {b_name} {fmt(b, spec)} -> "
             f"**{verdict(a, b, expect)}**")
 
@@ -129,7 +131,8 @@ def train_in_process(model, dataset, steps, batch_size, lr, seed, probe=None, ev
 
 # ----------------------------------------------------------------------------- the README's verdict table
 
-CLAIM_LINE = re.compile(r"^- (?P<claim>.+?): (?P<measured>.+) -> \*\*(?P<verdict>" + "|".join(VERDICTS) + r")\*\*$")
+# the claim may hold colons ("MoE, top-2 of 8: ..."); the measured part, written by `claim`, holds none
+CLAIM_LINE = re.compile(r"^- (?P<claim>.+): (?P<measured>[^:]+) -> \*\*(?P<verdict>" + "|".join(VERDICTS) + r")\*\*$")
 BEGIN, END = "<!-- verdicts: written by python -m lab.verdicts from the pages' claim lines -->", "<!-- /verdicts -->"
 
 
@@ -152,12 +155,29 @@ def verdict_table(results):
     return "\n".join(lines)
 
 
+def page_index(results):
+    """The README's list of pages: title, the command that writes it, its wall time, and how it reports spread
+    (read from the page: 'mean ± sd (n)' where its cells carry n, else the half range of an earlier protocol)."""
+    lines = ["| page | what it measures | command | wall time | spread |", "| --- | --- | --- | --- | --- |"]
+    for page in sorted(Path(results).glob("*.md")):
+        text = page.read_text()
+        title = text.splitlines()[0].lstrip("# ").strip()
+        command = re.search(r"`?(python -m lab\.[^`\n)]+)", text)  # the first command the page names
+        wall = re.search(r"wall time ([0-9.]+ min)", text)
+        spread = ("mean ± sd (n)" if "(n=" in text else "one seed (earlier protocol)" if "--seeds=1" in text
+                  else "± half the range of 2 seeds (earlier protocol)" if " ± " in text and wall else "timings")
+        lines.append(f"| [{page.name}](results/{page.name}) | {title.replace('|', '/')} | "
+                     f"{'`' + command[1].strip() + '`' if command else '-'} | {wall[1] if wall else '-'} | {spread} |")
+    return "\n".join(lines)
+
+
 def with_table(readme, results):
-    """README text with the block between BEGIN and END replaced by the table of the pages."""
+    """README text with the block between BEGIN and END replaced by the verdict table and the page index."""
     head, sep, rest = readme.partition(BEGIN)
     if not sep or END not in rest:
         raise SystemExit(f"README has no {BEGIN} ... {END} block")
-    return head + BEGIN + "\n" + verdict_table(results) + "\n" + END + rest.partition(END)[2]
+    block = verdict_table(results) + "\n\nEvery page, with the command that rewrites it whole:\n\n" + page_index(results)
+    return head + BEGIN + "\n" + block + "\n" + END + rest.partition(END)[2]
 
 
 if __name__ == "__main__":  # python -m lab.verdicts [README] [RESULTS]: rewrite the README's verdict table
