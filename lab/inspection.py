@@ -138,7 +138,7 @@ def inspect_models(lab):
         if name == "transformer":
             maps = [(f"layer {l} head {h}", m[0, h]) for l, m in enumerate(attention_maps(model, x)) for h in range(m.size(1))]
         else:  # channels averaged, by magnitude: their signs differ
-            maps = [(f"layer {l}, mean abs(alpha) of {a.size(1)} channels", a[0].abs().mean(0))
+            maps = [(f"layer {l}, implicit", a[0].abs().mean(0))
                     for l, a in enumerate(mamba_attention(model, x))]
         for title, m in maps:
             found = induction_score(m / m.sum(-1, keepdim=True).clamp_min(1e-12), x[0], trigger)

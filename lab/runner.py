@@ -72,12 +72,14 @@ class Lab:
         cmd = f"python -m lab.experiments {self.name}" + (" --quick" if self.quick else "") + \
               (f" --seeds={self.seeds}" if self.seeds != DEFAULT_SEEDS else "")
         runs = "\n".join(self.commands)
-        text = (f"# {title}\n\n`{cmd}` — {machine()}, {self.jobs} run(s) at once with one thread each, "
-                f"wall time {(time.time() - self.t0) / 60:.1f} min"
+        how = (f"{self.jobs} run(s) at once with one thread each" if self.commands else
+               "trained and measured in this process")
+        text = (f"# {title}\n\n`{cmd}` — {machine()}, {how}, wall time {(time.time() - self.t0) / 60:.1f} min"
                 + (f" ({len(self.reused)} of the runs below were read from finished runs with the same arguments and code in "
                    f"{self.runs_dir}, not rerun: their time is not in this wall time)" if self.reused else "") + f".\n\n{body.strip()}\n\n"
                 + (f"![{self.name}]({self.name}.svg)\n\n" if picture else "")
-                + f"<details><summary>The {len(self.commands)} training runs</summary>\n\n```\n{runs}\n```\n</details>\n")
+                + (f"<details><summary>The {len(self.commands)} training runs</summary>\n\n```\n{runs}\n```\n</details>\n"
+                   if self.commands else ""))
         (self.out / f"{self.name}.md").write_text(text)
         if picture:
             (self.out / f"{self.name}.svg").write_text(picture)
