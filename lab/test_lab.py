@@ -143,7 +143,8 @@ def quick_page(name, rows, tmp_path, data_dir, *args):
                    "RoPE + YaRN (NTK-by-parts, temperature)", "ALiBi", "RoPE + PI, fine-tuned at 2T | - |",
                    "RoPE + YaRN, fine-tuned at 2T | - |"]),
     ("norms", ["2 | 3e-3 | pre | 100 steps", "2 | 3e-3 | post | none", "LayerNorm", "RMSNorm", "64 x 128", "256 x 512"]),
-    ("attention", ["MHA 4:4", "GQA 4:2", "MQA 4:1", "8:8 (MHA)", "8:2 (GQA)", "T | 4 | 256", "D | 4 | 256 | 64", "H | 1 |"]),
+    ("attention", ["MHA 4:4", "GQA 4:2", "MQA 4:1", "8:8 (MHA)", "8:2 (GQA)", "8:1 (MQA)", "T | 4 | 256", "D | 4 | 256 | 64",
+                   "H | 1 |"]),
 ])
 def test_experiment_quick_page(name, rows, tmp_path, data_dir):
     page, cells = quick_page(name, rows, tmp_path, data_dir)
