@@ -107,7 +107,7 @@ def moe(lab):
             + "\n\nWhat this shows: dense against two MoE layouts at one small budget and equal active parameters, and "
               "how balanced their experts stay. What it does not show: many experts, long training, or speed on "
               "hardware where the experts run in parallel.")
-    panels = [dict(title="validation loss (train.py's evaluations, mean over seeds)", xlabel="training tokens",
+    panels = [dict(title="val loss (mean over seeds)", xlabel="training tokens",
                    ylabel="val loss", series=curves),
               dict(title="expert load over training", xlabel="training tokens", ylabel="load entropy / ln E", series=load),
               dict(title="max load over training", xlabel="training tokens", ylabel="max load / mean load - 1", series=vio)]

@@ -190,13 +190,14 @@ def norms(lab):
                claim(f"Norm alone, forward + backward, float32, one CPU thread, {big[0]} x {big[1]}: F.rms_norm is faster "
                      f"than LayerNorm (Zhang & Sennrich 2019: 7-64% faster), µs per call over rounds", "F.rms_norm",
                      speed[big]["F.rms_norm"], "LayerNorm", speed[big]["LayerNorm"], "<", ".0f")]
-    swept = f"; at depth {deep} also at {high}, and there post-norm again without gradient clipping" if not lab.quick else ""
+    swept = (f"; at depth {deep} also at {high} (a rate added after runs at {lr} showed no difference between the "
+             f"placements), and there post-norm again without gradient clipping" if not lab.quick else "")
     body = quick_note(lab) + f"""
 Xiong et al. (2020, "On Layer Normalization in the Transformer Architecture") show that the original
 post-norm Transformer (Vaswani et al. 2017) has large gradients near the output at initialisation and needs a
 learning-rate warmup, more so as depth grows, while pre-norm (GPT-2) trains without one. Here: both placements
 at depth {', '.join(map(str, depths))}, with a {warm_steps}-step warmup and without, at one learning rate ({lr}, 3x the
-default){swept} (the grid and both rates fixed before running), gradient clipping at 1.0 as in every run of
+default, fixed before running){swept}; gradient clipping at 1.0 as in every run of
 train.py unless the row says off (the recorded norm is the one before clipping). Tiny Shakespeare, characters,
 width 64, 4 heads, context 64, batch 12, {iters} steps, LayerNorm, {len(runs[ln_key])} seed(s). Val loss: {scored_on};
 mean ± sd (n seeds). Grad norms: the largest over steps 1-{warm_steps} (step 0 is the initialisation's alone, the
