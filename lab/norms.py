@@ -57,13 +57,16 @@ def unigram_loss(dataset, data_dir):
     return -logp[d.val].mean().item()
 
 
+def diverged(run):
+    """True when train.py stopped the run because its loss was not finite."""
+    log = run.dir / "log.txt"
+    return not run.ok and log.is_file() and "loss is" in log.read_text()
+
+
 def ended(runs):
-    """' (seed i diverged: loss not finite)' etc. for the runs that did not finish; '' when all did."""
-    bad = []
-    for i, r in enumerate(runs):
-        if not r.ok:
-            log = (r.dir / "log.txt").read_text() if (r.dir / "log.txt").is_file() else ""
-            bad.append(f"run {i + 1} " + ("diverged: loss not finite" if "loss is" in log else f"FAILED: exit {r.rc}"))
+    """' (run i diverged: loss not finite)' etc. for the runs that did not finish; '' when all did."""
+    bad = [f"run {i + 1} " + ("diverged: loss not finite" if diverged(r) else f"FAILED: exit {r.rc}")
+           for i, r in enumerate(runs) if not r.ok]
     return f" ({'; '.join(bad)})" if bad else ""
 
 
@@ -145,6 +148,7 @@ def norms(lab):
                                 if all(map(math.isfinite, g[i:i + w]))]
         panels.append(dict(title=f"{d} layers, lr {rate}" + ("" if clip else ", no clipping"), xlabel="step",
                            ylabel="grad norm before clipping", series=series, logy=True, marks=[(warm_steps, "warmup ends")]))
+    stopped = {k: n for k in names if (n := sum(map(diverged, runs[k])))}
     step0 = {}  # the gradient at step 0 depends on the initialisation and the first batch alone: one per depth and placement
     for k, d, pre, *_ in grid:
         step0.setdefault((d, pre), [g[0] for g in gn[k] if g])
@@ -209,6 +213,8 @@ on), and the median; each mean ± sd over seeds.
 
 Predicting every character by its frequency in the training text gives a val loss of {unigram:.3f}: a model at
 that loss has learned nothing about context. Rows within 0.05 of it: {'; '.join(collapsed) if collapsed else 'none'}.
+Runs that stopped with a loss that is not finite (their loss is left out of the mean, n says how many are in):
+{'; '.join(f"{names[k]}, {n} of {len(runs[k])}" for k, n in stopped.items()) if stopped else 'none'}.
 
 Clipping and warmup: the gradient norm at step 0, before any update, is {'; '.join(f"{fmt(v, '.2f')} at {d} layers {'pre' if pre else 'post'}-norm" for (d, pre), v in step0.items())}.
 {f"Above 1.0 ({', '.join(over)}), clipping at 1.0 acts from the very first step." if over else "None is above 1.0, so clipping does not act at the very first step."}
