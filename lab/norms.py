@@ -206,7 +206,8 @@ train.py unless the row says off (the recorded norm is the one before clipping).
 width 64, 4 heads, context 64, batch 12, {iters} steps, LayerNorm, {len(runs[ln_key])} seed(s). Val loss: {scored_on};
 mean ± sd (n seeds). Grad norms: the largest over steps 1-{warm_steps} (step 0 is the initialisation's alone, the
 same at every rate and warmup), the number of the {iters} steps whose norm exceeded 1.0 (clipped, where clipping is
-on), and the median; each mean ± sd over seeds.
+on), and the median; each mean ± sd over seeds. The picture: each row's gradient norm over training, its first seed,
+in means over windows of about a sixtieth of the run, log scale; the dashed line marks where the warmup ends.
 
 {table(["layers", "lr", "norm", "warmup", "clip", "final val loss", f"largest grad norm, steps 1-{warm_steps}",
         f"steps with norm > 1.0, of {iters}", "median grad norm"], rows)}
