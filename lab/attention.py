@@ -108,13 +108,13 @@ def attention(lab):
     top = max(contexts)
     decode_setting = f"Transformer decode, batch 1, width 256, 4 layers, 8 query heads, context {top}, one CPU thread"
     lines = [claim(f"{setting}: GQA 4:2 in place of MHA costs loss (Ainslie et al. 2023 report GQA close to MHA)",
-                   "GQA 4:2", loss["kv2"], "MHA 4:4", loss["kv4"], ">"),
+                   "GQA (2 K/V heads)", loss["kv2"], "MHA (4 K/V heads)", loss["kv4"], ">"),
              claim(f"{setting}: MQA 4:1 in place of MHA costs loss (Shazeer 2019; Ainslie et al. 2023 report a small cost)",
-                   "MQA 4:1", loss["kv1"], "MHA 4:4", loss["kv4"], ">"),
+                   "MQA (1 K/V head)", loss["kv1"], "MHA (4 K/V heads)", loss["kv4"], ">"),
              claim(f"{decode_setting}: MQA (8:1) takes less time per token than MHA (8:8), ms over rounds (Shazeer 2019)",
-                   name[1], ms[1, top], name[8], ms[8, top], "<", ".2f"),
+                   "MQA, 1 K/V head", ms[1, top], "MHA, 8 K/V heads", ms[8, top], "<", ".2f"),
              claim(f"{decode_setting}: GQA 8:2 takes less time per token than MHA (8:8), ms over rounds (Ainslie et al. 2023)",
-                   name[2], ms[2, top], name[8], ms[8, top], "<", ".2f")]
+                   "GQA, 2 K/V heads", ms[2, top], "MHA, 8 K/V heads", ms[8, top], "<", ".2f")]
     speedup = {K: {c: mean_sd(ms[8, c])[0] / mean_sd(ms[K, c])[0] for c in contexts} for K in decode_kv}
     below = (" The gain stays below the cache's factor of 8: only the cache read shrinks with the K/V heads, while the "
              "projections and the feed-forward cost every variant alike." if speedup[1][top] < 8 else "")

@@ -11,6 +11,10 @@ from lab.verdicts import claim, fmt, mean_sd, verdict
 # train.py's own evaluations only at the start and the end, on 2 batches: the page scores every run on fixed
 # batches of its own, so the budget goes to training steps
 EVALS = ["--eval_interval=2000", "--eval_iters=2"]
+# the rows' names in claim lines (a claim line's measured side holds no colon: no "4:2")
+SHORT = {"gpt2": "GPT-2 style", "rope": "+ RoPE", "rmsnorm": "+ RoPE + RMSNorm", "swiglu": "+ RoPE + RMSNorm + SwiGLU",
+         "gqa": "+ ... + GQA (2 K/V heads)", "relu": "ReLU", "rmsnorm-only": "RMSNorm alone", "swiglu-only": "SwiGLU alone",
+         "mqa-only": "MQA alone (1 K/V head)"}
 
 
 def ladder(lab):
@@ -96,8 +100,7 @@ def ladder_page(lab, steps, claims, title, order, cumulative):
     n_iter = runs["gpt2"][0].final.get("iter", "?")
     corpus = "the built-in corpus" if lab.quick else "tiny Shakespeare characters"
     setting = f"Transformer, {corpus}, {m.n_layer} layers x width {m.d_model}, {n_iter} iterations, GPT-2 style init"
-    label_of = {key: label for key, label, _ in steps}
-    lines = [claim(f"{setting}: {text} ({paper})", label_of[a], loss[a], label_of[b], loss[b], expect)
+    lines = [claim(f"{setting}: {text} ({paper})", SHORT[a], loss[a], SHORT[b], loss[b], expect)
              for text, a, b, expect, paper in claims if a in loss and b in loss]
     gelu = [verdict(loss["gpt2"], loss["relu"], "<")] if "relu" in loss else []
     head = ["model", "val loss", *(["vs row above"] if cumulative else []), "vs GPT-2 style", "parameters", "CPU ms/step",

@@ -92,8 +92,8 @@ def moe(lab):
             + ("The training loss, on fixed batches of the training text, reads the same "
                f"(**{on_train}**), so the missing gain is not the larger model overfitting: top-1 fits the training text no "
                "better either. " if on_train == on_val else
-               f"On the training text the verdict is **{on_train}**, so part of the difference is in how each model "
-               "generalises. ")
+               f"On the training text the verdict is **{on_train}**: the two losses do not tell the same story, and "
+               "whether overfitting is part of it is not settled here. ")
             + "Why is untested here; Switch's models had far more tokens, wider experts and up to hundreds of experts "
               "(its gains grow with the expert count), and none of these is varied on this page. Over training, top-1's "
               "val loss minus the dense model's in train.py's evaluations (within a seed both see the same batches; "
