@@ -218,11 +218,12 @@ Runs that stopped with a loss that is not finite (their loss is left out of the 
 {'; '.join(f"{names[k]}, {n} of {len(runs[k])}" for k, n in stopped.items()) if stopped else 'none'}.
 
 Clipping and warmup: the gradient norm at step 0, before any update, is {'; '.join(f"{fmt(v, '.2f')} at {d} layers {'pre' if pre else 'post'}-norm" for (d, pre), v in step0.items())}.
-{f"Above 1.0 ({', '.join(over)}), clipping at 1.0 acts from the very first step." if over else "None is above 1.0, so clipping does not act at the very first step."}
+{f"Where its mean is above 1.0 ({', '.join(over)}), clipping at 1.0 acts from the very first step." if over else "No mean is above 1.0, so clipping does not act at the very first step."}
 The most clipped row in the first {warm_steps} steps ({names[busiest]}) was clipped in {fmt(first100[busiest], '.0f')} of them.
-A clipped step's gradient is scaled down before AdamW sees it, which changes how a spike weighs in the optimizer's
-moment estimates: like a warmup, it damps the early, large updates, so every warmup result measured with clipping
-on is confounded with it. The rows with clipping off test this for post-norm at {deep} layers and lr {high if not lab.quick else lr};
+AdamW divides each update by a running root mean square of past gradients, so scaling every gradient alike would
+change nothing; clipping scales only the steps above 1.0, which changes how much those steps weigh against their
+neighbours in the optimizer's moment estimates, most of all early in training, where warmup acts too. With clipping
+on, every warmup result is measured together with it. The rows with clipping off test this for post-norm at {deep} layers and lr {high if not lab.quick else lr};
 pre-norm's warmup result at {high if not lab.quick else lr} is measured with clipping only (untested without).
 
 LayerNorm against RMSNorm (Zhang & Sennrich 2019: same quality, 7-64% faster in their RNN and Transformer
