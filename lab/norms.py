@@ -221,7 +221,7 @@ Clipping and warmup: the gradient norm at step 0, before any update, is {'; '.jo
 {f"Where its mean is above 1.0 ({', '.join(over)}), clipping at 1.0 acts from the very first step." if over else "No mean is above 1.0, so clipping does not act at the very first step."}
 The most clipped row in the first {warm_steps} steps ({names[busiest]}) was clipped in {fmt(first100[busiest], '.0f')} of them.
 AdamW divides each update by a running root mean square of past gradients, so scaling every gradient alike would
-change nothing; clipping scales only the steps above 1.0, which changes how much those steps weigh against their
+change nothing (but for its epsilon); clipping scales only the steps above 1.0, which changes how much those steps weigh against their
 neighbours in the optimizer's moment estimates, most of all early in training, where warmup acts too. With clipping
 on, every warmup result is measured together with it. The rows with clipping off test this for post-norm at {deep} layers and lr {high if not lab.quick else lr};
 pre-norm's warmup result at {high if not lab.quick else lr} is measured with clipping only (untested without).
