@@ -265,6 +265,15 @@ def test_verdicts_follow_the_noise_rule():
     assert fmt(a) == "1.000 ± 0.100 (n=3)" and fmt([0.5]) == "0.500 (n=1)" and fmt([float("nan")]) == "n/a"
 
 
+def test_unexplained_disagreements_are_named_without_their_setting():
+    from lab.verdicts import claim, unexplained
+    low, high = [1.0, 1.1, 1.2], [2.0, 2.1, 2.2]
+    lines = [claim("Setting, 4 layers: A beats B", "a", low, "b", high, ">"), claim("Setting: C beats D", "c", high, "d", low, ">"),
+             claim("Setting: E beats F", "e", low, "f", high, ">")]
+    assert unexplained(lines) == 'Where a claim above reads disagrees ("A beats B"; "E beats F"), why is untested on this page.'
+    assert unexplained(lines, ["A beats", "E beats"]) == ""
+
+
 def test_readme_verdict_table_is_the_pages_claim_lines(tmp_path):
     from lab.verdicts import BEGIN, END, claim, page_claims, with_table
     readme = (REPO / "README.md").read_text()
