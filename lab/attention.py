@@ -11,7 +11,7 @@ from lab.charts import svg_lines
 from lab.measure import attention_fwd_bwd, attention_inputs, decode_step, lowest_peak, table, timed_rounds, \
     warm_up_attention
 from lab.runner import SHAKESPEARE, failed, fixed_val_losses, kv_bytes_per_token, model_of, quick_note, seeded
-from lab.verdicts import claim, fmt, mean_sd
+from lab.verdicts import claim, fmt, mean_sd, unexplained
 
 
 @torch.no_grad()
@@ -164,6 +164,8 @@ Checked against the tables (a difference counts when it exceeds 2 standard error
 loss reads **no measurable difference** where a paper's "close to" holds at this budget):
 
 {chr(10).join(lines)}
+
+{unexplained(lines)}
 
 What this shows: the KV cache and decode cost of each variant (bytes are arithmetic, times are measured side by
 side), their loss at one small budget, and on this CPU how attention memory and time scale with T, D and H for

@@ -6,7 +6,7 @@ from lab.charts import svg_bars
 from lab.measure import table
 from lab.runner import GPT2, SHAKESPEARE, cpu_ms_per_step, failed, fixed_val_losses, kv_bytes_per_token, model_of, \
     quick_note, seeded
-from lab.verdicts import claim, fmt, mean_sd, verdict
+from lab.verdicts import claim, fmt, mean_sd, unexplained, verdict
 
 # train.py's own evaluations only at the start and the end, on 2 batches: the page scores every run on fixed
 # batches of its own, so the budget goes to training steps
@@ -125,6 +125,8 @@ Checked against the table (a difference counts when it exceeds 2 standard errors
 loss reads **no measurable difference** where a paper's "the same quality" holds at this budget):
 
 {chr(10).join(lines) if lines else "(no pair of rows of a claim in this mode)"}{gelu_note(gelu[0]) if gelu else ""}
+
+{unexplained(lines, ["GELU feed-forward (GPT-2) reaches a lower val loss than ReLU"])}
 
 What this shows: the loss of each step at this one small budget, and the measured cost per step. What it does
 not show: whether an ordering holds at scale or at longer training, or differences smaller than the spread

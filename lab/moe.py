@@ -6,7 +6,7 @@ import torch
 from lab.charts import svg_lines
 from lab.measure import table
 from lab.runner import config_args, data_of, model_module, params_of
-from lab.verdicts import claim, fixed_batches, fmt, mean_sd, score_run, verdict
+from lab.verdicts import claim, fixed_batches, fmt, mean_sd, score_run, unexplained, verdict
 
 
 def gap_over_training(a, b):
@@ -116,6 +116,7 @@ def moe(lab):
                      "load entropy", "max violation", "dead experts"], rows)
             + "\n\nChecked against the table (a difference counts when it exceeds 2 standard errors):\n\n"
             + "\n".join(lines) + "\n\n" + switch_note
+            + (f"\n\n{rest}" if (rest := unexplained(lines, ["top-1 of 8 full-width experts reaches a lower"])) else "")
             + "\n\nWhat this shows: dense against two MoE layouts at one small budget and equal active parameters, and "
               "how balanced their experts stay. What it does not show: many experts, long training, or speed on "
               "hardware where the experts run in parallel.")

@@ -10,7 +10,7 @@ import torch
 from lab.charts import svg_lines
 from lab.measure import table
 from lab.runner import SHAKESPEARE, data_of, fixed_val_losses, quick_note, seeded
-from lab.verdicts import claim, fmt, mean_sd
+from lab.verdicts import claim, fmt, mean_sd, unexplained
 
 PATHS = ("LayerNorm", "F.rms_norm", "x * rsqrt(mean(x^2) + eps) * w")
 
@@ -68,6 +68,10 @@ def ended(runs):
     bad = [f"run {i + 1} " + ("diverged: loss not finite" if diverged(r) else f"FAILED: exit {r.rc}")
            for i, r in enumerate(runs) if not r.ok]
     return f" ({'; '.join(bad)})" if bad else ""
+
+
+# the claims whose disagreement `disagreement` discusses
+EXPLAINED = ("pre-norm reaches a lower val loss than post-norm", "warmup lowers", "clipping at 1.0 lowers", "F.rms_norm is faster")
 
 
 def disagreement(claims):
@@ -244,6 +248,7 @@ loss reads **no measurable difference** where a paper's "the same quality" holds
 
 {chr(10).join(claims)}
 {disagreement(claims)}
+{unexplained(claims, EXPLAINED)}
 What this shows: final losses and gradient norms of each placement at these learning rates and depths, with and
 without clipping where the warmup result depends on it, and the measured cost of each norm on this CPU. What it does
 not show: other widths, depths beyond {deep}, or longer training.
