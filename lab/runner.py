@@ -19,6 +19,7 @@ import torch
 import cli
 import train
 from lab.measure import machine, timed_rounds, train_step
+from lab.verdicts import fixed_batches, score_run
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SEEDS = 3
@@ -240,6 +241,19 @@ def quick_note(lab):
 def final_val(runs):
     """Final val loss of each seed; a failed run is nan (shown, never dropped)."""
     return [r.final.get("val_loss", float("nan")) if r.ok else float("nan") for r in runs]
+
+
+def fixed_val_losses(lab, runs, n=50, batch_size=12, block_size=64):
+    """({key: [loss of each seed's last checkpoint]}, a phrase saying on what) for seeded()'s runs: every model
+    and seed scored on the same n fixed validation batches of the text they trained on (tiny Shakespeare's
+    characters; in quick mode the built-in corpus of QUICK_SHAPE); a failed run is nan."""
+    dataset = "pydoc" if lab.quick else "shakespeare_char"
+    if lab.quick:
+        n, batch_size, block_size = 2, 4, 32
+    batches = fixed_batches(data_of(dataset, lab.data_dir), n, batch_size, block_size)
+    note = (f"the same {n} fixed validation batches ({batch_size} x {block_size} tokens each, "
+            f"{n * batch_size * block_size:,} in all) for every model and seed, scored at each run's last checkpoint")
+    return {key: [score_run(r, batches)[0] for r in rs] for key, rs in runs.items()}, note
 
 
 def failed(runs):

@@ -143,7 +143,8 @@ def quick_page(name, rows, tmp_path, data_dir, *args):
                    "RoPE + YaRN (NTK-by-parts, temperature)", "ALiBi", "RoPE + PI, fine-tuned at 2T | - |",
                    "RoPE + YaRN, fine-tuned at 2T | - |"]),
     ("norms", ["2 | 3e-3 | pre | 100 steps", "2 | 3e-3 | post | none", "LayerNorm", "RMSNorm", "64 x 128", "256 x 512"]),
-    ("attention", ["MHA 4:4", "GQA 4:2", "MQA 4:1", "8:8 (MHA)", "8:2 (GQA)", "T | 4 | 256", "D | 4 | 256 | 64", "H | 1 |"]),
+    ("attention", ["MHA 4:4", "GQA 4:2", "MQA 4:1", "8:8 (MHA)", "8:2 (GQA)", "8:1 (MQA)", "T | 4 | 256", "D | 4 | 256 | 64",
+                   "H | 1 |"]),
 ])
 def test_experiment_quick_page(name, rows, tmp_path, data_dir):
     page, cells = quick_page(name, rows, tmp_path, data_dir)
@@ -262,6 +263,15 @@ def test_verdicts_follow_the_noise_rule():
     assert verdict([0.0, 0.0], [0.0, 0.0], ">") == "no measurable difference"  # equal, no spread
     assert verdict([1.0, 1.0], [0.0, 0.0], ">") == "confirmed"  # different, no spread
     assert fmt(a) == "1.000 ± 0.100 (n=3)" and fmt([0.5]) == "0.500 (n=1)" and fmt([float("nan")]) == "n/a"
+
+
+def test_unexplained_disagreements_are_named_without_their_setting():
+    from lab.verdicts import claim, unexplained
+    low, high = [1.0, 1.1, 1.2], [2.0, 2.1, 2.2]
+    lines = [claim("Setting, 4 layers: A beats B", "a", low, "b", high, ">"), claim("Setting: C beats D", "c", high, "d", low, ">"),
+             claim("Setting: E beats F", "e", low, "f", high, ">")]
+    assert unexplained(lines) == 'Where a claim above reads disagrees ("A beats B"; "E beats F"), why is untested on this page.'
+    assert unexplained(lines, ["A beats", "E beats"]) == ""
 
 
 def test_readme_verdict_table_is_the_pages_claim_lines(tmp_path):

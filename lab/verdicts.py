@@ -63,6 +63,17 @@ def claim(text, a_name, a, b_name, b, expect, spec=".3f"):
             f"**{verdict(a, b, expect)}**")
 
 
+def unexplained(lines, explained=()):
+    """The sentence a page prints for its claim lines that read 'disagrees' and whose reason it does not discuss
+    (claims containing one of the `explained` phrases are left out): that their reason is untested. '' if none."""
+    against = [m["claim"] for m in map(CLAIM_LINE.match, lines) if m and m["verdict"] == "disagrees"
+               and not any(e in m["claim"] for e in explained)]
+    if not against:
+        return ""
+    named = "; ".join(f'"{c.rsplit(": ", 1)[-1]}"' for c in against)  # the claim without its setting
+    return f"Where a claim above reads disagrees ({named}), why is untested on this page."
+
+
 # ----------------------------------------------------------------------------- fixed validation batches
 
 
