@@ -5,7 +5,8 @@ knows how a model works inside.
     Tokenizer, bpe_spec       characters, words (synthetic tasks), tiktoken byte-pair encoding, or a
                               Hugging Face tokenizer.json (pretrained models)
     TextData                  the built-in pydoc corpus, tiny Shakespeare, any text file: token caches
-    SynthData                 selective_copy, induction, mqar, generated from a random generator
+    SynthData                 selective_copy, multi_induction, induction_heads, mqar, generated from a
+                              random generator
     load_checkpoint, ...      checkpoint files: weights_only loading, atomic writes; a checkpoint
                               carries its tokenizer, so restoring one builds a Tokenizer here
 """
@@ -231,7 +232,7 @@ class TextData:
         return window[:, :-1], window[:, 1:]
 
 
-SYNTHETIC = ("selective_copy", "induction", "mqar")
+SYNTHETIC = ("selective_copy", "multi_induction", "induction_heads", "mqar")
 VAL_SEED = 2**40  # validation batches come from generators seeded from here up; training uses --seed + rank
 
 
@@ -243,12 +244,21 @@ class SynthData:
     selective_copy  copy_tokens data symbols at random places in a run of noise '.', then '>' and
                     the same symbols in order (the Mamba paper's selective copying, section 4.1.1):
                         . 3 . . 7 . . . 1 . > 3 7 1                      answers: 3 7 1
-    induction       random symbols in which induction_queries keys appear once each, followed by some
-                    value; at the end '!' and each key again, in another order: the answers are the
-                    values (induction heads, Olsson et al. 2022; the H3 paper's associative recall).
-                    Several keys per sequence, each scored, so that a small model gets enough
-                    answers to learn from in a CPU budget. Also scored at extrapolate x block_size.
+    multi_induction random symbols in which multi_induction_queries keys appear once each, followed by
+                    some value; at the end '!' and each key again, in another order: the answers are
+                    the values (associative recall with several queries, in the spirit of induction
+                    heads, Olsson et al. 2022, and the H3 paper's associative recall). Several keys per
+                    sequence, each scored, so that a small model gets enough answers to learn from in a
+                    CPU budget. Not the Mamba paper's task (that is induction_heads). Also scored at
+                    extrapolate x block_size.
                         4 2 8 5 9 0 3 ... 6 ! 8 5 ! 0 3                  answers: 5 3
+    induction_heads the Mamba paper's induction heads (Gu & Dao 2023, section 4.1.2, appendix E.1):
+                    random symbols, the special token '!' once somewhere, followed by a symbol; at the
+                    end '!' again, and the answer is the symbol that followed the first one. One
+                    scored answer per sequence, the last token. The paper trains at length 256 with
+                    a vocabulary of 16 and tests at 64 to 2^20; here task_vocab symbols plus '!'.
+                    Also scored at extrapolate x block_size.
+                        4 2 ! 7 9 0 3 ... 6 !                            answer: 7
     mqar            mqar_pairs key-value pairs, then noise in which mqar_queries keys are asked
                     again, each followed by its value (multi-query associative recall, Zoology,
                     Arora et al. 2023): k3 v1 k0 v7 k5 v2 . . k0 v7 . . k3 v1 . answers: v7 v1
@@ -257,25 +267,28 @@ class SynthData:
     anything. `guess` is that no-recall rule, scored on the same batches as the model (val_baseline):
     selective_copy and mqar answer the symbol that occurs most often among the sequence's data
     symbols (values) at every answer (knows the bag, not the order or the pairing: 0.258 for 8 of 16);
-    induction answers the smallest symbol that is not a key (the value is never a key, so
-    1 / (task_vocab - induction_queries))."""
+    multi_induction answers the smallest symbol that is not a key (the value is never a key, so
+    1 / (task_vocab - multi_induction_queries)); induction_heads answers the most frequent symbol of
+    the sequence (a little above 1 / task_vocab, as the answer is among the symbols it counts: 0.09 at
+    length 256 with 16 symbols, 0.12 at 64)."""
 
-    def __init__(self, task, *, task_vocab, copy_tokens, mqar_pairs, mqar_queries, induction_queries, extrapolate=0):
+    def __init__(self, task, *, task_vocab, copy_tokens, mqar_pairs, mqar_queries, multi_induction_queries, extrapolate=0):
         self.task, V = task, task_vocab
-        self.task_vocab, self.copy_tokens, self.induction_queries = task_vocab, copy_tokens, induction_queries
+        self.task_vocab, self.copy_tokens, self.multi_induction_queries = task_vocab, copy_tokens, multi_induction_queries
         self.mqar_pairs, self.mqar_queries = mqar_pairs, mqar_queries
         symbols = [str(i) for i in range(V)]
-        words = {"selective_copy": [".", ">"] + symbols, "induction": ["!"] + symbols,
+        words = {"selective_copy": [".", ">"] + symbols, "multi_induction": ["!"] + symbols, "induction_heads": ["!"] + symbols,
                  "mqar": ["."] + [f"k{i}" for i in range(V)] + [f"v{i}" for i in range(V)]}[self.task]
         self.tokenizer_spec = {"kind": "words", "words": words}
         self.vocab_size = len(words)
-        self.extrapolate = extrapolate if self.task == "induction" else 0
+        self.extrapolate = extrapolate if self.task in ("multi_induction", "induction_heads") else 0
         self.describe = (f"{self.task} (synthetic, words, vocab {self.vocab_size}): generated from the seed, "
                          f"scored on the answers only; chance {1 / V:.3f}, no-recall baseline: val_baseline")
 
     def check(self, block_size):
         need = {"selective_copy": (2 * self.copy_tokens, "2 * copy_tokens"),
-                "induction": (5 * self.induction_queries - 1, "5 * induction_queries - 1"),
+                "multi_induction": (5 * self.multi_induction_queries - 1, "5 * multi_induction_queries - 1"),
+                "induction_heads": (3, "3"),
                 "mqar": (2 * self.mqar_pairs + 2 * self.mqar_queries - 1, "2 * (mqar_pairs + mqar_queries) - 1")}
         least, formula = need[self.task]
         if block_size < least:
@@ -285,7 +298,7 @@ class SynthData:
         if split == "val":  # a generator of its own, seeded apart from the training stream
             gen = torch.Generator().manual_seed(VAL_SEED + int(torch.randint(2**31, (), generator=gen)))
         B, L, V = batch_size, block_size + 1, self.task_vocab
-        seq = torch.zeros(B, L, dtype=torch.long)  # (B, L): token 0 is the noise '.' (induction: '!')
+        seq = torch.zeros(B, L, dtype=torch.long)  # (B, L): token 0 is the noise '.' (the induction tasks: '!')
         answer = torch.zeros(B, L, dtype=torch.bool)  # (B, L): which tokens are answers
         if self.task == "selective_copy":  # symbols are tokens 2 .. V+1
             n = self.copy_tokens
@@ -296,8 +309,8 @@ class SynthData:
             seq[:, body] = 1  # '>': now repeat them
             seq[:, body + 1:] = data
             answer[:, body + 1:] = True
-        elif self.task == "induction":  # symbols are tokens 1 .. V; the tail is Q times '!' key value
-            Q = self.induction_queries
+        elif self.task == "multi_induction":  # symbols are tokens 1 .. V; the tail is Q times '!' key value
+            Q = self.multi_induction_queries
             body = L - 3 * Q
             order = 1 + torch.rand(B, V, generator=gen).argsort(dim=1)  # (B, V): keys first, then the rest
             key, other = order[:, :Q], order[:, Q:]  # (B, Q), (B, V-Q)
@@ -310,6 +323,13 @@ class SynthData:
             tail = body + 3 * torch.arange(Q)  # (Q,): where each '!' (token 0) goes
             seq[:, tail + 1], seq[:, tail + 2] = key.gather(1, asked), value.gather(1, asked)
             answer[:, tail + 2] = True
+        elif self.task == "induction_heads":  # symbols are tokens 1 .. V; '!' (token 0) at `first` and at L - 2
+            seq = 1 + torch.randint(V, (B, L), generator=gen)
+            first = torch.randint(L - 3, (B, 1), generator=gen)  # (B, 1): 0 .. L-4, so its symbol comes before the last '!'
+            seq.scatter_(1, first, 0)
+            seq[:, L - 2] = 0
+            seq[:, L - 1] = seq.gather(1, first + 1)[:, 0]  # the answer: the symbol after the first '!'
+            answer[:, L - 1] = True
         else:  # mqar: keys are tokens 1 .. V, values V+1 .. 2V
             P, Q = self.mqar_pairs, self.mqar_queries
             keys = 1 + torch.rand(B, V, generator=gen).argsort(dim=1)[:, :P]  # (B, P) distinct
@@ -324,16 +344,19 @@ class SynthData:
     def guess(self, x):
         """x (B, T) -> (B,): the no-recall rule's one answer for every question of a sequence (class text)."""
         B, T, V = *x.shape, self.task_vocab
-        if self.task == "induction":  # the keys are the tokens right after each '!'
+        if self.task == "multi_induction":  # the keys are the tokens right after each '!'
             keys = torch.zeros(B, V + 1, dtype=torch.bool).scatter_(1, x[:, 1:][x[:, :-1] == 0].view(B, -1), True)
             keys[:, 0] = True  # '!' is no answer either
             return (~keys).int().argmax(1)  # (B,): the smallest symbol that is not a key
         if self.task == "mqar":
             data = x[:, 1:2 * self.mqar_pairs:2]  # (B, P): the values of the pairs
+        elif self.task == "induction_heads":  # every symbol of the sequence; '!' (token 0) is set aside below
+            data = x
         else:
             data = x[:, :T - self.copy_tokens]  # (B, body): the noise and the data symbols before '>'
         counts = torch.zeros(B, self.vocab_size, dtype=torch.long).scatter_add_(1, data, torch.ones_like(data))
-        counts[:, :2] = 0  # the noise '.' and '>' (mqar: '.' and k0, never among the values) are no answers
+        counts[:, :1 if self.task == "induction_heads" else 2] = 0  # the noise '.' and '>' (mqar: '.' and k0,
+        # never among the values; induction_heads: '!') are no answers
         return counts.argmax(1)  # (B,): the most frequent data symbol
 
 

@@ -1494,7 +1494,8 @@ def synthetic_opts(task, **kw):
 
 SMALL_TASKS = {  # small instances: (options, block_size)
     "selective_copy": (dict(task_vocab=5, copy_tokens=3), 14),
-    "induction": (dict(task_vocab=6, induction_queries=2), 12),
+    "multi_induction": (dict(task_vocab=6, multi_induction_queries=2), 12),
+    "induction_heads": (dict(task_vocab=5), 12),
     "mqar": (dict(task_vocab=5, mqar_pairs=3, mqar_queries=3), 14),
 }
 
@@ -1511,14 +1512,18 @@ def synthetic_oracle(task, x, o):
             assert len(data) == o["copy_tokens"]
             for j, t in enumerate(data[:len(row) - go]):
                 p[go + j] = t
-        elif task == "induction":
-            Q = o["induction_queries"]
+        elif task == "multi_induction":
+            Q = o["multi_induction_queries"]
             body = len(row) + 1 - 3 * Q
             assert [row[t] for t in range(body, len(row), 3)] == [0] * Q  # '!' before each question
             for t in range(body + 1, len(row), 3):
                 key = row[t]
                 assert row[:body].count(key) == 1  # the key occurs once before the questions
                 p[t] = row[row.index(key) + 1]
+        elif task == "induction_heads":
+            assert row[-1] == 0 and row[:-1].count(0) == 1 and row.index(0) < len(row) - 2  # '!' once, then at the end
+            assert all(1 <= t <= V for t in row if t != 0)
+            p[-1] = row[row.index(0) + 1]
         else:
             P = o["mqar_pairs"]
             pairs = dict(zip(row[0:2 * P:2], row[1:2 * P:2]))
@@ -1546,8 +1551,9 @@ def test_synthetic_oracle_scores_100_percent_and_only_answers_are_scored(task):
     kw, T = SMALL_TASKS[task]
     o = synthetic_opts(task, **kw)
     synth = train.load_data(o)
-    answers = {"selective_copy": o["copy_tokens"], "induction": o["induction_queries"], "mqar": o["mqar_queries"]}[task]
-    shortest = {"selective_copy": 6, "induction": 9, "mqar": 11}[task]
+    answers = {"selective_copy": o["copy_tokens"], "multi_induction": o["multi_induction_queries"], "induction_heads": 1,
+               "mqar": o["mqar_queries"]}[task]
+    shortest = {"selective_copy": 6, "multi_induction": 9, "induction_heads": 3, "mqar": 11}[task]
     synth.check(shortest)
     with pytest.raises(UsageError, match="needs block_size >="):
         synth.check(shortest - 1)
@@ -1561,10 +1567,11 @@ def test_synthetic_oracle_scores_100_percent_and_only_answers_are_scored(task):
 
 def no_recall_guess(task, row, o):
     """The no-recall rule of each task, from one sequence by hand (ties: the smallest symbol)."""
-    if task == "induction":
+    if task == "multi_induction":
         keys = {row[t + 1] for t in range(len(row) - 1) if row[t] == 0}
         return min(set(range(1, o["task_vocab"] + 1)) - keys)
-    vals = row[1:2 * o["mqar_pairs"]:2] if task == "mqar" else [t for t in row[:row.index(1)] if t != 0]
+    vals = (row[1:2 * o["mqar_pairs"]:2] if task == "mqar" else [t for t in row if t != 0] if task == "induction_heads"
+            else [t for t in row[:row.index(1)] if t != 0])
     return max(sorted(set(vals)), key=vals.count)
 
 
@@ -1577,17 +1584,21 @@ def test_synthetic_baseline_equals_the_rule_computed_by_hand(task):
     by_hand = torch.tensor([no_recall_guess(task, row, o) for row in x.tolist()])
     assert torch.equal(synth.guess(x), by_hand)
     right = sum(by_hand[b].item() == t for b, row in enumerate(y.tolist()) for t in row if t != -1)
-    if task == "induction":  # the value is uniform over the non-keys: any fixed non-key is right that often
-        assert abs(right / (y != -1).sum().item() - 1 / (kw["task_vocab"] - kw["induction_queries"])) < 0.05
+    if task == "multi_induction":  # the value is uniform over the non-keys: any fixed non-key is right that often
+        assert abs(right / (y != -1).sum().item() - 1 / (kw["task_vocab"] - kw["multi_induction_queries"])) < 0.05
     big_x, big_y = train.load_data(synthetic_opts(task)).batch("val", 2000, 64, torch.Generator().manual_seed(4))
-    if task != "induction":  # the bag rule at 8 of 16 symbols: E[largest count] / 8 = 0.258
+    if task == "induction_heads":  # above chance (1/16): the answer is one of the 62 symbols counted (0.12 measured)
+        g = train.load_data(synthetic_opts(task)).guess(big_x)
+        assert 0.08 < (g[:, None] == big_y)[big_y != -1].float().mean().item() < 0.16
+    elif task != "multi_induction":  # the bag rule at 8 of 16 symbols: E[largest count] / 8 = 0.258
         g = train.load_data(synthetic_opts(task)).guess(big_x)
         assert abs((g[:, None] == big_y)[big_y != -1].float().mean().item() - 0.258) < 0.015
 
 
 @pytest.mark.parametrize("task", data.SYNTHETIC)
 def test_synthetic_tasks_are_learned_above_chance(task):
-    kw, T = SMALL_TASKS[task] if task != "induction" else (dict(task_vocab=6, induction_queries=1), 8)  # one key: quick
+    kw, T = {"multi_induction": (dict(task_vocab=6, multi_induction_queries=1), 8),  # one key: quick
+             "induction_heads": (dict(task_vocab=4), 8)}.get(task, SMALL_TASKS[task])
     synth = train.load_data(synthetic_opts(task, **kw))
     torch.manual_seed(0)
     m = model_transformer.Model(model_transformer.Config(vocab_size=synth.vocab_size, block_size=T, d_model=32,
@@ -1607,7 +1618,7 @@ def test_synthetic_tasks_are_learned_above_chance(task):
 
 
 def test_synthetic_train_py_reports_accuracy_extrapolation_and_samples_words(tmp_path):
-    args = [*TINY_ARGS, "--dataset=induction", "--task_vocab=6", "--induction_queries=1", "--block_size=8", "--max_iters=4",
+    args = [*TINY_ARGS, "--dataset=multi_induction", "--task_vocab=6", "--multi_induction_queries=1", "--block_size=8", "--max_iters=4",
             "--eval_interval=2"]
     r = run("train.py", *args, f"--out_dir={tmp_path / 'rope'}")
     assert r.returncode == 0, r.stderr
@@ -1630,7 +1641,9 @@ def test_synthetic_bad_options(tmp_path, capsys):
     assert err.strip() == "error: selective_copy needs block_size >= 2 * copy_tokens = 80, got 64"
     for kw, message in [(dict(task_vocab=1), "task_vocab must be >= 2"), (dict(mqar_queries=0), "positive"),
                         (dict(dataset="mqar", mqar_pairs=20), "needs as many distinct keys"), (dict(extrapolate=-1), "extrapolate"),
-                        (dict(dataset="induction", induction_queries=16), "less than task_vocab")]:
+                        (dict(dataset="multi_induction", multi_induction_queries=16), "less than task_vocab"),
+                        (dict(stop_acc=1.5), "stop_acc must be in"), (dict(stop_acc="nan"), "stop_acc must be in"),
+                        (dict(patience=-1), "patience must be >= 0")]:
         with pytest.raises(UsageError, match=message):
             train.parse_args([f"--{k}={v}" for k, v in kw.items()])
 
@@ -1862,6 +1875,63 @@ def test_resume_continues_from_the_checkpoint_bit_for_bit(name, tmp_path, data_d
     assert logged == list(range(5, 13))  # the resumed run took steps 4 to 11 only
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     assert len(a) == 12 + 4 and a == b  # every training loss and every evaluation, bit for bit
+
+
+STOP_ARGS = [*TINY_ARGS, "--dataset=multi_induction", "--task_vocab=6", "--multi_induction_queries=1", "--block_size=8",
+             "--lr=1e-2", "--max_iters=60", "--eval_interval=3", "--log_interval=100", "--extrapolate=0"]
+
+
+def evals_of(out_dir):
+    return [row for row in metrics(out_dir) if "val_loss" in row]
+
+
+@pytest.fixture(scope="module")
+def unstopped(tmp_path_factory):
+    """The run without --stop_acc or --patience: its evaluations say where each rule must stop."""
+    out = tmp_path_factory.mktemp("unstopped")
+    train.main([*STOP_ARGS, f"--out_dir={out}"])
+    return evals_of(out)
+
+
+def test_stop_acc_stops_at_the_first_evaluation_that_reaches_it(unstopped, tmp_path):
+    accs = [e["val_acc"] for e in unstopped]
+    assert unstopped[-1]["stopped"] == "max_iters" and unstopped[-1]["iter"] == 60
+    target = max(accs[1:])  # reached first at some evaluation after the start, before the end or at it
+    first = next(i for i, a in enumerate(accs) if a >= target)
+    assert 0 < first and unstopped[first]["iter"] < 60, accs  # a stop the run would not make anyway
+    train.main([*STOP_ARGS, f"--stop_acc={target}", f"--out_dir={tmp_path}"])
+    got = evals_of(tmp_path)
+    assert got == unstopped[:first] + [{**unstopped[first], "stopped": "solved"}]
+
+
+def test_patience_stops_once_val_acc_has_not_risen_for_that_many_evaluations(unstopped, tmp_path):
+    accs = [e["val_acc"] for e in unstopped]
+    patience = 2
+    best, since, stop = -1.0, 0, None
+    for i, a in enumerate(accs):  # the rule by hand: a strict rise resets the count
+        best, since = (a, 0) if a > best else (best, since + 1)
+        if since >= patience:
+            stop = i
+            break
+    assert stop is not None and unstopped[stop]["iter"] < 60, accs
+    train.main([*STOP_ARGS, f"--patience={patience}", f"--out_dir={tmp_path}"])
+    got = evals_of(tmp_path)
+    assert got == unstopped[:stop] + [{**unstopped[stop], "stopped": "flat"}]
+
+
+def test_a_resumed_run_stops_where_the_uninterrupted_one_does(unstopped, tmp_path, capsys):
+    args = [*STOP_ARGS, "--patience=2"]
+    train.main([*args, f"--out_dir={tmp_path / 'a'}"])
+    a = metrics(tmp_path / "a")
+    stop = a[-1]["iter"]
+    assert a[-1]["stopped"] == "flat" and stop >= 6
+    train.main([*args, f"--out_dir={tmp_path / 'b'}", f"--stop_at={stop - 1}"])  # killed between two evaluations
+    assert "stopped" not in metrics(tmp_path / "b")[-1]
+    train.main([*args, f"--out_dir={tmp_path / 'b'}", "--resume"])  # the count since the best comes from the checkpoint
+    assert metrics(tmp_path / "b") == a
+    capsys.readouterr()
+    train.main([*args, f"--out_dir={tmp_path / 'b'}", "--resume"])  # a stopped run stays stopped
+    assert "nothing to continue" in capsys.readouterr().out and metrics(tmp_path / "b") == a
 
 
 def test_bpe_from_a_local_ranks_file_travels_in_the_checkpoint(tmp_path):

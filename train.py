@@ -35,7 +35,8 @@ from data import SYNTHETIC, SynthData, TextData, atomic_write, load_checkpoint, 
 OPTIONS = {
     "model": ("transformer", "model file: " + " | ".join(MODELS)),
     "dataset": ("pydoc", "pydoc (built in) | shakespeare_char | shakespeare | path/to/text.txt | "
-                "selective_copy | induction | mqar (synthetic: generated from the seed, block_size tokens long)"),
+                "selective_copy | multi_induction | induction_heads | mqar (synthetic: generated from the seed, "
+                "block_size tokens long)"),
     "tokenizer": ("", "char | a tiktoken encoding name (gpt2, ...) | path/to/ranks.tiktoken; '' = dataset's own"),
     "data_dir": ("data", "where datasets are prepared and cached"),
     "out_dir": ("out", "checkpoints (ckpt_last.pt, ckpt_best.pt), metrics.jsonl and loss.svg"),
@@ -48,6 +49,9 @@ OPTIONS = {
     "max_iters": (1000, "optimizer steps"),
     "stop_at": (0, "stop before this step as an interruption would, on max_iters' schedule (0 = never); "
                    "--resume goes on from the last checkpoint"),
+    "stop_acc": (0.0, "stop at an evaluation once val_acc >= this ('solved'; 0 = off); max_iters stays the cap and "
+                      "the schedule"),
+    "patience": (0, "stop once val_acc has not improved for this many evaluations ('flat'; 0 = off)"),
     "lr": (1e-3, "peak learning rate"),
     "min_lr": (1e-4, "learning rate at the end of the cosine decay"),
     "warmup_iters": (100, "linear warmup steps"),
@@ -66,10 +70,10 @@ OPTIONS = {
     "copy_tokens": (8, "selective_copy: data tokens scattered in the noise, to be repeated at the end"),
     "mqar_pairs": (8, "mqar: key-value pairs at the start of each sequence"),
     "mqar_queries": (8, "mqar: keys asked again later in the sequence, each to be answered with its value"),
-    "induction_queries": (4, "induction: keys hidden in the noise and asked at the end (answers per sequence)"),
-    "extrapolate": (4, "induction: also measure accuracy at this many times block_size (0 = off)"),
+    "multi_induction_queries": (4, "multi_induction: keys hidden in the noise and asked at the end (answers per sequence)"),
+    "extrapolate": (4, "multi_induction, induction_heads: also measure accuracy at this many times block_size (0 = off)"),
 }
-TASK_OPTIONS = ("task_vocab", "copy_tokens", "mqar_pairs", "mqar_queries", "induction_queries", "extrapolate")
+TASK_OPTIONS = ("task_vocab", "copy_tokens", "mqar_pairs", "mqar_queries", "multi_induction_queries", "extrapolate")
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
 
@@ -106,11 +110,12 @@ def parse_args(argv):
     if not (0 <= opts["beta1"] < 1 and 0 <= opts["beta2"] < 1 and opts["weight_decay"] >= 0 and opts["grad_clip"] >= 0):
         raise UsageError("beta1 and beta2 must be in [0, 1), weight_decay and grad_clip >= 0")
     if opts["task_vocab"] < 2 or min(opts["copy_tokens"], opts["mqar_pairs"], opts["mqar_queries"],
-                                     opts["induction_queries"]) <= 0:
-        raise UsageError("task_vocab must be >= 2; copy_tokens, mqar_pairs, mqar_queries and induction_queries positive")
-    if opts["dataset"] == "induction" and opts["induction_queries"] >= opts["task_vocab"]:
-        raise UsageError(f"induction_queries ({opts['induction_queries']}) needs distinct keys and a symbol left for "
-                         f"the noise: less than task_vocab ({opts['task_vocab']})")
+                                     opts["multi_induction_queries"]) <= 0:
+        raise UsageError("task_vocab must be >= 2; copy_tokens, mqar_pairs, mqar_queries and multi_induction_queries "
+                         "positive")
+    if opts["dataset"] == "multi_induction" and opts["multi_induction_queries"] >= opts["task_vocab"]:
+        raise UsageError(f"multi_induction_queries ({opts['multi_induction_queries']}) needs distinct keys and a symbol "
+                         f"left for the noise: less than task_vocab ({opts['task_vocab']})")
     if opts["dataset"] == "mqar" and opts["mqar_pairs"] > opts["task_vocab"]:
         raise UsageError(f"mqar_pairs ({opts['mqar_pairs']}) needs as many distinct keys: at most task_vocab "
                          f"({opts['task_vocab']})")
@@ -118,6 +123,10 @@ def parse_args(argv):
         raise UsageError("--resume continues the run in out_dir, --overwrite replaces it: say one of them")
     if opts["extrapolate"] < 0:
         raise UsageError(f"extrapolate must be >= 0, got {opts['extrapolate']}")
+    if not 0 <= opts["stop_acc"] <= 1:  # NaN fails too
+        raise UsageError(f"stop_acc must be in [0, 1] (0 = off), got {opts['stop_acc']}")
+    if opts["patience"] < 0:
+        raise UsageError(f"patience must be >= 0 evaluations (0 = off), got {opts['patience']}")
     return opts, overrides, module
 
 
@@ -384,6 +393,10 @@ def train(opts, overrides, module):
     gen = torch.Generator().manual_seed(opts["seed"])  # the data stream, one for all ranks (each keeps its share)
     torch.manual_seed(opts["seed"] + rank)  # dropout
     start_iter, best_val = (ckpt["iter"], ckpt["best_val"]) if ckpt is not None else (0, float("inf"))
+    # --stop_acc and --patience: the best val_acc so far, the evaluations since it last rose and why the run stopped
+    # travel in the checkpoint, so a resumed run stops where an uninterrupted one does
+    best_acc, since_best, stopped = (ckpt.get("best_acc", -1.0), ckpt.get("since_best", 0), ckpt.get("stopped")) \
+        if ckpt is not None else (-1.0, 0, None)
     if ckpt is not None:
         restore(ckpt, optimizer, gen, rank, device)
     if opts["compile"]:
@@ -418,6 +431,9 @@ def train(opts, overrides, module):
     t_start = t_last = time.time()
     train_time = 0.0  # seconds in training steps alone (no evaluation, no checkpoints): for tokens/s
     for it in range(start_iter, opts["max_iters"] + 1):
+        if stopped:  # resumed from the checkpoint of a run that had already stopped
+            log(f"{last_path} is of a run that stopped at iter {it} ({stopped}): nothing to continue")
+            break
         if it == opts["stop_at"] and it > start_iter:
             break
         # evaluate and checkpoint (not where we resume: the checkpoint we resume from was made there)
@@ -427,18 +443,32 @@ def train(opts, overrides, module):
                     ev = {**evaluate(raw_model, long_model, stretch, data, opts, device, autocast), **raw_model.stats()}
                 extra = "".join(f" | {name} {v:.3g}" for name, v in ev.items() if "loss" not in name)
                 log(f"eval {it} | train {ev['train_loss']:.4f} | val {ev['val_loss']:.4f}{extra}")
+                best_acc, since_best = (ev["val_acc"], 0) if ev["val_acc"] > best_acc else (best_acc, since_best + 1)
+                stopped = ("solved" if opts["stop_acc"] and ev["val_acc"] >= opts["stop_acc"] else
+                           "flat" if opts["patience"] and since_best >= opts["patience"] else
+                           "max_iters" if it == opts["max_iters"] else None)
                 record(metrics_path, {"iter": it, **ev, "tokens": it * tokens_per_iter, "time": time.time() - t_start,
-                                      "train_time": train_time})
+                                      "train_time": train_time, **({"stopped": stopped} if stopped else {})})
                 plot_losses(out_dir, tokens_per_iter)
                 improved, best_val = ev["val_loss"] < best_val, min(best_val, ev["val_loss"])
+            if ddp:  # only rank 0 evaluates: every rank stops with it
+                box = [stopped]
+                dist.broadcast_object_list(box, src=0)
+                stopped = box[0]
             rngs = rng_states(gen, device, world)
             if master:
                 state = {"model": raw_model.state_dict(), "model_name": opts["model"], "model_config": dataclasses.asdict(cfg),
                          "tokenizer": data.tokenizer_spec, "optimizer": optimizer.state_dict(), "iter": it,
-                         "best_val": best_val, "rng": rngs, "options": opts}
+                         "best_val": best_val, "best_acc": best_acc, "since_best": since_best, "stopped": stopped,
+                         "rng": rngs, "options": opts}
                 atomic_write(last_path, state)
                 if improved:
                     atomic_write(best_path, state)
+        if stopped:
+            if stopped != "max_iters":
+                log(f"stopped at iter {it}: " + (f"val_acc {best_acc:.4f} >= stop_acc {opts['stop_acc']}" if stopped == "solved"
+                                                 else f"val_acc has not risen above {best_acc:.4f} for {since_best} evaluations"))
+            break
         if it == opts["max_iters"]:
             break
 

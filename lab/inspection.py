@@ -1,6 +1,6 @@
 """
 What trained models do, drawn: a Transformer's attention maps per layer and head, and a Mamba layer's
-implicit attention matrix (Ali et al. 2024, "The Hidden Attention of Mamba Models"), on the same induction
+implicit attention matrix (Ali et al. 2024, "The Hidden Attention of Mamba Models"), on the same multi_induction
 batch, side by side. Also the maps themselves, which attn_scale reads for its entropies.
 """
 import math
@@ -116,11 +116,11 @@ def svg_heatmaps(panels, cell=4, cols=4):
 
 
 def inspect_models(lab):
-    """a trained Transformer's attention maps and a Mamba's implicit attention on the same induction batch, as SVG"""
+    """a trained Transformer's attention maps and a Mamba's implicit attention on the same multi_induction batch, as SVG"""
     run = dict(block_size=48, batch_size=32, steps=600, lr=3e-3, d_model=64, n_layer=2)
     if lab.quick:
         run.update(block_size=24, batch_size=4, steps=3, d_model=16)
-    task = data_of("induction", lab.data_dir)
+    task = data_of("multi_induction", lab.data_dir)
     trigger = task.tokenizer_spec["words"].index("!")  # the token before each query (data.SynthData)
     models = {"transformer": model_transformer.Model(model_transformer.Config(
                   vocab_size=task.vocab_size, block_size=run["block_size"], d_model=run["d_model"], n_layer=run["n_layer"],
@@ -148,7 +148,7 @@ def inspect_models(lab):
     T = run["block_size"]
     uniform = induction_score(torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1)[:, None], x[0], trigger)
     body = (f"A {run['n_layer']}-layer Transformer (4 heads) and a {run['n_layer']}-layer Mamba, d_model {run['d_model']}, "
-            f"each trained in this process for {run['steps']} steps of {run['batch_size']} induction sequences of "
+            f"each trained in this process for {run['steps']} steps of {run['batch_size']} multi_induction sequences of "
             f"{run['block_size']} tokens (lr {run['lr']}, seed {seed}); loss and accuracy on 4 fixed validation batches; "
             f"the maps are of the first sequence of those batches. The induction score is the weight a query row (the "
             f"token after '!') gives to the position right after the earlier occurrence of its token, where the answer "
