@@ -33,6 +33,8 @@ EXPERIMENTS = {
     "architectures": (architectures.architectures, "architectures", 0),
     "recall": (recall.recall, "recall", 1337),
     "mqar": (recall.mqar, "recall", 1337),
+    "mqar_state": (recall.mqar_state, "mqar_state", 1337),
+    "induction_heads": (recall.induction_heads, "induction_heads", 1337),
     "moe": (moe.moe, "moe", 1337),
     "scaling": (scaling.scaling, "scaling", 0),
     "ladder": (ladder.ladder, "ladder", 0),

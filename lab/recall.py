@@ -1,11 +1,23 @@
 """
-Recall against matched parameters: selective copying and induction (recall), and MQAR against the
-number of key-value pairs (mqar), for the Transformer, MoE, Mamba and the hybrids (Jamba, Zamba).
+Recall. recall: selective copying and multi-key induction (also at 4x the training length) for the
+Transformer, MoE, Mamba and a hybrid at matched parameters. mqar: MQAR against the number of key-value
+pairs at matched parameters, with Jamba's and Zamba's hybrids. mqar_state: Mamba's state size against the
+number of pairs, in the form of Zoology's figure (Arora et al. 2023), attention as the reference.
+induction_heads: the Mamba paper's induction heads (Gu & Dao 2023, section 4.1.2), trained at 256 tokens
+and tested at longer ones, against the paper's training budget.
+
+Every run trains until it is solved (val_acc >= 0.99) or flat (no rise for a few evaluations), max_iters
+being the cap, and is scored on the same fixed validation batches as every other model and seed.
 """
+import collections
+import math
+
+import cli
+import data
 from lab.charts import svg_bars, svg_lines
 from lab.measure import table
-from lab.runner import config_args, matched_archs, mean_spread, params_of, quick_note, vocab_of
-
+from lab.runner import config_args, data_of, kv_bytes_per_token, matched_archs, params_of
+from lab.verdicts import claim, fixed_batches, fmt, mean_sd, no_recall, score, score_run
 
 RECALL_ARCHS = {  # label: (model file, hybrid layer pattern); the first sets the parameter target
     "transformer": ("transformer", None),
@@ -14,39 +26,69 @@ RECALL_ARCHS = {  # label: (model file, hybrid layer pattern); the first sets th
     "hybrid Md Ad": ("hybrid", "Md Ad"),  # Jamba's point: one attention layer after a Mamba layer
     "shared Md S Md S": ("hybrid", "Md S Md S"),  # Zamba: one attention block whose weights serve twice
 }
-RECALL_COST = {"mamba": 185, "shared Md S Md S": 150, "hybrid Md Ad": 110, "moe": 80, "transformer": 45}  # ~s per run, one core
+RECALL_COST = {"mamba": 185, "shared Md S Md S": 150, "hybrid Md Ad": 110, "moe": 80, "transformer": 45}  # ~s per 1000 steps, one core
+SOLVED = 0.99  # --stop_acc of every run here
+SOLVES = 0.9  # a state size "holds" a pair count when its mean accuracy reaches this
 
 
-def recall_runs(lab, tasks, which):
-    """Train `which` [(task, arch label)] of the recall grid (tasks: {task: fields}); returns (results {(task, arch):
-    [Run per seed]}, sized {label: (model, fields)}, run fields, vocab)."""
-    # 1000 steps, the budget in which a 2-layer width-64 Transformer solves MQAR (train.py's own reference run);
-    # a 400-step pilot left every model short of it (selective copying: Transformer 0.69, Mamba 0.36)
-    run = dict(block_size=64, batch_size=32, max_iters=1000, eval_interval=200, eval_iters=8, lr=3e-3, min_lr=3e-4,
-               warmup_iters=50, task_vocab=16)
+def quick_note(lab):
+    return ("\n**Quick mode**: a code-path check (tiny models, a few steps, small fixed batches): these numbers say "
+            "nothing about the claims.\n\n" if lab.quick else "")
+
+
+def size_of(sized, vocab, block_size):
+    """'~0.10M parameters': the active-parameter target the models are matched to (the first model's)."""
+    label, (model, cfg) = next(iter(sized.items()))
+    return f"~{params_of(model, cfg, vocab, block_size)[1] / 1e6:.2f}M parameters"
+
+
+def recall_run(lab):
+    """The options every recall and mqar run shares. 1000 steps cap: the budget in which a 2-layer width-64
+    Transformer solves MQAR; a run stops earlier once solved, or once val_acc has not risen for 4 evaluations."""
+    run = dict(block_size=64, batch_size=32, max_iters=1000, eval_interval=100, eval_iters=4, lr=3e-3, min_lr=3e-4,
+               warmup_iters=50, task_vocab=16, stop_acc=SOLVED, patience=4, extrapolate=0)
     if lab.quick:
-        run.update(block_size=32, max_iters=6, eval_interval=3, eval_iters=1, warmup_iters=2)
-    archs = {label: (m, {"layers": pattern} if pattern else {}) for label, (m, pattern) in RECALL_ARCHS.items()
-             if any(label == arch for _, arch in which)}
-    vocab = vocab_of("mqar", lab.data_dir)
-    sized = matched_archs(archs, vocab, run["block_size"], 64 if not lab.quick else 32, 2)
-    results, meta = {key: [] for key in which}, {}
+        run.update(block_size=32, batch_size=8, max_iters=6, eval_interval=3, eval_iters=1, warmup_iters=2)
+    return run
 
-    def job(task, label, seed):
-        name = f"{task}-{label.replace(' ', '_')}-s{seed}"
-        meta[name] = (task, label, seed)
-        return name, [f"--model={sized[label][0]}", f"--dataset={task.rstrip('0123456789')}", f"--seed={seed}",
-                      *config_args({**run, **tasks[task], **sized[label][1]}), f"--log_interval={run['eval_interval']}"]
 
-    def then(name, r):  # one more seed (up to --seeds) where a run is neither solved nor at its baseline:
-        task, label, seed = meta[name]  # there a second seed decides whether the architectures really differ
-        results[task, label].append(r)
-        close = any(r.ok and r.final["val_baseline"] + 0.03 < r.final["val_acc"] < 0.97 for r in results[task, label])
-        return [job(task, label, seed + 1)] if close and seed + 1 in lab.seed_values() else []
+def trained(lab, cells, run):
+    """cells: {key: (dataset, task fields, model file, model fields, cost)} -> {key: [Run per seed]}: every cell at
+    every seed of the lab, the slowest first (the short runs fill the gaps)."""
+    jobs = []
+    for key in sorted(cells, key=lambda k: -cells[k][4]):
+        dataset, task, model, cfg, _ = cells[key]
+        for seed in lab.seed_values():
+            jobs.append((f"{key}-s{seed}", [f"--model={model}", f"--dataset={dataset}", f"--seed={seed}",
+                                            *config_args({**run, **task, **cfg}), f"--log_interval={run['eval_interval']}"]))
+    runs = lab.train(jobs)
+    return {key: [runs[f"{key}-s{s}"] for s in lab.seed_values()] for key in cells}
 
-    first = sorted(which, key=lambda k: -RECALL_COST[k[1]])  # slowest first: the short runs fill the gaps
-    lab.train([job(task, label, lab.first_seed) for task, label in first], then=then)
-    return results, sized, run, vocab
+
+def accuracy_at(run, batches, block_size=None):
+    """Answer accuracy of a finished run's last checkpoint on fixed batches; with block_size, of the same weights in
+    a model that long (length extrapolation). nan when the run failed or the weights do not fit that length."""
+    if block_size is None:
+        return score_run(run, batches)[1]
+    if not run.ok:
+        return float("nan")
+    ckpt = data.load_checkpoint(run.dir / "ckpt_last.pt")
+    module = cli.MODELS[ckpt["model_name"]]
+    try:
+        model = module.Model(module.Config(**{**ckpt["model_config"], "block_size": block_size}))
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, RuntimeError):  # e.g. a learned position table has no rows for the new positions
+        return float("nan")
+    return score(model, batches)[1]
+
+
+def steps_cell(runs):
+    """'420 ± 90 (n=3): solved 3': the steps each run used, and why each stopped."""
+    done = [r for r in runs if r.ok]
+    why = collections.Counter(r.final.get("stopped", "?") for r in done)
+    failed = len(runs) - len(done)
+    return (f"{fmt([r.final['iter'] for r in done], '.0f')}: " + ", ".join(f"{k} {n}" for k, n in sorted(why.items()))
+            + (f", FAILED {failed}" if failed else ""))
 
 
 def arch_cells(label, model, cfg, vocab, run):
@@ -55,81 +97,338 @@ def arch_cells(label, model, cfg, vocab, run):
     return [label, cfg["d_model"], f"{total:,}" + (f" ({active:,})" if active != total else "")]
 
 
-def accuracies(results, task, arch, key="val_acc"):
-    return [r.final.get(key, float("nan")) for r in results.get((task, arch), [])]
-
-
-def no_recall(results, task):
-    """The no-recall rule's accuracy on this task, averaged over every run of it (each scores it on its answers)."""
-    values = [v for (t, a) in results if t == task for v in accuracies(results, t, a, "val_baseline")]
-    return sum(values) / len(values) if values else float("nan")
-
-
-def recall_note(run):
-    tokens = run["max_iters"] * run["batch_size"] * run["block_size"]
-    return (f"Every run: {run['max_iters']} iters x {run['batch_size']} sequences x {run['block_size']} tokens "
-            f"({tokens / 1e6:.2f}M tokens), lr {run['lr']}, {run['task_vocab']} symbols; the Transformer's "
-            f"d_model x 2 layers sets the active-parameter target and every other model gets the width (and depth) "
-            f"nearest it. Accuracy on the answers only, from the last evaluation; 'no-recall baseline' is the rule "
-            f"that recalls nothing, scored on the same answers (data.py's SynthData.guess). A second seed (up to "
-            f"--seeds) runs where the first is neither solved (>= 0.97) nor at its baseline; ± is half the range "
-            f"over seeds.")
+def run_note(lab, run, n_val, batch):
+    cap = run["max_iters"] * run["batch_size"] * run["block_size"]
+    return (f"Every run: at most {run['max_iters']} iters x {run['batch_size']} sequences x {run['block_size']} tokens "
+            f"({cap / 1e6:.2f}M tokens), lr {run['lr']} with cosine decay to {run['min_lr']}, {run['task_vocab']} symbols, "
+            f"{lab.seeds} seed(s) per cell. A run stops at the first evaluation (every {run['eval_interval']} steps) where "
+            f"its val_acc reaches {run['stop_acc']} ('solved'), or where it has not risen for {run['patience']} evaluations "
+            f"('flat'), else at the cap ('max_iters'): the steps column says how many steps each used. 'Flat' is a "
+            f"budget stop: a later rise (a phase change) is not ruled out. The Transformer's d_model x 2 layers sets the "
+            f"active-parameter target and every other model gets the width (and depth) nearest it. Accuracy on the answers "
+            f"of the same {n_val} fixed validation batches of {batch} sequences for every model and seed, from each run's "
+            f"last checkpoint; mean ± sd (n). The no-recall baseline is the rule that recalls nothing (data.py's "
+            f"SynthData.guess), scored on those same answers; it has no spread (one rule, one set of batches).")
 
 
 def recall(lab):
-    """selective copying and induction (also at 4x length) for the four architectures at matched parameters"""
-    tasks = {"selective_copy": {}, "induction": {}}
-    labels = ["transformer", "moe", "mamba", "hybrid Md Ad"]
+    """selective copying and multi-key induction (also at 4x length) for four architectures at matched parameters"""
+    run = recall_run(lab)
+    tasks, labels = ["selective_copy", "multi_induction"], ["transformer", "moe", "mamba", "hybrid Md Ad"]
+    d_ref, n_val, batch, stretch = 64, 16, 32, 4
     if lab.quick:
-        tasks, labels = {"induction": {}}, ["transformer", "hybrid Md Ad"]
-    results, sized, run, vocab = recall_runs(lab, tasks, [(t, a) for t in tasks for a in labels])
-    cell = lambda task, arch, key="val_acc": mean_spread(accuracies(results, task, arch, key), ".2f")
-    head = ["model", "d_model", "params (active)"] + [f"{t} acc" for t in tasks] + ["induction @4x"]
+        tasks, labels, d_ref, n_val, batch = ["multi_induction"], ["transformer", "hybrid Md Ad"], 32, 2, 4
+    archs = {label: (m, {"layers": p} if p else {}) for label, (m, p) in RECALL_ARCHS.items() if label in labels}
+    sets = {t: data_of(t, lab.data_dir) for t in tasks}
+    sized = matched_archs(archs, data_of("mqar", lab.data_dir).vocab_size, run["block_size"], d_ref, 2)
+    cells = {f"{t}-{label.replace(' ', '_')}": (t, {}, m, cfg, RECALL_COST[label]) for t in tasks for label, (m, cfg) in sized.items()}
+    runs = trained(lab, cells, run)
+    of = lambda t, label: runs[f"{t}-{label.replace(' ', '_')}"]
+    long_task = "multi_induction"
+    batches = {t: fixed_batches(sets[t], n_val, batch, run["block_size"]) for t in tasks}
+    long_batches = fixed_batches(sets[long_task], n_val, batch, stretch * run["block_size"])
+    acc = {(t, label): [accuracy_at(r, batches[t]) for r in of(t, label)] for t in tasks for label in sized}
+    acc_long = {label: [accuracy_at(r, long_batches, stretch * run["block_size"]) for r in of(long_task, label)] for label in sized}
+    base = {t: no_recall(sets[t], batches[t]) for t in tasks}
+    base_long = no_recall(sets[long_task], long_batches)
+    head = ["model", "d_model", "params (active)"]
+    for t in tasks:
+        head += [f"{t} acc", f"{t} steps"]
+    head.append(f"{long_task} acc @{stretch}x")
     rows, bars = [], []
     for label, (m, cfg) in sized.items():
-        rows.append(arch_cells(label, m, cfg, vocab, run) + [cell(t, label) for t in tasks]
-                    + [cell("induction", label, "val_acc_4x")])
-    rows.append(["no-recall baseline", "", ""] + [f"{no_recall(results, t):.2f}" for t in tasks] + ["n/a"])
+        row = arch_cells(label, m, cfg, sets[tasks[0]].vocab_size, run)
+        for t in tasks:
+            row += [fmt(acc[t, label]), steps_cell(of(t, label))]
+        rows.append(row + [fmt(acc_long[label])])
+    rows.append(["no-recall baseline", "", ""] + [c for t in tasks for c in (f"{base[t]:.3f}", "")] + [f"{base_long:.3f}"])
     for t in tasks:
         for label in sized:
-            acc = accuracies(results, t, label)
-            bars.append((f"{t}: {label}", sum(acc) / len(acc), (max(acc) - min(acc)) / 2 if len(acc) > 1 else 0.0))
-        bars.append((f"{t}: no-recall baseline", no_recall(results, t), 0.0))
-    body = (quick_note(lab) + recall_note(run) + " The baseline is the most frequent data symbol for selective "
-            "copying, and a fixed non-key symbol for induction (1 / (16 - 4) with 4 keys asked per sequence; "
-            "induction has 4 scored answers per sequence so that it is learned in this budget). Induction is also "
-            "scored at 4x the training length. MQAR, and where Mamba's fixed state runs out, is `python -m "
-            "lab.experiments mqar` (the same run folder).\n\n" + table(head, rows)
-            + "\n\n<!-- lead: interpretation -->\n")
-    lab.page("Recall: selective copying and induction", body,
-             svg_bars("answer accuracy (whisker: half the range over seeds)", "accuracy", bars))
+            mean, sd, n = mean_sd(acc[t, label])
+            bars.append((f"{t}: {label}", mean, sd if n > 1 else 0.0))
+        bars.append((f"{t}: no-recall baseline", base[t], 0.0))
+    get = lambda t, label: acc.get((t, label), [])
+    size = size_of(sized, sets[tasks[0]].vocab_size, run["block_size"])
+    claims = [
+        claim(f"Selective copying, 2 layers at {size}, up to {run['max_iters']} steps: Mamba beats the no-recall "
+              f"baseline", "mamba", get("selective_copy", "mamba"), "the no-recall rule",
+              [base.get("selective_copy", float("nan"))] * len(get("selective_copy", "mamba")), ">"),
+        claim(f"Multi-key induction (4 keys), 2 layers at {size}, up to {run['max_iters']} steps: the "
+              f"Transformer beats Mamba", "transformer", get("multi_induction", "transformer"), "mamba",
+              get("multi_induction", "mamba"), ">"),
+        claim(f"Multi-key induction at {stretch}x the training length of {run['block_size']}: the hybrid Md Ad (attention "
+              f"without positions) beats the Transformer (RoPE)", "hybrid Md Ad", acc_long.get("hybrid Md Ad", []),
+              "transformer", acc_long.get("transformer", []), ">"),
+    ]
+    body = (quick_note(lab) + run_note(lab, run, n_val, batch)
+            + " The baseline is the most frequent data symbol for selective copying and a fixed non-key symbol for "
+            "multi-key induction (1 / (16 - 4) with 4 keys asked per sequence). Multi-key induction (data.py's "
+            "multi_induction: several keys hidden among random symbols, each asked after '!' at the end, every answer "
+            "scored) is not the Mamba paper's induction heads task; that one is `python -m lab.experiments "
+            f"induction_heads`. It is also scored at {stretch}x the training length, the same weights in a model "
+            f"{stretch}x as long, on {n_val} fixed batches of that length. MQAR is `python -m lab.experiments mqar` "
+            "(the same run folder).\n\n" + table(head, rows)
+            + "\n\nChecked against the table (a difference counts when it exceeds 2 standard errors):\n\n"
+            + "\n".join(claims))
+    lab.page("Recall: selective copying and multi-key induction", body,
+             svg_bars("answer accuracy (mean, whisker: sd over seeds)", "accuracy", bars))
 
 
 def mqar(lab):
-    """MQAR against the number of key-value pairs: where Mamba's fixed state runs out; hybrids and Zamba"""
+    """MQAR against the number of key-value pairs at matched parameters: Transformer, Mamba, hybrids, MoE"""
+    run = recall_run(lab)
     pairs = [2, 4, 8, 16]
-    grid = {"transformer": pairs, "mamba": pairs[:3], "hybrid Md Ad": pairs,  # Mamba: at the baseline from 4 pairs on
-            "moe": [8],  # MoE's recall is the Transformer's attention: one point
-            "shared Md S Md S": [8, 16]}  # Zamba: the two hardest (both to fit the budget)
+    # Mamba against the number of pairs is mqar_state's sweep: here the two points the claims need
+    grid = {"transformer": pairs, "mamba": [2, 8], "hybrid Md Ad": [8, 16], "moe": [8], "shared Md S Md S": [8]}
+    d_ref, n_val, batch = 64, 16, 32
     if lab.quick:
-        pairs, grid = [2, 4], {"transformer": [2, 4], "hybrid Md Ad": [2, 4]}
-    tasks = {f"mqar{p}": dict(mqar_pairs=p) for p in pairs}
-    results, sized, run, vocab = recall_runs(lab, tasks, [(f"mqar{p}", a) for a, ps in grid.items() for p in ps])
-    mean = lambda values: sum(values) / len(values) if values else float("nan")
-    cell = lambda task, arch: mean_spread(accuracies(results, task, arch), ".2f") if (task, arch) in results else "not run"
-    rows = []
+        pairs, grid, d_ref, n_val, batch = [2, 4], {"transformer": [2, 4], "hybrid Md Ad": [2, 4]}, 32, 2, 4
+    archs = {label: (m, {"layers": p} if p else {}) for label, (m, p) in RECALL_ARCHS.items() if label in grid}
+    vocab = data_of("mqar", lab.data_dir).vocab_size
+    sized = matched_archs(archs, vocab, run["block_size"], d_ref, 2)
+    sets = {p: data_of("mqar", lab.data_dir, mqar_pairs=p) for p in pairs}
+    cells = {f"mqar{p}-{label.replace(' ', '_')}": ("mqar", {"mqar_pairs": p}, *sized[label], RECALL_COST[label])
+             for label, ps in grid.items() for p in ps}
+    runs = trained(lab, cells, run)
+    batches = {p: fixed_batches(sets[p], n_val, batch, run["block_size"]) for p in pairs}
+    base = {p: no_recall(sets[p], batches[p]) for p in pairs}
+    acc = {(label, p): [accuracy_at(r, batches[p]) for r in runs[f"mqar{p}-{label.replace(' ', '_')}"]]
+           for label, ps in grid.items() for p in ps}
+    rows, steps = [], []
     for label, (m, cfg) in sized.items():
-        rows.append(arch_cells(label, m, cfg, vocab, run) + [cell(f"mqar{p}", label) for p in pairs])
-    rows.append(["no-recall baseline", "", ""] + [f"{no_recall(results, f'mqar{p}'):.2f}" for p in pairs])
-    body = (quick_note(lab) + recall_note(run) + " The baseline answers the most frequent value among the pairs.\n\n"
-            "Accuracy against the number of key-value pairs at a fixed width, 8 queries per sequence. Zoology "
-            "(Arora et al. 2023): attention solves MQAR at any width, a recurrent model needs a state that grows "
-            "with the number of pairs; Jamba's and Zamba's answer is a little attention among the Mamba layers. "
-            "Selective copying and induction are `python -m lab.experiments recall`.\n\n"
+        rows.append(arch_cells(label, m, cfg, vocab, run) + [fmt(acc[label, p]) if (label, p) in acc else "not run" for p in pairs])
+        steps.append([label] + [steps_cell(runs[f"mqar{p}-{label.replace(' ', '_')}"]) if (label, p) in acc else "not run"
+                                for p in pairs])
+    rows.append(["no-recall baseline", "", ""] + [f"{base[p]:.3f}" for p in pairs])
+    get = lambda label, p: acc.get((label, p), [])
+    size = size_of(sized, vocab, run["block_size"])
+    claims = [
+        claim(f"MQAR, 8 pairs, 2 layers at matched parameters ({size}): the Transformer beats Mamba",
+              "transformer", get("transformer", 8), "mamba", get("mamba", 8), ">"),
+        claim("MQAR, 8 pairs, matched parameters: the hybrid Md Ad (one attention layer after a Mamba layer, Jamba's "
+              "idea) beats Mamba", "hybrid Md Ad", get("hybrid Md Ad", 8), "mamba", get("mamba", 8), ">"),
+        claim("MQAR, 8 pairs, matched parameters: Zamba's Md S Md S (one attention block shared by two depths) beats Mamba",
+              "shared Md S Md S", get("shared Md S Md S", 8), "mamba", get("mamba", 8), ">"),
+        claim(f"MQAR, 2 pairs, matched parameters ({size}): Mamba beats the no-recall baseline", "mamba", get("mamba", 2),
+              "the no-recall rule", [base.get(2, float("nan"))] * len(get("mamba", 2)), ">"),
+    ]
+    body = (quick_note(lab) + run_note(lab, run, n_val, batch) + " The baseline answers the most frequent value among "
+            "the pairs.\n\nAccuracy against the number of key-value pairs at a fixed width, 8 queries per sequence. "
+            "Zoology (Arora et al. 2023): attention solves MQAR at any width, a recurrent model needs a state that grows "
+            "with the number of pairs (the state-size sweep is `python -m lab.experiments mqar_state`); Jamba's and "
+            "Zamba's answer is a little attention among the Mamba layers. Selective copying and multi-key induction are "
+            "`python -m lab.experiments recall`.\n\n"
             + table(["model", "d_model", "params (active)"] + [f"{p} pairs" for p in pairs], rows)
-            + "\n\n<!-- lead: interpretation -->\n")
-    series = {label: [(p, mean(accuracies(results, f"mqar{p}", label))) for p in ps] for label, ps in grid.items()}
-    series["no-recall baseline"] = [(p, no_recall(results, f"mqar{p}")) for p in pairs]
-    picture = svg_lines([dict(title="MQAR at a fixed width", xlabel="key-value pairs", ylabel="answer accuracy",
+            + "\n\nSteps each run used (mean ± sd, and why the runs stopped):\n\n"
+            + table(["model"] + [f"{p} pairs" for p in pairs], steps)
+            + "\n\nChecked against the table (a difference counts when it exceeds 2 standard errors):\n\n"
+            + "\n".join(claims))
+    series = {label: [(p, mean_sd(acc[label, p])[0]) for p in ps] for label, ps in grid.items()}
+    series["no-recall baseline"] = [(p, base[p]) for p in pairs]
+    picture = svg_lines([dict(title="MQAR at matched parameters", xlabel="key-value pairs", ylabel="answer accuracy",
                               series=series, logx=True)], cols=1, width=520)
     lab.page("MQAR: recall against the number of pairs", body, picture)
+
+
+def mamba_state(cfg):
+    """Numbers in Mamba's recurrent state: n_layer x d_inner x d_state (the convolution's few taps left out)."""
+    return cfg["n_layer"] * 2 * cfg["d_model"] * cfg["d_state"]  # d_inner = expand (2) x d_model
+
+
+def mqar_state(lab):
+    """Mamba's state size against the number of MQAR pairs (Zoology's figure), the Transformer as the reference"""
+    run = recall_run(lab)
+    pairs, d_states, d_model, n_val, batch = [2, 4, 8, 16], [1, 4, 16], 32, 16, 32
+    if lab.quick:
+        pairs, d_states, d_model, n_val, batch = [2, 4], [1, 4], 16, 2, 4
+    vocab = data_of("mqar", lab.data_dir).vocab_size
+    mamba = {ds: {"d_model": d_model, "n_layer": 2, "d_state": ds} for ds in d_states}
+    attention = {"d_model": d_model, "n_layer": 2, "n_head": 4, "n_kv_head": 4}
+    sets = {p: data_of("mqar", lab.data_dir, mqar_pairs=p) for p in pairs}
+    cost = {1: 37, 4: 45, 16: 74}  # ~s per 1000 steps at d_model 32, one core: the slowest start first
+    cells = {f"mqar{p}-mamba_state{ds}": ("mqar", {"mqar_pairs": p}, "mamba", mamba[ds], cost.get(ds, 74))
+             for ds in d_states for p in pairs}
+    cells.update({f"mqar{p}-transformer": ("mqar", {"mqar_pairs": p}, "transformer", attention, 22) for p in pairs})
+    runs = trained(lab, cells, run)
+    batches = {p: fixed_batches(sets[p], n_val, batch, run["block_size"]) for p in pairs}
+    base = {p: no_recall(sets[p], batches[p]) for p in pairs}
+    acc = {(key, p): [accuracy_at(r, batches[p]) for r in runs[f"mqar{p}-{key}"]]
+           for key in [f"mamba_state{ds}" for ds in d_states] + ["transformer"] for p in pairs}
+    module = cli.MODELS["transformer"]
+    kv = kv_bytes_per_token(module.Model(module.Config(**attention, vocab_size=vocab, block_size=run["block_size"]))) // 4
+    kv_numbers = kv * run["block_size"]  # attention's "state": the KV cache at the training length, float32 numbers
+    rows, holds = [], []
+    for ds in d_states:
+        key, n = f"mamba_state{ds}", params_of("mamba", mamba[ds], vocab, run["block_size"])[0]
+        rows.append([f"Mamba, d_state {ds}", f"{mamba_state(mamba[ds]):,}", f"{n:,}"]
+                    + [f"{fmt(acc[key, p])}; steps {steps_cell(runs[f'mqar{p}-{key}'])}" for p in pairs])
+        held = [p for p in pairs if mean_sd(acc[key, p])[0] >= SOLVES]
+        holds.append(f"d_state {ds} ({mamba_state(mamba[ds]):,} numbers): "
+                     + (f"{max(held)} pairs" if held else f"none of {', '.join(map(str, pairs))} pairs"))
+    n = params_of("transformer", attention, vocab, run["block_size"])[0]
+    rows.append([f"Transformer (KV cache at {run['block_size']} tokens)", f"{kv_numbers:,}", f"{n:,}"]
+                + [f"{fmt(acc['transformer', p])}; steps {steps_cell(runs[f'mqar{p}-transformer'])}" for p in pairs])
+    rows.append(["no-recall baseline", "", ""] + [f"{base[p]:.3f}" for p in pairs])
+    largest = [p for p in pairs if mean_sd(acc["transformer", p])[0] >= SOLVES]
+    biggest = f"mamba_state{d_states[-1]}"
+    claims = [
+        claim(f"MQAR, {p} pairs, d_model {d_model}, 2 layers: Mamba with d_state {d_states[-1]} "
+              f"({mamba_state(mamba[d_states[-1]]):,} state numbers) beats d_state {d_states[0]} "
+              f"({mamba_state(mamba[d_states[0]]):,})", f"d_state {d_states[-1]}", acc[biggest, p],
+              f"d_state {d_states[0]}", acc[f"mamba_state{d_states[0]}", p], ">") for p in pairs[:2]
+    ] + [claim(f"MQAR, {pairs[-1]} pairs, d_model {d_model}, 2 layers: the Transformer beats Mamba with d_state "
+               f"{d_states[-1]}", "transformer", acc["transformer", pairs[-1]], f"d_state {d_states[-1]}",
+               acc[biggest, pairs[-1]], ">")]
+    body = (quick_note(lab) + run_note(lab, run, n_val, batch).replace(
+                "The Transformer's d_model x 2 layers sets the active-parameter target and every other model gets the "
+                "width (and depth) nearest it. ", "")
+            + f"\n\nZoology (Arora et al. 2023, figure 2 and 3) plots MQAR accuracy against a recurrent model's state "
+            f"size, one line per number of key-value pairs: a fixed state holds a bounded number of pairs, attention "
+            f"(whose KV cache grows with the sequence) holds them all. Here Mamba at d_model {d_model}, 2 layers, with "
+            f"d_state {', '.join(map(str, d_states))}: the state is n_layer x d_inner x d_state numbers (d_inner = 2 x "
+            f"d_model), the parameters barely change with d_state, so the sweep separates the state from the model's "
+            f"size. The Transformer (d_model {d_model}, 2 layers, 4 heads) is the reference; its KV cache at "
+            f"{run['block_size']} tokens is {kv_numbers:,} numbers. Each cell: accuracy; the steps the runs used and why "
+            f"they stopped.\n\n"
+            + table(["model", "state (numbers)", "params"] + [f"{p} pairs" for p in pairs], rows)
+            + f"\n\nThe largest pair count each state size solves (mean accuracy >= {SOLVES}), within this budget: "
+            + "; ".join(holds) + f"; the Transformer: "
+            + (f"{max(largest)} pairs" if largest else f"none of {', '.join(map(str, pairs))} pairs")
+            + ". Where a state size solves none, that is what this budget reached, not a capacity measured: the runs "
+            "that stopped 'flat' or at the cap were still short of the answer.\n\nChecked against the table (a "
+            "difference counts when it exceeds 2 standard errors):\n\n" + "\n".join(claims))
+    panel = dict(title="Mamba: MQAR accuracy against state size", xlabel="state size (numbers)", ylabel="answer accuracy",
+                 logx=True, marks=[(kv_numbers, "attention's KV cache")],
+                 series={f"{p} pairs": [(mamba_state(mamba[ds]), mean_sd(acc[f'mamba_state{ds}', p])[0]) for ds in d_states]
+                         for p in pairs})
+    by_pairs = dict(title="accuracy against pairs", xlabel="key-value pairs", ylabel="answer accuracy", logx=True,
+                    series={**{f"Mamba d_state {ds}": [(p, mean_sd(acc[f'mamba_state{ds}', p])[0]) for p in pairs]
+                               for ds in d_states},
+                            "transformer": [(p, mean_sd(acc["transformer", p])[0]) for p in pairs],
+                            "no-recall baseline": [(p, base[p]) for p in pairs]})
+    lab.page("MQAR against Mamba's state size", body, svg_lines([panel, by_pairs], cols=2, width=420))
+
+
+# ----------------------------------------------------------------------------- the Mamba paper's induction heads
+# Gu & Dao 2023, section 4.1.2 and appendix E.1 (arXiv 2312.00752v2): 2-layer models, vocabulary 16, trained at
+# length 256, tested at 64 to 2^20; batch 8, an "epoch" of 8192 steps; Mamba and MHA-Abs reported after 25 epochs
+# (204,800 steps), MHA-RoPE and MHA-xPos after 50 (409,600); Adam without weight decay at a constant lr, the better
+# of 2e-4 and 1e-3 (1e-3 for Mamba, 2e-4 for the others: attention did not learn at 1e-3). D = 64 for Mamba (74K
+# parameters), 128 for the others (MHA with 8 heads, 137K). Test accuracy (%), table 3 (v2):
+PAPER_STEPS = {"mamba": 204_800, "transformer": 409_600}  # the Transformer here has RoPE: MHA-RoPE's budget
+PAPER_BATCH = 8
+PAPER_ACC = {  # length: accuracy (%); 100 where the paper marks perfect generalisation
+    "mamba": {64: 100, 128: 100, 256: 100.0, 512: 100, 1024: 100, 2048: 100},
+    "transformer": {64: 100, 128: 100, 256: 100.0, 512: 83.6, 1024: 31.3, 2048: 18.4},  # MHA-RoPE
+}
+
+
+def induction_heads(lab):
+    """the Mamba paper's induction heads: 2-layer Transformer and Mamba trained at 256 tokens, tested longer"""
+    T, lengths = 256, [64, 128, 256, 512, 1024, 2048]
+    common = dict(block_size=T, batch_size=PAPER_BATCH, max_iters=4000, eval_interval=200, eval_iters=8, warmup_iters=50,
+                  weight_decay=0.0, task_vocab=16, stop_acc=SOLVED, extrapolate=0)
+    models = {"transformer": dict(d_model=64, n_layer=2, n_head=8, n_kv_head=8, lr=2e-4, min_lr=2e-4),
+              "mamba": dict(d_model=64, n_layer=2, d_state=16, lr=1e-3, min_lr=1e-3)}
+    n_val, batch = 16, 8
+    if lab.quick:
+        T, lengths = 32, [16, 32, 64]
+        common.update(block_size=T, max_iters=6, eval_interval=3, eval_iters=1, warmup_iters=2)
+        models = {"transformer": dict(d_model=16, n_layer=2, n_head=2, n_kv_head=2, lr=2e-4, min_lr=2e-4),
+                  "mamba": dict(d_model=16, n_layer=2, d_state=4, lr=1e-3, min_lr=1e-3)}
+        n_val, batch = 2, 4
+    task = data_of("induction_heads", lab.data_dir)
+    cost = {"transformer": 45, "mamba": 103}
+    cells = {name: ("induction_heads", {}, name, cfg, cost[name]) for name, cfg in models.items()}
+    runs = trained(lab, cells, common)
+    batches = {L: fixed_batches(task, n_val, batch, L) for L in lengths}
+    acc = {(name, L): [accuracy_at(r, batches[L], L) for r in runs[name]] for name in models for L in lengths}
+    base = {L: no_recall(task, batches[L]) for L in lengths}
+    rows = []
+    for name, cfg in models.items():
+        n = params_of(name, {k: v for k, v in cfg.items() if k not in ("lr", "min_lr")}, task.vocab_size, T)[0]
+        rows.append([name, f"{cfg['d_model']} x 2", f"{n:,}", f"{cfg['lr']:g}", steps_cell(runs[name])]
+                    + [fmt(acc[name, L]) for L in lengths])
+    rows.append(["no-recall baseline", "", "", "", ""] + [f"{base[L]:.3f}" for L in lengths])
+    paper = [[f"paper: {'Mamba' if name == 'mamba' else 'MHA-RoPE'}", "", "", "", f"{PAPER_STEPS[name]:,}"]
+             + [f"{PAPER_ACC[name][L] / 100:.3f}" if L in PAPER_ACC[name] else "" for L in lengths] for name in models]
+    sentences = []
+    for name in models:
+        done = [r for r in runs[name] if r.ok]
+        used = max((r.final["iter"] for r in done), default=0)
+        share = used * common["batch_size"] / (PAPER_STEPS[name] * PAPER_BATCH)
+        curve = mean_curve(done)
+        final = mean_sd(acc[name, T])[0]
+        s = (f"{name}: up to {used:,} steps x {common['batch_size']} sequences = {used * common['batch_size']:,} "
+             f"sequences, {share:.1%} of the paper's {PAPER_STEPS[name]:,} x {PAPER_BATCH}; accuracy at the training "
+             f"length {final:.3f}. ")
+        if final >= SOLVED:
+            s += "Solved at the training length within this budget."
+        else:
+            s += (predict(curve, SOLVED, PAPER_STEPS[name]) + " Not solved here: a budget result, not a measurement of "
+                  "what the architecture can hold (untested beyond this budget).")
+        sentences.append("- " + s)
+    long = lengths[-1]
+    claims = [
+        claim(f"Induction heads (Mamba paper), 2 layers, trained at {T} tokens for up to {common['max_iters']} steps of "
+              f"{common['batch_size']}: Mamba beats the Transformer (RoPE) at {long // T}x that length ({long})",
+              "mamba", acc["mamba", long], "transformer", acc["transformer", long], ">"),
+        claim(f"Induction heads (Mamba paper), 2 layers, up to {common['max_iters']} steps of {common['batch_size']}, at "
+              f"the training length {T}: the Transformer (RoPE) beats the no-recall baseline", "transformer",
+              acc["transformer", T], "the no-recall rule", [base[T]] * len(acc["transformer", T]), ">"),
+    ]
+    body = (quick_note(lab)
+            + f"The Mamba paper's induction heads (Gu & Dao 2023, section 4.1.2; data.py's induction_heads): "
+            f"{common['task_vocab']} random symbols, the special token '!' once followed by a symbol, and '!' again "
+            f"at the end; the answer is the symbol that followed the first '!', and only that last answer is scored. "
+            f"Trained at {T} tokens (the paper's length), batch {common['batch_size']} (the paper's), at most "
+            f"{common['max_iters']} steps, stopped once val_acc reaches {SOLVED} (no 'flat' stop: induction heads "
+            f"form after a plateau, Olsson et al. 2022); after a {common['warmup_iters']}-step warmup the learning "
+            f"rate is constant, the paper's for each model (Mamba 1e-3, attention 2e-4), no weight decay (the paper: "
+            f"Adam; here AdamW with beta2 0.99 and gradient clipping at 1.0). The paper's models: Mamba at D=64 (74K "
+            f"parameters), attention at D=128 with 8 heads (137K); here Mamba at D=64 and a Transformer (RoPE, 8 "
+            f"heads, with its MLP) at D=64. Tested by the same weights in a longer model on {n_val} fixed batches of "
+            f"{batch} sequences at each length, every model and seed on the same batches; mean ± sd (n). The no-recall "
+            f"baseline answers the most frequent symbol of the sequence (a little above 1/16: the answer is among the "
+            f"symbols it counts).\n\n"
+            + table(["model", "d_model x layers", "params", "lr", "steps"] + [f"acc @{L}" for L in lengths], rows + paper)
+            + "\n\nThe paper's rows are its table 3 (test accuracy; 1.000 where it marks perfect generalisation) after "
+            "the steps shown, at batch 8.\n\nHow far these runs got against the paper's budget, and what the learning "
+            "curves say:\n\n" + "\n".join(sentences)
+            + "\n\nChecked against the table (a difference counts when it exceeds 2 standard errors):\n\n"
+            + "\n".join(claims))
+    curves = {f"{name}, seed {r_i}": [(e["iter"], e["val_acc"]) for e in r.evals]
+              for name in models for r_i, r in zip(lab.seed_values(), runs[name]) if r.ok}
+    learning = dict(title=f"learning curves at {T} tokens", xlabel="step", ylabel="val_acc", series=curves)
+    by_length = dict(title="accuracy against test length", xlabel="test length (tokens)", ylabel="answer accuracy",
+                     logx=True, marks=[(T, "trained")],
+                     series={**{name: [(L, mean_sd(acc[name, L])[0]) for L in lengths] for name in models},
+                             "no-recall baseline": [(L, base[L]) for L in lengths]})
+    lab.page("Induction heads (the Mamba paper's task): length extrapolation and the training budget", body,
+             svg_lines([learning, by_length], cols=2, width=420))
+
+
+def mean_curve(runs):
+    """[(step, mean val_acc)] over the runs at every step any of them evaluated; a run that stopped (solved) keeps
+    its last value."""
+    steps = sorted({e["iter"] for r in runs for e in r.evals})
+    at = lambda r, s: [e["val_acc"] for e in r.evals if e["iter"] <= s][-1]
+    return [(s, sum(at(r, s) for r in runs) / len(runs)) for s in steps]
+
+
+def predict(curve, target, paper_steps, last=5):
+    """A sentence: the straight line through the last evaluations of a mean learning curve, and where it would reach
+    the target (or that it does not rise)."""
+    pts = curve[-last:]
+    if len(pts) < 3:
+        return "Too few evaluations to read a trend."
+    n, mx, my = len(pts), sum(s for s, _ in pts) / len(pts), sum(a for _, a in pts) / len(pts)
+    slope = sum((s - mx) * (a - my) for s, a in pts) / max(1e-12, sum((s - mx) ** 2 for s, _ in pts))
+    span = pts[-1][0] - pts[0][0]
+    if slope * span < 0.02:  # less than 2 points of accuracy over the stretch: no trend to extrapolate
+        return (f"Over its last {span:,} steps the mean curve rose {slope * span:+.3f}: flat, so it gives no estimate "
+                f"of when it would be solved.")
+    at = pts[-1][0] + (target - pts[-1][1]) / slope
+    return (f"Over its last {span:,} steps the mean curve rose {slope * span:+.3f}; a straight line through them "
+            f"reaches {target} near step {at:,.0f} ({at / paper_steps:.1%} of the paper's steps) — a line, where "
+            f"learning curves of this task are not straight.")

@@ -74,12 +74,20 @@ def quick_experiment(name, tmp_path):
     return page, [[c.strip() for c in l.strip("|").split("|")] for l in page.splitlines() if l.startswith("| ")]
 
 
+def claim_words(page):
+    """The verdict words of a page's claim lines."""
+    return [line.rsplit("-> **", 1)[1].rstrip("*") for line in page.splitlines() if line.startswith("- ") and "-> **" in line]
+
+
 def test_experiment_recall_quick(tmp_path):
     page, rows = quick_experiment("recall", tmp_path)
     table = {r[0]: r for r in rows}
     assert {"transformer", "hybrid Md Ad", "no-recall baseline"} <= table.keys()
-    assert 0 < float(table["no-recall baseline"][3]) < 0.2  # induction: 1 / (16 - 4)
-    assert all(0 <= float(table[m][4].split()[0]) <= 1 for m in ("transformer", "hybrid Md Ad"))  # @4x
+    assert 0 < float(table["no-recall baseline"][3]) < 0.2  # multi_induction: 1 / (16 - 4)
+    for m in ("transformer", "hybrid Md Ad"):
+        assert 0 <= float(table[m][3].split()[0]) <= 1 and 0 <= float(table[m][5].split()[0]) <= 1  # acc, @4x
+        assert table[m][4] == "6 (n=1): max_iters 1"  # the steps each run used, and why it stopped
+    assert claim_words(page) == ["not measured"] * 3  # one seed; Mamba not in quick mode
     assert (tmp_path / "recall.svg").read_text().count("<rect") >= 4  # background + three bars
 
 
@@ -87,9 +95,32 @@ def test_experiment_mqar_quick(tmp_path):
     page, rows = quick_experiment("mqar", tmp_path)
     base = next(r for r in rows if r[0] == "no-recall baseline")  # 2 and 4 pairs
     assert float(base[3]) > float(base[4]) > 0.2  # fewer values: the bag rule does better
+    assert ["transformer", "6 (n=1): max_iters 1", "6 (n=1): max_iters 1"] in rows  # the steps table
+    assert len(claim_words(page)) == 4 and set(claim_words(page)) == {"not measured"}
     svg = (tmp_path / "mqar.svg").read_text()
     assert svg.count("<polyline") == 3 and "key-value pairs" in svg
     assert (tmp_path / "runs" / "recall").is_dir()  # recall and mqar share one run folder
+
+
+def test_experiment_mqar_state_quick(tmp_path):
+    page, rows = quick_experiment("mqar_state", tmp_path)
+    table = {r[0]: r for r in rows}
+    assert [table[f"Mamba, d_state {d}"][1] for d in (1, 4)] == ["64", "256"]  # 2 layers x 2 * 16 x d_state
+    assert table["Transformer (KV cache at 32 tokens)"][1] == "2,048"  # 2 layers x K, V x 16 x 32 tokens
+    assert all(0 <= float(table["Mamba, d_state 4"][k].split()[0]) <= 1 for k in (3, 4))
+    assert "The largest pair count each state size solves" in page and len(claim_words(page)) == 3
+    svg = (tmp_path / "mqar_state.svg").read_text()
+    assert "state size (numbers)" in svg and "KV cache" in svg
+
+
+def test_experiment_induction_heads_quick(tmp_path):
+    page, rows = quick_experiment("induction_heads", tmp_path)
+    table = {r[0]: r for r in rows}
+    assert {"transformer", "mamba", "no-recall baseline", "paper: Mamba", "paper: MHA-RoPE"} <= table.keys()
+    assert all(0 <= float(table[m][k].split()[0]) <= 1 for m in ("transformer", "mamba") for k in (5, 6, 7))  # 16, 32, 64
+    assert table["paper: Mamba"][4] == "204,800" and "of the paper's 204,800 x 8" in page
+    assert "a budget result, not a measurement" in page and len(claim_words(page)) == 2
+    assert (tmp_path / "induction_heads.svg").read_text().count("<polyline") >= 2 + 3  # curves, and accuracy by length
 
 
 def test_experiment_moe_quick(tmp_path):
