@@ -214,8 +214,9 @@ def mqar(lab):
     ]
     body = (quick_note(lab) + run_note(lab, run, n_val, batch) + " The baseline answers the most frequent value among "
             "the pairs.\n\nAccuracy against the number of key-value pairs at a fixed width, 8 queries per sequence. "
-            "Zoology (Arora et al. 2023): attention solves MQAR at any width, a recurrent model needs a state that grows "
-            "with the number of pairs (the state-size sweep is `python -m lab.experiments mqar_state`); Jamba's and "
+            "Zoology (Arora et al. 2023): to recall over longer sequences, gated-convolution models needed more and more "
+            "dimension and attention did not (Mamba's state against the number of pairs is `python -m lab.experiments "
+            "mqar_state`); Jamba's and "
             "Zamba's answer is a little attention among the Mamba layers. Selective copying and multi-key induction are "
             "`python -m lab.experiments recall`.\n\n"
             + table(["model", "d_model", "params (active)"] + [f"{p} pairs" for p in pairs], rows)
@@ -282,9 +283,11 @@ def mqar_state(lab):
     body = (quick_note(lab) + run_note(lab, run, n_val, batch).replace(
                 "The Transformer's d_model x 2 layers sets the active-parameter target and every other model gets the "
                 "width (and depth) nearest it. ", "")
-            + f"\n\nZoology (Arora et al. 2023, figure 2 and 3) plots MQAR accuracy against a recurrent model's state "
-            f"size, one line per number of key-value pairs: a fixed state holds a bounded number of pairs, attention "
-            f"(whose KV cache grows with the sequence) holds them all. Here Mamba at d_model {d_model}, 2 layers, with "
+            + f"\n\nZoology (Arora et al. 2023) measured MQAR against model dimension and sequence length: to recall "
+            f"over longer sequences the gated-convolution models needed more and more dimension, attention did not. "
+            f"Here the same question is asked of Mamba's recurrent state, one line per number of key-value pairs: a "
+            f"fixed state can hold only so many pairs, attention's KV cache grows with the sequence. Mamba at d_model "
+            f"{d_model}, 2 layers, with "
             f"d_state {', '.join(map(str, d_states))}: the state is n_layer x d_inner x d_state numbers (d_inner = 2 x "
             f"d_model), the parameters barely change with d_state, so the sweep separates the state from the model's "
             f"size. The Transformer (d_model {d_model}, 2 layers, 4 heads) is the reference; its KV cache at "
