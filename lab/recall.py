@@ -324,7 +324,7 @@ PAPER_ACC = {  # length: accuracy (%); 100 where the paper marks perfect general
 def induction_heads(lab):
     """the Mamba paper's induction heads: 2-layer Transformer and Mamba trained at 256 tokens, tested longer"""
     T, lengths = 256, [64, 128, 256, 512, 1024, 2048]
-    common = dict(block_size=T, batch_size=PAPER_BATCH, max_iters=4000, eval_interval=200, eval_iters=16, warmup_iters=50,
+    common = dict(block_size=T, batch_size=PAPER_BATCH, max_iters=3000, eval_interval=200, eval_iters=16, warmup_iters=50,
                   weight_decay=0.0, task_vocab=16, stop_acc=SOLVED, extrapolate=0)
     models = {"transformer": dict(d_model=64, n_layer=2, n_head=8, n_kv_head=8, lr=2e-4, min_lr=2e-4),
               "mamba": dict(d_model=64, n_layer=2, d_state=16, lr=1e-3, min_lr=1e-3)}
