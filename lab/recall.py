@@ -144,11 +144,12 @@ def recall(lab):
         bars.append((f"{t}: no-recall baseline", base[t], 0.0))
     get = lambda t, label: acc.get((t, label), [])
     size = size_of(sized, sets[tasks[0]].vocab_size, run["block_size"])
+    keys, symbols = sets[long_task].multi_induction_queries, sets[long_task].task_vocab
     claims = [
         claim(f"Selective copying, 2 layers at {size}, up to {run['max_iters']} steps: Mamba beats the no-recall "
               f"baseline", "mamba", get("selective_copy", "mamba"), "the no-recall rule",
               [base.get("selective_copy", float("nan"))] * len(get("selective_copy", "mamba")), ">"),
-        claim(f"Multi-key induction (4 keys), 2 layers at {size}, up to {run['max_iters']} steps: the "
+        claim(f"Multi-key induction ({keys} keys), 2 layers at {size}, up to {run['max_iters']} steps: the "
               f"Transformer beats Mamba", "transformer", get("multi_induction", "transformer"), "mamba",
               get("multi_induction", "mamba"), ">"),
         claim(f"Multi-key induction at {stretch}x the training length of {run['block_size']}: the hybrid Md Ad (attention "
@@ -157,7 +158,7 @@ def recall(lab):
     ]
     body = (quick_note(lab) + run_note(lab, run, n_val, batch)
             + " The baseline is the most frequent data symbol for selective copying and a fixed non-key symbol for "
-            "multi-key induction (1 / (16 - 4) with 4 keys asked per sequence). Multi-key induction (data.py's "
+            f"multi-key induction (1 / ({symbols} - {keys}) with {keys} keys asked per sequence). Multi-key induction (data.py's "
             "multi_induction: several keys hidden among random symbols, each asked after '!' at the end, every answer "
             "scored) is not the Mamba paper's induction heads task; that one is `python -m lab.experiments "
             f"induction_heads`. It is also scored at {stretch}x the training length, the same weights in a model "
