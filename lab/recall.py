@@ -209,7 +209,8 @@ def mqar(lab):
               "the no-recall rule", [base.get(2, float("nan"))] * len(get("mamba", 2)), ">"),
     ]
     body = (quick_note(lab) + run_note(lab, run, n_val, batch) + " The baseline answers the most frequent value among "
-            "the pairs.\n\nAccuracy against the number of key-value pairs at a fixed width, 8 queries per sequence. "
+            f"the pairs.\n\nAccuracy against the number of key-value pairs at a fixed width, {sets[pairs[0]].mqar_queries} "
+            "queries per sequence. "
             "Zoology (Arora et al. 2023): to recall over longer sequences, gated-convolution models needed more and more "
             "dimension and attention did not (Mamba's state against the number of pairs is `python -m lab.experiments "
             "mqar_state`); Jamba's and "
@@ -228,8 +229,10 @@ def mqar(lab):
 
 
 def mamba_state(cfg):
-    """Numbers in Mamba's recurrent state: n_layer x d_inner x d_state (the convolution's few taps left out)."""
-    return cfg["n_layer"] * 2 * cfg["d_model"] * cfg["d_state"]  # d_inner = expand (2) x d_model
+    """Numbers in Mamba's recurrent state: n_layer x d_inner x d_state, d_inner = expand x d_model (the convolution's
+    few taps left out)."""
+    c = cli.MODELS["mamba"].Config(**cfg)
+    return c.n_layer * c.expand * c.d_model * c.d_state
 
 
 def mqar_state(lab):
