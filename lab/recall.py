@@ -16,7 +16,7 @@ import data
 from lab.charts import svg_bars, svg_lines
 from lab.measure import table
 from lab.runner import config_args, data_of, kv_bytes_per_token, matched_archs, params_of
-from lab.verdicts import claim, fixed_batches, fmt, mean_sd, no_recall, score, score_run
+from lab.verdicts import claim, fixed_batches, fmt, mean_sd, no_recall, score, score_run, unexplained
 
 RECALL_ARCHS = {  # label: (model file, hybrid layer pattern); the first sets the parameter target
     "transformer": ("transformer", None),
@@ -165,7 +165,7 @@ def recall(lab):
             f"{stretch}x as long, on {n_val} fixed batches of that length. MQAR is `python -m lab.experiments mqar` "
             "(the same run folder).\n\n" + table(head, rows)
             + "\n\nChecked against the table (a difference counts when it exceeds 2 standard errors):\n\n"
-            + "\n".join(claims))
+            + "\n".join(claims) + "\n\n" + unexplained(claims))
     lab.page("Recall: selective copying and multi-key induction", body,
              svg_bars("answer accuracy (mean, whisker: sd over seeds)", "accuracy", bars))
 
@@ -220,7 +220,7 @@ def mqar(lab):
             + "\n\nThe steps each run used and why it stopped, seed by seed:\n\n"
             + table(["model"] + [f"{p} pairs" for p in pairs], steps)
             + "\n\nChecked against the table (a difference counts when it exceeds 2 standard errors):\n\n"
-            + "\n".join(claims))
+            + "\n".join(claims) + "\n\n" + unexplained(claims))
     series = {label: [(p, mean_sd(acc[label, p])[0]) for p in ps] for label, ps in grid.items()}
     series["no-recall baseline"] = [(p, base[p]) for p in pairs]
     picture = svg_lines([dict(title="MQAR at matched parameters", xlabel="key-value pairs", ylabel="answer accuracy",
@@ -298,7 +298,7 @@ def mqar_state(lab):
             + (f"{max(largest)} pairs" if largest else f"none of {', '.join(map(str, pairs))} pairs")
             + ". Where a state size solves none, that is what this budget reached, not a capacity measured: the runs "
             "that stopped 'flat' or at the cap were still short of the answer.\n\nChecked against the table (a "
-            "difference counts when it exceeds 2 standard errors):\n\n" + "\n".join(claims))
+            "difference counts when it exceeds 2 standard errors):\n\n" + "\n".join(claims) + "\n\n" + unexplained(claims))
     panel = dict(title="Mamba: MQAR accuracy against state size", xlabel="state size (numbers)", ylabel="answer accuracy",
                  logx=True, marks=[(kv_numbers, "attention's KV cache")],
                  series={f"{p} pairs": [(mamba_state(mamba[ds]), mean_sd(acc[f'mamba_state{ds}', p])[0]) for ds in d_states]
@@ -400,7 +400,7 @@ def induction_heads(lab):
             "the steps shown, at batch 8.\n\nHow far these runs got against the paper's budget, and what the learning "
             "curves say:\n\n" + "\n".join(sentences)
             + "\n\nChecked against the table (a difference counts when it exceeds 2 standard errors):\n\n"
-            + "\n".join(claims))
+            + "\n".join(claims) + "\n\n" + unexplained(claims))
     curves = {f"{name}, seed {r_i}": [(e["iter"], e["val_acc"]) for e in r.evals]
               for name in models for r_i, r in zip(lab.seed_values(), runs[name]) if r.ok}
     learning = dict(title=f"learning curves at {T} tokens", xlabel="step", ylabel="val_acc", series=curves)
