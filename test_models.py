@@ -1934,6 +1934,13 @@ def test_a_resumed_run_stops_where_the_uninterrupted_one_does(unstopped, tmp_pat
     assert "nothing to continue" in capsys.readouterr().out and metrics(tmp_path / "b") == a
 
 
+def test_a_run_that_reached_max_iters_goes_on_with_a_longer_max_iters(tmp_path):
+    train.main([*STOP_ARGS, "--max_iters=6", f"--out_dir={tmp_path}"])
+    assert evals_of(tmp_path)[-1]["stopped"] == "max_iters"
+    train.main([*STOP_ARGS, "--max_iters=12", f"--out_dir={tmp_path}", "--resume"])  # only solved or flat stay stopped
+    assert evals_of(tmp_path)[-1]["iter"] == 12
+
+
 def test_bpe_from_a_local_ranks_file_travels_in_the_checkpoint(tmp_path):
     text = "the cat sat on the mat. " * 400
     (tmp_path / "corpus.txt").write_text(text)

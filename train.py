@@ -459,7 +459,8 @@ def train(opts, overrides, module):
             if master:
                 state = {"model": raw_model.state_dict(), "model_name": opts["model"], "model_config": dataclasses.asdict(cfg),
                          "tokenizer": data.tokenizer_spec, "optimizer": optimizer.state_dict(), "iter": it,
-                         "best_val": best_val, "best_acc": best_acc, "since_best": since_best, "stopped": stopped,
+                         "best_val": best_val, "best_acc": best_acc, "since_best": since_best,
+                         "stopped": stopped if stopped != "max_iters" else None,  # a longer --max_iters may go on
                          "rng": rngs, "options": opts}
                 atomic_write(last_path, state)
                 if improved:
