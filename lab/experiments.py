@@ -2,7 +2,7 @@
 Experiments: each idea of the course switched on with a flag and measured, one command each.
 
     python -m lab.experiments --help              # the experiments, one line each
-    python -m lab.experiments ladder              # the full run (<= 15 min on 2 CPU cores)
+    python -m lab.experiments ladder              # the full run (about 20 min or less on 2 CPU cores)
     python -m lab.experiments ladder --quick      # a minute: the same code on a tiny budget
     python -m lab.experiments ladder --seeds=3 --out=results
 
