@@ -74,7 +74,7 @@ class Lab:
               (f" --seeds={self.seeds}" if self.seeds != DEFAULT_SEEDS else "")
         runs = "\n".join(self.commands)
         how = (f"{self.jobs} run(s) at once with one thread each" if self.commands else
-               "trained and measured in this process")
+               "no train.py runs: trained and measured by the lab itself")
         text = (f"# {title}\n\n`{cmd}` — {machine()}, {how}, wall time {(time.time() - self.t0) / 60:.1f} min"
                 + (f" ({len(self.reused)} of the runs below were read from finished runs with the same arguments and code in "
                    f"{self.runs_dir}, not rerun: their time is not in this wall time)" if self.reused else "") + f".\n\n{body.strip()}\n\n"

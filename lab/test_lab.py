@@ -362,7 +362,7 @@ def test_mamba_implicit_attention_reproduces_the_scan_and_is_toeplitz_when_time_
     ("selectivity", ["dt, B, C selective (Mamba, S6)", "dt only", "B, C only", "none (LTI, S4D)", "no-recall baseline"], 2),
     ("balance", ["softmax + balance loss (Switch)", "softmax, no balance loss", "sigmoid + bias, no loss (DeepSeek-V3)",
                  "softmax + loss, capacity factor 1.25"], 5),
-    ("attn_scale", ["64 | 2 | 1/sqrt(D)", "128 | 1 | 1 |", "128 | 1 | 1/D"], 3),
+    ("attn_scale", ["64 | 2 | 1/sqrt(D)", "128 | 1 | 1 |", "128 | 1 | 1/D"], 4),
     ("context_cost", ["Transformer, tiled attention", "Transformer, explicit attention", "Mamba", "hybrid Md Ad"], 2),
     ("inspect", ["transformer | layer 1 head 3", "mamba | layer 0, implicit"], 0),
 ])
