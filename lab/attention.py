@@ -28,16 +28,8 @@ def decode_ms(kv_heads, contexts, quick):
         for ctx in contexts:
             fns[K, ctx], _ = decode_step(m, ctx, 65)
     rounds, steps = (2, 2) if quick else (5, 10)
-    for fn in fns.values():
-        fn()  # warm up
-    ms = {k: [] for k in fns}
-    for _ in range(rounds):  # interleaved: load from other processes falls on every variant alike
-        for k, fn in fns.items():
-            t0 = time.process_time()
-            for _ in range(steps):
-                fn()
-            ms[k].append(1000 * (time.process_time() - t0) / steps)
-    return ms, rounds
+    secs = timed_rounds(fns, rounds, steps, time.process_time, each=True)  # interleaved rounds, CPU time
+    return {k: [1000 * t for t in v] for k, v in secs.items()}, rounds
 
 
 def attention_memory(quick):

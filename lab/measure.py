@@ -36,11 +36,11 @@ def first_line(e):
 # ----------------------------------------------------------------------------- time
 
 
-def timed_rounds(fns, rounds=5, steps=10, clock=time.perf_counter):
+def timed_rounds(fns, rounds=5, steps=10, clock=time.perf_counter, each=False):
     """Run each fn `steps` times per round, rounds interleaved so that load from other processes
-    falls on all of them alike; return the median seconds per call of each. On a shared CPU,
-    clock=time.process_time counts only the CPU time this process used, which other jobs
-    disturb far less than wall time."""
+    falls on all of them alike; return the median seconds per call of each (each=True: the seconds per
+    call of every round, for a mean ± sd). On a shared CPU, clock=time.process_time counts only the CPU
+    time this process used, which other jobs disturb far less than wall time."""
     for fn in fns.values():
         fn()  # warm up
     times = {name: [] for name in fns}
@@ -50,7 +50,7 @@ def timed_rounds(fns, rounds=5, steps=10, clock=time.perf_counter):
             for _ in range(steps):
                 fn()
             times[name].append((clock() - t0) / steps)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times if each else {name: statistics.median(t) for name, t in times.items()}
 
 
 def gpu_time_ms(fn, reps=10, target_ms=20.0):

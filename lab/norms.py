@@ -8,7 +8,7 @@ import time
 import torch
 
 from lab.charts import svg_lines
-from lab.measure import table
+from lab.measure import table, timed_rounds
 from lab.runner import SHAKESPEARE, data_of, fixed_val_losses, quick_note, seeded
 from lab.verdicts import claim, fmt, mean_sd, unexplained
 
@@ -32,15 +32,8 @@ def norm_speed(quick):
                  "F.rms_norm": lambda: torch.nn.functional.rms_norm(x, (C,), w, 1e-5),
                  "x * rsqrt(mean(x^2) + eps) * w": lambda: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w}
         fns = {k: (lambda f=f: torch.autograd.grad(f(), (x, w), g)) for k, f in paths.items()}
-        for fn in fns.values():
-            fn()  # warm up
-        t = times[N, C] = {k: [] for k in fns}
-        for _ in range(rounds):  # interleaved: load from other processes falls on every path alike
-            for k, fn in fns.items():
-                t0 = time.process_time()
-                for _ in range(steps):
-                    fn()
-                t[k].append(1e6 * (time.process_time() - t0) / steps)
+        secs = timed_rounds(fns, rounds, steps, time.process_time, each=True)  # interleaved rounds, CPU time
+        t = times[N, C] = {k: [1e6 * v for v in secs[k]] for k in fns}
         diff = (paths["F.rms_norm"]() - paths["x * rsqrt(mean(x^2) + eps) * w"]()).abs().max().item()
         ratio = mean_sd(t["LayerNorm"])[0] / mean_sd(t["F.rms_norm"])[0]
         rows.append([f"{N} x {C}", *(fmt(t[k], ".0f") for k in PATHS), f"{ratio:.2f}", f"{diff:.1e}"])
