@@ -515,7 +515,7 @@ def train(opts, overrides, module):
             mfu = f" | mfu {flops * tokens_per_iter / dt / peak / world:.1%}" if peak else ""
             log(f"iter {it + 1} | loss {loss_val:.4f} | grad_norm {grad_norm:.3f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
                 f"{tokens_per_iter / dt:,.0f} tok/s{mfu} | eta {fmt_time(dt * (opts['max_iters'] - it - 1))}")
-    log(f"done{f' ({stopped} at iter {it})' if stopped else ''}: best val loss {best_val:.4f}, "
+    log(f"done{f' ({stopped} at iter {it})' if stopped not in (None, 'max_iters') else ''}: best val loss {best_val:.4f}, "
         f"{fmt_time(time.time() - t_start)}; checkpoints in {out_dir}")
     if ddp:
         dist.destroy_process_group()
