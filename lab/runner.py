@@ -136,15 +136,6 @@ def train_once(args, run_dir):
     return Run(run_dir, rc, seconds, reused=False)
 
 
-def mean_spread(values, spec=".3f"):
-    """'1.234 ± 0.005' (mean ± half the range) over seeds; the bare value for one seed."""
-    values = [v for v in values if v == v]
-    if not values:
-        return "n/a"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return format(mean, spec)
-    return f"{format(mean, spec)} ± {format((max(values) - min(values)) / 2, spec)}"
 
 
 def model_module(name):
@@ -238,9 +229,6 @@ def quick_note(lab):
             "steps, one seed: these numbers say nothing about the claim.\n" if lab.quick else "")
 
 
-def final_val(runs):
-    """Final val loss of each seed; a failed run is nan (shown, never dropped)."""
-    return [r.final.get("val_loss", float("nan")) if r.ok else float("nan") for r in runs]
 
 
 def fixed_val_losses(lab, runs, n=50, batch_size=12, block_size=64):
