@@ -166,27 +166,34 @@ def norms(lab):
                     "on this CPU, not a claim about fused kernels.")
     setting = f"Transformer, {'the built-in corpus' if lab.quick else 'tiny Shakespeare characters'}, width 64, {iters} steps"
     K = lambda d, pre, warm, rate=lr, clip=True: key(d, pre, warm, rate, clip)
-    claims = [claim(f"{setting}, {d} layers, lr {lr}, {warm_steps}-step warmup: pre-norm reaches a lower val loss than "
+
+    def claim_of_losses(text, a_name, a, b_name, b, expect):
+        """A loss claim; one whose two sides both sit at the frequency baseline says so: neither side trained."""
+        if all(abs(mean_sd(v)[0] - unigram) < 0.05 for v in (a, b)):
+            text += f" (both sides at the frequency baseline of {unigram:.3f}, neither trains)"
+        return claim(text, a_name, a, b_name, b, expect)
+
+    claims = [claim_of_losses(f"{setting}, {d} layers, lr {lr}, {warm_steps}-step warmup: pre-norm reaches a lower val loss than "
                     f"post-norm (Xiong et al. 2020)", "pre-norm", loss[K(d, True, True)], "post-norm", loss[K(d, False, True)], "<")
               for d in depths if not lab.quick]
     if not lab.quick:
         claims += [
-            claim(f"{setting}, {deep} layers, lr {lr}: warmup lowers post-norm's val loss (Xiong et al. 2020)",
+            claim_of_losses(f"{setting}, {deep} layers, lr {lr}: warmup lowers post-norm's val loss (Xiong et al. 2020)",
                   "warmup", loss[K(deep, False, True)], "none", loss[K(deep, False, False)], "<"),
-            claim(f"{setting}, {deep} layers, lr {high}: warmup lowers post-norm's val loss (Xiong et al. 2020)",
+            claim_of_losses(f"{setting}, {deep} layers, lr {high}: warmup lowers post-norm's val loss (Xiong et al. 2020)",
                   "warmup", loss[K(deep, False, True, high)], "none", loss[K(deep, False, False, high)], "<"),
-            claim(f"{setting}, {deep} layers, lr {high}, no gradient clipping: warmup lowers post-norm's val loss "
+            claim_of_losses(f"{setting}, {deep} layers, lr {high}, no gradient clipping: warmup lowers post-norm's val loss "
                   f"(Xiong et al. 2020)", "warmup", loss[K(deep, False, True, high, False)], "none",
                   loss[K(deep, False, False, high, False)], "<"),
-            claim(f"{setting}, {deep} layers, lr {high}, no warmup: gradient clipping at 1.0 lowers post-norm's val loss",
+            claim_of_losses(f"{setting}, {deep} layers, lr {high}, no warmup: gradient clipping at 1.0 lowers post-norm's val loss",
                   "clipping", loss[K(deep, False, False, high)], "none", loss[K(deep, False, False, high, False)], "<"),
-            claim(f"{setting}, {deep} layers, lr {high}, no warmup: pre-norm reaches a lower val loss than post-norm "
+            claim_of_losses(f"{setting}, {deep} layers, lr {high}, no warmup: pre-norm reaches a lower val loss than post-norm "
                   f"(Xiong et al. 2020)", "pre-norm", loss[K(deep, True, False, high)], "post-norm",
                   loss[K(deep, False, False, high)], "<"),
-            claim(f"{setting}, {deep} layers, lr {high}: warmup lowers pre-norm's val loss (Xiong et al. 2020 report "
+            claim_of_losses(f"{setting}, {deep} layers, lr {high}: warmup lowers pre-norm's val loss (Xiong et al. 2020 report "
                   f"pre-norm training well without one)", "warmup", loss[K(deep, True, True, high)], "none",
                   loss[K(deep, True, False, high)], "<")]
-    claims += [claim(f"{setting}, pre-norm, {mid} layers, warmup: RMSNorm in place of LayerNorm costs loss (Zhang & "
+    claims += [claim_of_losses(f"{setting}, pre-norm, {mid} layers, warmup: RMSNorm in place of LayerNorm costs loss (Zhang & "
                      f"Sennrich 2019 report the same quality)", "RMSNorm", loss[rms_key], "LayerNorm", loss[ln_key], ">"),
                claim(f"Norm alone, forward + backward, float32, one CPU thread, {big[0]} x {big[1]}: F.rms_norm is faster "
                      f"than LayerNorm (Zhang & Sennrich 2019: 7-64% faster), µs per call over rounds", "F.rms_norm",
