@@ -15,7 +15,7 @@ import cli
 import data
 from lab.charts import svg_bars, svg_lines
 from lab.measure import table
-from lab.runner import config_args, data_of, kv_bytes_per_token, matched_archs, params_of
+from lab.runner import config_args, data_of, kv_bytes_per_token, matched_archs, params_of, quick_note
 from lab.verdicts import claim, fixed_batches, fmt, mean_sd, no_recall, score, score_run, unexplained
 
 RECALL_ARCHS = {  # label: (model file, hybrid layer pattern); the first sets the parameter target
@@ -29,11 +29,6 @@ RECALL_ARCHS = {  # label: (model file, hybrid layer pattern); the first sets th
 RECALL_COST = {"mamba": 126, "shared Md S Md S": 115, "moe": 72, "hybrid Md Ad": 66, "transformer": 44}
 SOLVED = 0.99  # --stop_acc of every run here
 SOLVES = 0.9  # a state size "holds" a pair count when its mean accuracy reaches this
-
-
-def quick_note(lab):
-    return ("\n**Quick mode**: a code-path check (tiny models, a few steps, small fixed batches): these numbers say "
-            "nothing about the claims.\n\n" if lab.quick else "")
 
 
 def size_of(sized, vocab, block_size):
@@ -85,6 +80,32 @@ def accuracy_at(run, batches, block_size=None):
 def steps_cell(runs):
     """'400 solved, 700 solved, 1000 max_iters': the steps each run (seed) used and why it stopped."""
     return ", ".join(f"{r.final['iter']} {r.final.get('stopped', '?')}" if r.ok else f"FAILED (exit {r.rc})" for r in runs)
+
+
+def flat_at(run, accuracy, baseline):
+    """True for a run that train.py stopped as 'flat' with an accuracy at or below the no-recall baseline."""
+    return run.ok and run.final.get("stopped") == "flat" and accuracy <= baseline
+
+
+def flat_stops(cells, patience):
+    """The sentence naming the runs stopped 'flat' at or below the no-recall baseline, and when the other seeds of
+    their cell first rose above it in train.py's evaluations; '' if none. cells: {name: (runs, accuracies, baseline)}."""
+    lines = []
+    for name, (runs, accs, base) in cells.items():
+        stuck = [(r, a) for r, a in zip(runs, accs) if flat_at(r, a, base)]
+        if not stuck:
+            continue
+        rose = [next((f"step {e['iter']}" for e in r.evals if e.get("val_acc", 0) > e.get("val_baseline", 1)), "never")
+                for r in runs if r.ok and all(r is not s for s, _ in stuck)]
+        lines.append(f"{name}: " + ", ".join(f"seed {r.dir.name.rsplit('-s', 1)[-1]} at {a:.3f} after {r.final['iter']} steps"
+                                             for r, a in stuck)
+                     + (f" (its other seeds first rose above the baseline at: {', '.join(rose)})" if rose else ""))
+    if not lines:
+        return ""
+    return ("\n\nRuns stopped 'flat' at or below the no-recall baseline: " + "; ".join(lines) + ". A flat stop ends a "
+            f"run whose accuracy has not risen for {patience} evaluations; where the other seeds of its cell left that "
+            "plateau, the stopped seed might have too with more steps, so a verdict that rests on it measures the "
+            "stopping rule as much as the model.")
 
 
 def arch_cells(label, model, cfg, vocab, run):
@@ -146,13 +167,19 @@ def recall(lab):
     get = lambda t, label: acc.get((t, label), [])
     size = size_of(sized, sets[tasks[0]].vocab_size, run["block_size"])
     keys, symbols = sets[long_task].multi_induction_queries, sets[long_task].task_vocab
+
+    def stuck(t, *labels):  # a claim that rests on seeds stopped flat at the baseline says so
+        counts = [(label, sum(map(flat_at, of(t, label), acc[t, label], [base[t]] * len(acc[t, label]))))
+                  for label in labels if (t, label) in acc]
+        return "".join(f" ({n} of {len(of(t, label))} {label} seeds stopped flat at the baseline)" for label, n in counts if n)
+
     claims = [
         claim(f"Selective copying, 2 layers at {size}, up to {run['max_iters']} steps: Mamba beats the no-recall "
-              f"baseline", "mamba", get("selective_copy", "mamba"), "the no-recall rule",
+              f"baseline{stuck('selective_copy', 'mamba')}", "mamba", get("selective_copy", "mamba"), "the no-recall rule",
               [base.get("selective_copy", float("nan"))] * len(get("selective_copy", "mamba")), ">"),
         claim(f"Multi-key induction ({keys} keys), 2 layers at {size}, up to {run['max_iters']} steps: the "
-              f"Transformer beats Mamba", "transformer", get("multi_induction", "transformer"), "mamba",
-              get("multi_induction", "mamba"), ">"),
+              f"Transformer beats Mamba{stuck('multi_induction', 'transformer', 'mamba')}", "transformer",
+              get("multi_induction", "transformer"), "mamba", get("multi_induction", "mamba"), ">"),
         claim(f"Multi-key induction at {stretch}x the training length of {run['block_size']}: the hybrid Md Ad (attention "
               f"without positions) beats the Transformer (RoPE)", "hybrid Md Ad", acc_long.get("hybrid Md Ad", []),
               "transformer", acc_long.get("transformer", []), ">"),
@@ -166,7 +193,8 @@ def recall(lab):
             f"{stretch}x as long, on {n_val} fixed batches of that length. MQAR is `python -m lab.experiments mqar` "
             "(the same run folder).\n\n" + table(head, rows)
             + "\n\nChecked against the table (a difference counts when it exceeds 2 standard errors):\n\n"
-            + "\n".join(claims) + "\n\n" + unexplained(claims))
+            + "\n".join(claims) + "\n\n" + unexplained(claims)
+            + flat_stops({f"{t}, {label}": (of(t, label), acc[t, label], base[t]) for t in tasks for label in sized}, run["patience"]))
     lab.page("Recall: selective copying and multi-key induction", body,
              svg_bars("answer accuracy (mean, whisker: sd over seeds)", "accuracy", bars))
 

@@ -225,8 +225,8 @@ def seeded(lab, configs):
 
 
 def quick_note(lab):
-    return ("\n**Quick mode**: a code-path check on the built-in corpus (`--dataset=pydoc`), a tiny model and a few "
-            "steps, one seed: these numbers say nothing about the claim.\n" if lab.quick else "")
+    return ("\n**Quick mode**: a code-path check on a tiny budget (small data, tiny models, a few steps, one seed): "
+            "these numbers say nothing about the claims.\n\n" if lab.quick else "")
 
 
 
