@@ -176,6 +176,7 @@ def page_index(results):
         command = re.search(r"`?(python -m lab\.[^`\n)]+)", text)  # the first command the page names
         wall = re.search(r"wall time ([0-9.]+ min)", text)
         spread = ("mean ± sd (n)" if "(n=" in text else "one seed (earlier protocol)" if "--seeds=1" in text
+                  else "one seed: a picture, no verdict" if "One seed: a picture" in text
                   else "± half the range of 2 seeds (earlier protocol)" if " ± " in text and wall else "timings")
         lines.append(f"| [{page.name}](results/{page.name}) | {title.replace('|', '/')} | "
                      f"{'`' + command[1].strip() + '`' if command else '-'} | {wall[1] if wall else '-'} | {spread} |")
