@@ -96,7 +96,7 @@ def flat_stops(cells, patience):
         if not stuck:
             continue
         rose = [next((f"step {e['iter']}" for e in r.evals if e.get("val_acc", 0) > e.get("val_baseline", 1)), "never")
-                for r in runs if r.ok and all(r is not s for s, _ in stuck)]
+                for r, a in zip(runs, accs) if r.ok and not flat_at(r, a, base)]
         lines.append(f"{name}: " + ", ".join(f"seed {r.dir.name.rsplit('-s', 1)[-1]} at {a:.3f} after {r.final['iter']} steps"
                                              for r, a in stuck)
                      + (f" (its other seeds first rose above the baseline at: {', '.join(rose)})" if rose else ""))
@@ -169,7 +169,7 @@ def recall(lab):
     keys, symbols = sets[long_task].multi_induction_queries, sets[long_task].task_vocab
 
     def stuck(t, *labels):  # a claim that rests on seeds stopped flat at the baseline says so
-        counts = [(label, sum(map(flat_at, of(t, label), acc[t, label], [base[t]] * len(acc[t, label]))))
+        counts = [(label, sum(flat_at(r, a, base[t]) for r, a in zip(of(t, label), acc[t, label])))
                   for label in labels if (t, label) in acc]
         return "".join(f" ({n} of {len(of(t, label))} {label} seeds stopped flat at the baseline)" for label, n in counts if n)
 

@@ -136,8 +136,6 @@ def train_once(args, run_dir):
     return Run(run_dir, rc, seconds, reused=False)
 
 
-
-
 def model_module(name):
     return cli.MODELS[name]
 
@@ -227,8 +225,6 @@ def seeded(lab, configs):
 def quick_note(lab):
     return ("\n**Quick mode**: a code-path check on a tiny budget (small data, tiny models, a few steps, one seed): "
             "these numbers say nothing about the claims.\n\n" if lab.quick else "")
-
-
 
 
 def fixed_val_losses(lab, runs, n=50, batch_size=12, block_size=64):
